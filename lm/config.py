@@ -1,0 +1,278 @@
+"""The one typed configuration tree: OmegaConf structured dataclasses + YAML files + ``key=value`` overrides.
+
+Built once in ``main`` by :func:`load_config` and passed down; never global. Every field's docstring-comment is
+its help text. Unknown keys and wrong types are errors that name the key. ``__post_init__`` validates values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what to change."""
+
+
+def _choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be > 0")
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "kernelized_rpe"
+    """kernelized_rpe (random features + learned RPE, the paper) | kernelized (random features, no RPE,
+    absolute positions) | softmax (exact attention via SDPA, RPE as additive bias unless rpe=none)."""
+    feature_map: str = "nprf"
+    """nprf (L2-normalised q, k then positive random features, the paper) | prf (Performer) | elu | relu."""
+    num_features: int = 64
+    """Random features M per head (nprf/prf)."""
+    orthogonal: bool = True
+    """Draw orthogonal random projections (block-orthogonal Gaussian rows)."""
+    redraw_every: int = 0
+    """Redraw the random projections every this many training steps; 0 keeps them fixed."""
+    rpe: str = "per_offset"
+    """per_offset (one learnable scalar per offset up to rpe_max_distance) | bucketed (T5 log buckets) | none."""
+    rpe_max_distance: int = 512
+    """per_offset: offsets >= this share the last scalar (clipped RPE). bucketed: the largest bucket starts here."""
+    rpe_num_buckets: int = 32
+    """bucketed: number of log buckets."""
+    rpe_shared: bool = False
+    """One RPE shared by all heads and layers (as in the paper) instead of one per head per layer."""
+    method: str = "auto"
+    """Op method for kernelized attention: auto | dense | fft | band | prefix (forcing is for benchmarks)."""
+
+    def __post_init__(self) -> None:
+        _choice("model.attention.kind", self.kind, ["kernelized_rpe", "kernelized", "softmax"])
+        _choice("model.attention.feature_map", self.feature_map, ["nprf", "prf", "elu", "relu"])
+        _choice("model.attention.rpe", self.rpe, ["per_offset", "bucketed", "none"])
+        _choice("model.attention.method", self.method, ["auto", "dense", "fft", "band", "prefix"])
+        _positive("model.attention.num_features", self.num_features)
+        _positive("model.attention.rpe_max_distance", self.rpe_max_distance)
+        _positive("model.attention.rpe_num_buckets", self.rpe_num_buckets)
+        if self.redraw_every < 0:
+            raise ConfigError("model.attention.redraw_every must be >= 0 (0 = never redraw)")
+        if self.kind == "kernelized_rpe" and self.rpe == "none":
+            raise ConfigError("model.attention.kind=kernelized_rpe needs an RPE: set model.attention.rpe to "
+                              "per_offset or bucketed, or use model.attention.kind=kernelized")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 = take it from the tokenizer (filled in by training before the model is built)."""
+    n_layers: int = 6
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1
+    max_seq_len: int = 512
+    """Longest sequence for learned absolute positions (only attention.kind=kernelized uses them)."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __post_init__(self) -> None:
+        for k in ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len"):
+            _positive(f"model.{k}", getattr(self, k))
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.vocab_size < 0:
+            raise ConfigError("model.vocab_size must be >= 0 (0 = from the tokenizer)")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 16000
+    model_type: str = "bpe"
+    """bpe | unigram (SentencePiece)."""
+    character_coverage: float = 1.0
+    max_sentence_length: int = 16384
+    """Longest line (in bytes) SentencePiece trains on; longer lines are split."""
+    train_max_bytes: int = 200_000_000
+    """Train the tokenizer on at most this many bytes of the train split (sampled by whole lines)."""
+
+    def __post_init__(self) -> None:
+        _choice("data.tokenizer.model_type", self.model_type, ["bpe", "unigram"])
+        if self.vocab_size < 8:
+            raise ConfigError(f"data.tokenizer.vocab_size={self.vocab_size} is too small (>= 8)")
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 1234
+    train_tokens: int = 2_000_000
+    """Approximate size of the synthetic train split in tokens (valid and test are a tenth each)."""
+    num_keys: int = 64
+    """Associative-recall alphabet size: distinct keys and values the model must bind and recall."""
+
+    def __post_init__(self) -> None:
+        _positive("data.synthetic.train_tokens", self.train_tokens)
+        _positive("data.synthetic.num_keys", self.num_keys)
+
+
+@dataclass
+class DataConfig:
+    source: str = "hf"
+    """hf (Hugging Face datasets hub) | local (files under data.path) | synthetic (built in, no download).
+    Setting data.path selects local."""
+    path: Optional[str] = None
+    """Directory with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt."""
+    hf_name: str = "wikitext"
+    hf_config: str = "wikitext-103-raw-v1"
+    """wikitext-103-raw-v1 (raw text) or wikitext-103-v1 (tokenized, with <unk>)."""
+    cache_dir: str = "cache"
+    """Where tokenizers and memory-mapped token caches are kept (shared by runs, keyed by fingerprints)."""
+    seq_len: int = 512
+    """Training context length in tokens."""
+    num_proc: int = 0
+    """Processes for tokenization; 0 = all cores."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.source == "hf":
+            self.source = "local"
+        _choice("data.source", self.source, ["hf", "local", "synthetic"])
+        if self.source == "local" and not self.path:
+            raise ConfigError("data.source=local needs data.path=DIR (a folder with wiki.{train,valid,test}.tokens "
+                              "or {train,valid,test}.txt)")
+        _positive("data.seq_len", self.seq_len)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 2000
+    schedule: str = "cosine"
+    """cosine (linear warmup then cosine decay) | constant (linear warmup then constant)."""
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _choice("optim.schedule", self.schedule, ["cosine", "constant"])
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0, 1 or 2."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (mixed precision; the kernelized op keeps its FFT in fp32 or better)."""
+    torch_adam: bool = False
+    """Use torch's AdamW instead of DeepSpeed's fused/CPU Adam (skips compiling an extension)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        _choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2])
+        _choice("deepspeed.precision", self.precision, ["fp32", "bf16", "fp16"])
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Directory of this run: config.yaml, tokenizer, TensorBoard events, checkpoints."""
+    seed: int = 1234
+    batch_size: int = 64
+    """Global batch in sequences per optimizer step (all ranks and accumulation steps together)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward; accumulation = batch_size / (micro_batch_size * world)."""
+    max_steps: int = 150_000
+    log_every: int = 50
+    eval_every: int = 2000
+    eval_batches: int = 50
+    """Validation batches per evaluation; 0 = the whole valid split."""
+    save_every: int = 5000
+    keep_checkpoints: int = 3
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir when there is one."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with non-finite loss or gradients."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints",
+                  "max_nonfinite_steps"):
+            _positive(k, getattr(self, k))
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of "
+                              f"micro_batch_size={self.micro_batch_size}")
+        _choice("device", self.device, ["auto", "cpu", "cuda"])
+
+
+def _finish(merged, overrides: Sequence[str]) -> TrainConfig:
+    """Apply dotlist overrides, convert to dataclasses (running validation), and map OmegaConf errors."""
+    try:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad config key {key!r}: {msg}" if key else f"bad config: {msg}") from None
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> TrainConfig:
+    """Merge YAML ``files`` (in order) and ``key=value`` ``overrides`` onto the defaults; validate.
+
+    Raises :class:`ConfigError` naming the key for unknown keys, wrong types and invalid values.
+    """
+    merged = OmegaConf.structured(TrainConfig)
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{path}: bad config key {key!r}: {str(e).splitlines()[0]}") from None
+    return _finish(merged, overrides)
+
+
+def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint), plus overrides."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
+    return _finish(merged, overrides)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (what every run directory and checkpoint stores)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: TrainConfig) -> dict:
+    """The config as plain Python containers (for checkpoints)."""
+    return dataclasses.asdict(cfg)
