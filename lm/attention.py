@@ -1,0 +1,156 @@
+"""Causal self-attention layers, one per ``model.attention.kind``; all map ``(B, N, d_model)`` -> same.
+
+- :class:`KernelizedAttention` (``kernelized_rpe`` and ``kernelized``): feature maps (NPRF by default) and
+  ``lm.ops.kernelized_attention``, with the RPE table the model passes in (or none: prefix sums).
+- :class:`SoftmaxAttention` (``softmax``): ``scaled_dot_product_attention`` with the same RPE as an additive
+  bias, or plain causal.
+
+The RPE modules live in the model (they may be shared by all layers); layers receive their table,
+``(H, L)`` / ``(L,)`` or ``None``, as the second argument of ``forward``. Each layer exposes its pieces
+(``features`` / ``qkv``, ``merge``) so that ``lm.decoding`` runs the same maths recurrently.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import ModelConfig
+from lm.ops import kernelized_attention
+from lm.ops.feature_maps import (elu_features, nprf_features, positive_random_features, random_projection,
+                                 relu_features)
+from lm.rpe import dense_causal_bias, relative_bias
+
+__all__ = ["KernelizedAttention", "SoftmaxAttention", "build_attention"]
+
+
+class _Attention(nn.Module):
+    """Shared part: fused q/k/v projection, output projection, head split/merge."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` ``(B, N, d_model)`` -> q, k, v, each ``(B, H, N, head_dim)``."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs ``(B, H, N, head_dim)`` -> ``(B, N, d_model)`` after the output projection."""
+        b, h, n, dh = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, h * dh))
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """GPT-2 init: normal(std) weights, zero biases; the residual output projection gets ``out_std``."""
+        nn.init.normal_(self.qkv_proj.weight, std=std)
+        nn.init.zeros_(self.qkv_proj.bias)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        nn.init.zeros_(self.out_proj.bias)
+
+
+class KernelizedAttention(_Attention):
+    """Causal kernelized attention: ``phi(q_i).phi(k_j)`` weights (times ``exp(b(i-j))`` with an RPE table).
+
+    Feature maps (``model.attention.feature_map``): ``nprf`` (the paper; L2-normalised q, k), ``prf``
+    (Performer; q, k scaled by ``head_dim ** -1/4`` so the kernel is ``exp(q.k / sqrt(head_dim))``) with
+    ``num_features`` random features from the buffer ``projection`` ``(M, head_dim)`` (one per layer, shared
+    by its heads), saved in the state_dict so that a checkpoint reproduces its features; or ``elu`` / ``relu``
+    (``head_dim`` features, no randomness). Features and the op run in float32 or better whatever the
+    parameter dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        a = cfg.attention
+        self.feature_map = a.feature_map
+        self.orthogonal = a.orthogonal
+        self.method = a.method
+        if self.feature_map in ("nprf", "prf"):
+            self.register_buffer("projection", random_projection(a.num_features, self.head_dim,
+                                                                 orthogonal=a.orthogonal))
+        else:
+            self.register_buffer("projection", None)
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new random projection from ``generator`` (the global RNG when None), in place."""
+        if self.projection is not None:
+            m, d = self.projection.shape
+            self.projection.copy_(random_projection(m, d, orthogonal=self.orthogonal, generator=generator))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` ``(B, N, d_model)`` -> ``phi_q``, ``phi_k`` ``(B, H, N, M)`` and ``v`` ``(B, H, N, head_dim)``,
+        all float32 (float64 when the parameters are float64)."""
+        q, k, v = self.qkv(x)
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        if self.feature_map == "nprf":
+            w = self.projection.to(ct)
+            return nprf_features(q, w, stabilise=True), nprf_features(k, w, stabilise=False), v
+        if self.feature_map == "prf":
+            w, s = self.projection.to(ct), self.head_dim ** -0.25
+            return (positive_random_features(q * s, w, stabilise=True),
+                    positive_random_features(k * s, w, stabilise=False), v)
+        fmap = elu_features if self.feature_map == "elu" else relu_features
+        return fmap(q), fmap(k), v
+
+    def attend(self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+               rpe_table: torch.Tensor | None) -> torch.Tensor:
+        """The op on one sequence: features ``(B, H, N, M)``, ``v`` ``(B, H, N, head_dim)`` -> same as ``v``."""
+        if phi_q.shape[-2] == 0:
+            return v
+        method = self.method
+        if rpe_table is None and method == "band":
+            method = "prefix"
+        return kernelized_attention(phi_q, phi_k, v, rpe_table, method=method)
+
+    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``."""
+        return self.merge(self.attend(*self.features(x), rpe_table).to(x.dtype))
+
+
+class SoftmaxAttention(_Attention):
+    """Exact causal softmax attention (SDPA), ``softmax(q.k / sqrt(head_dim) + b(i - j))`` with an RPE table,
+    or plain causal when the table is None."""
+
+    max_bias_elements: int = 2 ** 26
+    """With an RPE bias, queries are processed in chunks so that the materialised bias ``(H, chunk, N)`` has at
+    most this many elements (256 MiB in float32) instead of ``H N^2`` (128 GiB for 8 heads at 64k tokens)."""
+
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Nothing to redraw (present so every attention layer has the same interface)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rpe_table: torch.Tensor | None) -> torch.Tensor:
+        """Causal SDPA of one sequence: q, k, v ``(B, H, N, head_dim)`` -> ``(B, H, N, head_dim)``."""
+        n = q.shape[-2]
+        if n == 0:
+            return v
+        if rpe_table is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        chunk = max(1, self.max_bias_elements // (q.shape[1] * n))
+        if n <= chunk:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_causal_bias(rpe_table, n).to(q.dtype))
+        pos = torch.arange(n, device=q.device)
+        outs = []
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)  # queries [s, e) see keys [0, e)
+            bias = relative_bias(rpe_table, pos[s:e], pos[:e]).to(q.dtype)
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=bias))
+        return torch.cat(outs, dim=2)
+
+    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``."""
+        return self.merge(self.attend(*self.qkv(x), rpe_table))
+
+
+def build_attention(cfg: ModelConfig) -> KernelizedAttention | SoftmaxAttention:
+    """The attention layer for ``cfg.attention.kind``."""
+    if cfg.attention.kind == "softmax":
+        return SoftmaxAttention(cfg)
+    return KernelizedAttention(cfg)

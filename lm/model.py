@@ -1,0 +1,168 @@
+"""Decoder-only Transformer: token embedding (tied to the output), pre-norm blocks of attention + GELU MLP,
+final LayerNorm. Built only from :class:`lm.config.ModelConfig`; knows nothing of devices, launchers or files.
+
+Positions: ``kernelized_rpe`` and ``softmax`` (with RPE) use the relative bias of :mod:`lm.rpe` only;
+``kernelized`` (no RPE) adds sinusoidal absolute positions, which extend past the training length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lm.attention import build_attention
+from lm.config import ModelConfig
+from lm.rpe import BucketedRPE, PerOffsetRPE
+
+__all__ = ["Transformer", "Block", "sinusoidal_positions", "INIT_STD"]
+
+INIT_STD = 0.02
+"""GPT-2 initialisation: weights ~ normal(0, INIT_STD); residual output projections / sqrt(2 n_layers)."""
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s sinusoids for ``positions`` ``(N,)`` -> ``(N, dim)`` float32, each component with
+    RMS ``INIT_STD`` (the token embeddings' scale at initialisation, so neither swamps the other)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float64) * (-math.log(10000.0) / half))
+    angle = positions.to(torch.float64)[:, None] * freq[None]
+    pe = torch.zeros(positions.shape[0], dim, dtype=torch.float64, device=positions.device)
+    pe[:, 0:2 * half:2], pe[:, 1:2 * half:2] = torch.sin(angle), torch.cos(angle)
+    return (pe * (INIT_STD * math.sqrt(2.0))).float()
+
+
+def build_rpe(cfg: ModelConfig) -> nn.Module | None:
+    """The RPE module of one layer (``(H, L)`` table), or of all layers when shared (``(L,)`` table)."""
+    a = cfg.attention
+    if a.kind == "kernelized" or a.rpe == "none":
+        return None
+    heads = None if a.rpe_shared else cfg.n_heads
+    if a.rpe == "per_offset":
+        return PerOffsetRPE(heads, a.rpe_max_distance)
+    return BucketedRPE(heads, a.rpe_num_buckets, a.rpe_max_distance)
+
+
+class MLP(nn.Module):
+    """``(B, N, d_model)`` -> same: Linear(d_model, d_ff), GELU, Linear(d_ff, d_model)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + drop(attn(ln(x)))`` then ``x + drop(mlp(ln(x)))``; ``(B, N, d)`` -> same.
+
+    ``cached_attention`` (used by :mod:`lm.decoding`) replaces the call ``attn(h, rpe_table)`` by
+    ``cached_attention(attn, h)``, so that cached decoding runs the very same block.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = build_attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None,
+                cached_attention=None) -> torch.Tensor:
+        h = self.norm1(x)
+        a = self.attn(h, rpe_table) if cached_attention is None else cached_attention(self.attn, h)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: ``forward(ids (B, N) long) -> logits (B, N, vocab_size) float32``.
+
+    Construction allocates parameters (PyTorch default init) and draws feature projections from the global
+    RNG; call :meth:`init_weights` for the GPT-2 initialisation. Set ``activation_checkpointing = True`` to
+    recompute each block in backward (training only). Parameters may be cast to bf16/fp16: the attention op
+    upcasts internally and logits are returned in float32.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it > 0 (training fills it in from the "
+                             f"tokenizer before building the model)")
+        self.cfg = cfg
+        self.activation_checkpointing = False
+        self.absolute_positions = cfg.attention.kind == "kernelized"
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        # RPE modules: one per layer, or one shared by every layer (as in the paper); none without RPE.
+        shared = cfg.attention.rpe_shared
+        rpes = [build_rpe(cfg) for _ in range(1 if shared else cfg.n_layers)]
+        self.rpe = nn.ModuleList(r for r in rpes if r is not None)
+
+    def rpe_tables(self, n: int | None = None) -> list[torch.Tensor | None]:
+        """Each layer's RPE table for a sequence of ``n`` tokens (``None``: the full table); None without RPE."""
+        if len(self.rpe) == 0:
+            return [None] * len(self.blocks)
+        tables = [r.full_table() if n is None else r.table(n) for r in self.rpe]
+        return tables * len(self.blocks) if len(tables) == 1 else tables
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation from the global RNG: normal(INIT_STD) linear and embedding weights, residual
+        output projections normal(INIT_STD / sqrt(2 n_layers)), zero biases, unit LayerNorms, zero RPE (no
+        positional preference at the start); random features redrawn from ``generator`` (global RNG if None)."""
+        out_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_emb.weight, std=INIT_STD)
+        for block in self.blocks:
+            block.attn.reset_parameters(INIT_STD, out_std)
+            nn.init.normal_(block.mlp.fc.weight, std=INIT_STD)
+            nn.init.zeros_(block.mlp.fc.bias)
+            nn.init.normal_(block.mlp.proj.weight, std=out_std)
+            nn.init.zeros_(block.mlp.proj.bias)
+            for norm in (block.norm1, block.norm2):
+                norm.reset_parameters()
+        self.norm.reset_parameters()
+        for r in self.rpe:
+            r.reset_parameters()
+        self.redraw_features(generator)
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Redraw every layer's random feature projection (layer by layer from one ``generator``, so the same
+        seed gives the same features on every rank). No-op for deterministic feature maps and softmax."""
+        for block in self.blocks:
+            block.attn.redraw_features(generator)
+
+    def embed(self, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """``ids`` ``(B, N)`` -> ``(B, N, d_model)``: token embedding (+ absolute positions from ``start_pos``)."""
+        x = self.tok_emb(ids)
+        if self.absolute_positions:
+            pos = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
+            x = x + sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
+        return self.drop(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, d_model)`` -> float32 logits ``(B, N, vocab_size)`` (output weights tied to the embedding)."""
+        return F.linear(self.norm(x), self.tok_emb.weight).float()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``(B, N)`` long token ids -> logits ``(B, N, vocab_size)`` float32; position ``i`` sees ``<= i``."""
+        if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"Transformer.forward expects token ids of shape (B, N) and dtype long, got "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        x = self.embed(ids)
+        if ids.shape[1] == 0:
+            return self.head(x)
+        for block, table in zip(self.blocks, self.rpe_tables(ids.shape[1])):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, table, use_reentrant=False)
+            else:
+                x = block(x, table)
+        return self.head(x)

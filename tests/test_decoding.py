@@ -1,0 +1,97 @@
+"""Prefill + incremental decoding reproduce the full forward's logits at every step, for every attention
+kind and RPE form, past the RPE distance and the training context; cache memory stays constant when clipped."""
+import pytest
+import torch
+
+from lm.decoding import DecodeCache, decode_step, prefill
+
+from test_model import make_model
+
+TRAIN_CONTEXT = 16  # the tests' notional training length; decoding runs well past it
+TOTAL = 3 * TRAIN_CONTEXT
+
+FORMS = {
+    "rpe-per-offset-general": dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=TOTAL + 10),
+    "rpe-per-offset-clipped": dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=6),
+    "rpe-per-offset-ring1": dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=1),
+    "rpe-bucketed": dict(kind="kernelized_rpe", rpe="bucketed", rpe_num_buckets=8, rpe_max_distance=20),
+    "rpe-shared": dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=9, rpe_shared=True),
+    "rpe-prf-bucketed-shared": dict(kind="kernelized_rpe", feature_map="prf", rpe="bucketed", rpe_num_buckets=6,
+                                    rpe_max_distance=12, rpe_shared=True),
+    "kernelized-nprf": dict(kind="kernelized", rpe="none"),
+    "kernelized-elu": dict(kind="kernelized", rpe="none", feature_map="elu"),
+    "softmax-per-offset": dict(kind="softmax", rpe="per_offset", rpe_max_distance=6),
+    "softmax-bucketed-shared": dict(kind="softmax", rpe="bucketed", rpe_num_buckets=8, rpe_max_distance=20,
+                                    rpe_shared=True),
+    "softmax-none": dict(kind="softmax", rpe="none"),
+}
+
+
+def _assert_close(got, want, tol=5e-5):
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= tol * scale, f"{(got - want).abs().max() / scale:.2e} relative"
+
+
+@pytest.mark.parametrize("prompt_len", [0, 1, 5, TRAIN_CONTEXT + 3])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_prefill_then_decode_equals_full_forward(form, prompt_len):
+    m = make_model(**FORMS[form])
+    ids = torch.randint(0, 50, (3, TOTAL))
+    with torch.no_grad():
+        full = m(ids)
+    logits, cache = prefill(m, ids[:, :prompt_len])
+    assert logits.shape == (3, prompt_len, 50) and cache.position == prompt_len
+    if prompt_len:
+        _assert_close(logits, full[:, :prompt_len])
+    for t in range(prompt_len, TOTAL):
+        step = decode_step(m, cache, ids[:, t])
+        assert step.shape == (3, 50) and step.dtype == torch.float32
+        _assert_close(step, full[:, t])
+    assert cache.position == TOTAL
+
+
+@pytest.mark.parametrize("method, max_distance, n", [
+    ("fft", TOTAL + 50, 70), ("band", 6, 70), ("dense", 6, 70), ("auto", 1000, 600), ("auto", 32, 600)])
+def test_prefill_with_each_op_method_then_decode(method, max_distance, n):
+    """Prefill runs the parallel op (whichever method), decoding the recurrence: they must agree."""
+    m = make_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=max_distance, method=method)
+    ids = torch.randint(0, 50, (2, n))
+    with torch.no_grad():
+        full = m(ids)
+    logits, cache = prefill(m, ids[:, :n - 10])
+    _assert_close(logits, full[:, :n - 10], tol=2e-4)  # the op's FFT accuracy is 1e-4 per position
+    for t in range(n - 10, n):
+        _assert_close(decode_step(m, cache, ids[:, t]), full[:, t], tol=2e-4)
+
+
+def test_clipped_cache_memory_is_constant_and_kv_cache_grows():
+    clipped = make_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=6)
+    softmax = make_model(kind="softmax", rpe="per_offset", rpe_max_distance=6)
+    ids = torch.randint(0, 50, (1, 200))
+    sizes = {}
+    for name, m in (("clipped", clipped), ("softmax", softmax)):
+        _, cache = prefill(m, ids[:, :10])
+        after_prefill = cache.nbytes()
+        for t in range(10, 200):
+            decode_step(m, cache, ids[:, t])
+        sizes[name] = (after_prefill, cache.nbytes())
+    assert sizes["clipped"][0] == sizes["clipped"][1] > 0
+    # The constant state is: M x D prefix state + M normaliser + (L - 1) ring slots of M + D, per layer and head.
+    layers, heads, m_feat, d_head, ring = 2, 4, 16, 8, 6
+    state_floats = layers * heads * (m_feat * d_head + m_feat + ring * (m_feat + d_head)) + layers * heads * (ring + 1)
+    assert sizes["clipped"][1] == 4 * state_floats
+    assert sizes["softmax"][1] >= 2 * layers * heads * 200 * d_head * 4 > sizes["softmax"][0]
+
+
+def test_decoding_needs_eval_mode_and_the_right_inputs():
+    m = make_model()
+    _, cache = prefill(m, torch.randint(0, 50, (2, 4)))
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        decode_step(m, cache, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache of 2 sequences"):
+        decode_step(m, cache, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="layers"):
+        decode_step(m, DecodeCache([], 0, 2), torch.zeros(2, dtype=torch.long))
+    m.train()
+    with pytest.raises(ValueError, match="eval"):
+        prefill(m, torch.zeros(1, 3, dtype=torch.long))
