@@ -32,9 +32,11 @@ def _positive(name: str, value) -> None:
 class AttentionConfig:
     kind: str = "kernelized_rpe"
     """kernelized_rpe (random features + learned RPE, the paper) | kernelized (random features, no RPE,
-    absolute positions) | softmax (exact attention via SDPA, RPE as additive bias unless rpe=none)."""
+    sinusoidal absolute positions; the rpe keys are ignored) | softmax (exact attention via SDPA, RPE as
+    additive bias unless rpe=none)."""
     feature_map: str = "nprf"
-    """nprf (L2-normalised q, k then positive random features, the paper) | prf (Performer) | elu | relu."""
+    """nprf (L2-normalised q, k then positive random features, the paper) | prf (Performer) | elu | relu
+    (elu+1 and relu use head_dim deterministic features). Kernelized kinds only."""
     num_features: int = 64
     """Random features M per head (nprf/prf)."""
     orthogonal: bool = True
@@ -44,7 +46,8 @@ class AttentionConfig:
     rpe: str = "per_offset"
     """per_offset (one learnable scalar per offset up to rpe_max_distance) | bucketed (T5 log buckets) | none."""
     rpe_max_distance: int = 512
-    """per_offset: offsets >= this share the last scalar (clipped RPE). bucketed: the largest bucket starts here."""
+    """per_offset: offsets >= this share the last scalar (clipped RPE; set it >= the context for fully general
+    RPE). bucketed: offsets >= this fall in the last bucket. Decoding costs O(rpe_max_distance) per token."""
     rpe_num_buckets: int = 32
     """bucketed: number of log buckets."""
     rpe_shared: bool = False
@@ -62,6 +65,14 @@ class AttentionConfig:
         _positive("model.attention.rpe_num_buckets", self.rpe_num_buckets)
         if self.redraw_every < 0:
             raise ConfigError("model.attention.redraw_every must be >= 0 (0 = never redraw)")
+        if self.rpe == "bucketed" and not (self.rpe_num_buckets >= 2
+                                           and self.rpe_max_distance > self.rpe_num_buckets // 2):
+            raise ConfigError(f"model.attention.rpe=bucketed needs rpe_num_buckets >= 2 and rpe_max_distance > "
+                              f"rpe_num_buckets // 2; got model.attention.rpe_num_buckets={self.rpe_num_buckets}, "
+                              f"model.attention.rpe_max_distance={self.rpe_max_distance}")
+        if self.kind == "kernelized_rpe" and self.method == "prefix":
+            raise ConfigError("model.attention.method=prefix computes attention without RPE: use it with "
+                              "model.attention.kind=kernelized, or pick auto | dense | fft | band")
         if self.kind == "kernelized_rpe" and self.rpe == "none":
             raise ConfigError("model.attention.kind=kernelized_rpe needs an RPE: set model.attention.rpe to "
                               "per_offset or bucketed, or use model.attention.kind=kernelized")
@@ -72,16 +83,21 @@ class ModelConfig:
     vocab_size: int = 0
     """Vocabulary size; 0 = take it from the tokenizer (filled in by training before the model is built)."""
     n_layers: int = 6
+    """Transformer blocks (pre-norm attention + GELU MLP)."""
     d_model: int = 512
+    """Residual stream width; tied token embedding / output dimension."""
     n_heads: int = 8
+    """Attention heads; head_dim = d_model / n_heads."""
     d_ff: int = 2048
+    """MLP hidden width."""
     dropout: float = 0.1
-    max_seq_len: int = 512
-    """Longest sequence for learned absolute positions (only attention.kind=kernelized uses them)."""
+    """Dropout on the embeddings and on every residual branch (training only)."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention kind, feature map and RPE. No maximum sequence length: RPE tables clamp and the absolute
+    positions of kind=kernelized are sinusoidal, so every model runs on sequences of any length."""
 
     def __post_init__(self) -> None:
-        for k in ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len"):
+        for k in ("n_layers", "d_model", "n_heads", "d_ff"):
             _positive(f"model.{k}", getattr(self, k))
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
@@ -101,24 +117,46 @@ class TokenizerConfig:
     """Longest line (in bytes) SentencePiece trains on; longer lines are split."""
     train_max_bytes: int = 200_000_000
     """Train the tokenizer on at most this many bytes of the train split (sampled by whole lines)."""
+    num_threads: int = 8
+    """Threads SentencePiece trains with. Its result depends on the thread count, so this is a fixed setting
+    (part of the tokenizer's cache key) rather than the machine's core count: same data + settings, same
+    tokenizer on every machine."""
 
     def __post_init__(self) -> None:
         _choice("data.tokenizer.model_type", self.model_type, ["bpe", "unigram"])
-        if self.vocab_size < 8:
-            raise ConfigError(f"data.tokenizer.vocab_size={self.vocab_size} is too small (>= 8)")
+        if self.vocab_size < 260:
+            raise ConfigError(f"data.tokenizer.vocab_size={self.vocab_size} is too small: it includes 256 byte "
+                              f"pieces, <unk>, <s>, </s> and the newline symbol (use >= 260)")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ConfigError(f"data.tokenizer.character_coverage={self.character_coverage} must be in (0, 1]")
+        _positive("data.tokenizer.max_sentence_length", self.max_sentence_length)
+        _positive("data.tokenizer.train_max_bytes", self.train_max_bytes)
+        _positive("data.tokenizer.num_threads", self.num_threads)
 
 
 @dataclass
 class SyntheticConfig:
     seed: int = 1234
     train_tokens: int = 2_000_000
-    """Approximate size of the synthetic train split in tokens (valid and test are a tenth each)."""
+    """Approximate size of the synthetic train split in whitespace words, about 1.2 tokens each (valid and test
+    are a tenth each)."""
     num_keys: int = 64
-    """Associative-recall alphabet size: distinct keys and values the model must bind and recall."""
+    """Associative-recall alphabet size: distinct keys the model must bind and recall."""
+    num_values: int = 100
+    """Values are the numbers 0 .. num_values - 1."""
+    num_pairs: int = 8
+    """Key-value bindings listed (and later queried) per record."""
+    filler_sentences: int = 8
+    """Sentences (about 6 tokens each) between the listing and the queries: the recall distance."""
 
     def __post_init__(self) -> None:
-        _positive("data.synthetic.train_tokens", self.train_tokens)
-        _positive("data.synthetic.num_keys", self.num_keys)
+        for k in ("train_tokens", "num_keys", "num_values", "num_pairs"):
+            _positive(f"data.synthetic.{k}", getattr(self, k))
+        if self.num_pairs > self.num_keys:
+            raise ConfigError(f"data.synthetic.num_pairs={self.num_pairs} must be <= "
+                              f"data.synthetic.num_keys={self.num_keys}")
+        if self.filler_sentences < 0:
+            raise ConfigError("data.synthetic.filler_sentences must be >= 0")
 
 
 @dataclass
@@ -137,6 +175,8 @@ class DataConfig:
     """Training context length in tokens."""
     num_proc: int = 0
     """Processes for tokenization; 0 = all cores."""
+    progress: bool = True
+    """Show progress bars while preparing data."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -148,6 +188,8 @@ class DataConfig:
             raise ConfigError("data.source=local needs data.path=DIR (a folder with wiki.{train,valid,test}.tokens "
                               "or {train,valid,test}.txt)")
         _positive("data.seq_len", self.seq_len)
+        if self.num_proc < 0:
+            raise ConfigError("data.num_proc must be >= 0 (0 = all cores)")
 
 
 @dataclass
@@ -179,8 +221,9 @@ class DeepSpeedConfig:
     """ZeRO stage 0, 1 or 2."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16 (mixed precision; the kernelized op keeps its FFT in fp32 or better)."""
-    torch_adam: bool = False
-    """Use torch's AdamW instead of DeepSpeed's fused/CPU Adam (skips compiling an extension)."""
+    torch_adam: bool = True
+    """Use torch's AdamW (no extension to compile). false: DeepSpeed's fused (GPU) / CPU Adam, compiled on first
+    start; it cannot skip non-finite steps with zero_stage=0 and precision=fp32, so that combination is refused."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
 
@@ -199,6 +242,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per rank per forward/backward; accumulation = batch_size / (micro_batch_size * world)."""
     max_steps: int = 150_000
+    """Length of the run (the learning-rate schedule ends here)."""
+    stop_at: int = 0
+    """Stop (with a checkpoint) after this step without changing the schedule, e.g. for a job with a time limit;
+    re-running the same command with a larger stop_at (or 0 = max_steps) continues exactly. 0 = max_steps."""
     log_every: int = 50
     eval_every: int = 2000
     eval_batches: int = 50
@@ -211,6 +258,10 @@ class TrainConfig:
     """Stop after this many consecutive steps with non-finite loss or gradients."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    engine: str = "auto"
+    """auto (DeepSpeed when started by launch.sh / the deepspeed launcher, else plain torch) | deepspeed | torch."""
+    eval_stride: int = 0
+    """Validation window stride in tokens (each scored token sees >= seq_len - stride of history); 0 = seq_len."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -224,6 +275,15 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")
         _choice("device", self.device, ["auto", "cpu", "cuda"])
+        if self.stop_at < 0:
+            raise ConfigError("stop_at must be >= 0 (0 = run to max_steps)")
+        _choice("engine", self.engine, ["auto", "deepspeed", "torch"])
+        if self.eval_batches < 0 or self.eval_every < 0:
+            raise ConfigError("eval_every and eval_batches must be >= 0 (eval_every=0 disables validation; "
+                              "eval_batches=0 scores the whole valid split)")
+        if not 0 <= self.eval_stride <= self.data.seq_len:
+            raise ConfigError(f"eval_stride={self.eval_stride} must be in [0, data.seq_len={self.data.seq_len}] "
+                              f"(0 = data.seq_len)")
 
 
 def _finish(merged, overrides: Sequence[str]) -> TrainConfig:

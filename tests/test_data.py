@@ -1,0 +1,355 @@
+import hashlib
+import json
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lm.data
+from lm.config import SyntheticConfig, load_config
+from lm.data import DataError, global_batch, prepare_corpus, shard, window_layout
+from lm.synthetic import split_text
+from lm.tokenizer import Tokenizer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
+README_WORDS = {"valid": 213_886, "test": 241_211}
+
+
+def data_cfg(cache: Path, *overrides: str):
+    return load_config([], [f"data.cache_dir={cache}", "data.num_proc=1", "data.progress=false",
+                            "data.tokenizer.vocab_size=300", *overrides]).data
+
+
+def write_local(directory: Path, train_tokens: int = 4000, seed: int = 1) -> Path:
+    """A small corpus in the {train,valid,test}.txt layout (synthetic text, so it is always available)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = SyntheticConfig(train_tokens=train_tokens, seed=seed)
+    for split in ("train", "valid", "test"):
+        (directory / f"{split}.txt").write_bytes(split_text(cfg, split).encode())
+    return directory
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ the real WikiText-103 sample
+@pytest.fixture(scope="module")
+def sample_corpus(tmp_path_factory):
+    if not SAMPLE.is_dir():
+        pytest.skip(f"{SAMPLE} not present")
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = data_cfg(cache, f"data.path={SAMPLE}", "data.tokenizer.vocab_size=1000",
+                   "data.tokenizer.train_max_bytes=300000")
+    return cfg, prepare_corpus(cfg)
+
+
+def test_sample_counts_match_the_files(sample_corpus):
+    _, corpus = sample_corpus
+    for name in ("train", "valid", "test"):
+        split = corpus.split(name)
+        path = SAMPLE / f"wiki.{name}.tokens"
+        data = path.read_bytes()
+        assert split.num_words == len(data.decode().split())
+        assert split.num_bytes == len(data)
+        assert split.num_tokens == len(split.tokens) and split.tokens.dtype == np.uint16
+        if name in README_WORDS:
+            assert split.num_words == README_WORDS[name]
+
+
+def test_sample_tokens_decode_to_the_exact_text(sample_corpus):
+    _, corpus = sample_corpus
+    valid = corpus.split("valid")
+    text = (SAMPLE / "wiki.valid.tokens").read_bytes().decode()
+    assert corpus.tokenizer.decode(valid.tokens) == text
+    # the cache holds exactly what encoding the whole text at once gives
+    assert np.array_equal(valid.tokens, corpus.tokenizer.encode_array(text, dtype=np.uint16))
+    assert 1.0 < valid.num_tokens / valid.num_words < 3.0
+
+
+def test_sample_second_call_reuses_everything(sample_corpus, tmp_path):
+    cfg, first = sample_corpus
+    before = {n: (s.path.stat().st_ino, s.path.stat().st_mtime_ns) for n, s in first.splits.items()}
+    again = prepare_corpus(cfg, run_dir=tmp_path / "run")
+    assert again.built == ()
+    assert {n: (s.path.stat().st_ino, s.path.stat().st_mtime_ns) for n, s in again.splits.items()} == before
+    assert Tokenizer.load(tmp_path / "run" / "tokenizer").hash == first.tokenizer.hash
+
+
+# ------------------------------------------------------------------ caches on a small local corpus
+def test_reuse_and_invalidation(tmp_path):
+    src = write_local(tmp_path / "src")
+    cfg = data_cfg(tmp_path / "cache", f"data.path={src}")
+    first = prepare_corpus(cfg)
+    assert first.built == ("tokenizer", "train", "valid", "test")
+    assert prepare_corpus(cfg).built == ()
+
+    # tokenizer settings changed: new tokenizer, every split retokenized
+    other = prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}", "data.tokenizer.vocab_size=320"))
+    assert other.built == ("tokenizer", "train", "valid", "test")
+    assert other.tokenizer.hash != first.tokenizer.hash
+    assert prepare_corpus(cfg).built == ()  # the first one is still cached beside it
+
+    # source changed: only what depends on it is rebuilt
+    with open(src / "valid.txt", "a") as f:
+        f.write("one more line\n")
+    changed = prepare_corpus(cfg)
+    assert changed.built == ("valid",)
+    assert changed.tokenizer.decode(changed.split("valid").tokens) == (src / "valid.txt").read_text()
+    (src / "train.txt").write_text((src / "train.txt").read_text() + "quux quuux quuuux\n" * 3000)
+    retrained = prepare_corpus(cfg)
+    assert retrained.built == ("tokenizer", "train", "valid", "test")
+    assert retrained.tokenizer.hash != first.tokenizer.hash
+
+
+def test_corrupt_or_stale_caches_are_rebuilt(tmp_path):
+    cfg = data_cfg(tmp_path / "cache", f"data.path={write_local(tmp_path / 'src')}")
+    corpus = prepare_corpus(cfg)
+    good = corpus.split("valid").tokens.copy()
+    bin_path = corpus.split("valid").path
+    side = bin_path.with_suffix(".json")
+
+    with open(bin_path, "r+b") as f:  # truncated token file
+        f.truncate(10)
+    assert prepare_corpus(cfg).built == ("valid",)
+    with open(bin_path, "r+b") as f:  # same size, flipped bytes
+        f.write(b"\xff\xff")
+    assert prepare_corpus(cfg).built == ("valid",)
+    side.write_text("{not json")  # corrupt sidecar
+    assert prepare_corpus(cfg).built == ("valid",)
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "tokenizer_hash": "0" * 64}))  # stale: another tokenizer
+    again = prepare_corpus(cfg)
+    assert again.built == ("valid",) and np.array_equal(again.split("valid").tokens, good)
+
+
+def test_run_dir_refuses_a_different_tokenizer(tmp_path):
+    src = write_local(tmp_path / "src")
+    prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"), run_dir=tmp_path / "run")
+    with pytest.raises(DataError, match="cannot change tokenizer"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}", "data.tokenizer.vocab_size=320"),
+                       run_dir=tmp_path / "run")
+
+
+def test_run_dir_tokenizer_is_reused_when_the_cache_is_gone(tmp_path):
+    src = write_local(tmp_path / "src")
+    first = prepare_corpus(data_cfg(tmp_path / "cache1", f"data.path={src}"), run_dir=tmp_path / "run")
+    second = prepare_corpus(data_cfg(tmp_path / "cache2", f"data.path={src}"), run_dir=tmp_path / "run")
+    assert "tokenizer" not in second.built and second.tokenizer.hash == first.tokenizer.hash
+
+
+def test_parallel_tokenization_matches_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm.data, "_CHUNK_CHARS", 2048)  # many chunks, so the workers really share the work
+    monkeypatch.setattr(lm.data, "_PARALLEL_MIN_BYTES", 0)  # and use them even for a small corpus
+    src = write_local(tmp_path / "src", train_tokens=8000)
+    serial = prepare_corpus(data_cfg(tmp_path / "c1", f"data.path={src}"))
+    parallel = prepare_corpus(data_cfg(tmp_path / "c2", f"data.path={src}", "data.num_proc=2"))
+    assert parallel.tokenizer.hash == serial.tokenizer.hash
+    for name in ("train", "valid", "test"):
+        a, b = serial.split(name), parallel.split(name)
+        assert np.array_equal(a.tokens, b.tokens) and (a.num_words, a.num_bytes) == (b.num_words, b.num_bytes)
+        assert serial.tokenizer.decode(a.tokens) == (src / f"{name}.txt").read_text()
+
+
+def _prepare_in_child(cfg, queue) -> None:
+    corpus = prepare_corpus(cfg)
+    queue.put((corpus.built, {n: file_sha(s.path) for n, s in corpus.splits.items()}))
+
+
+@pytest.mark.slow  # starts Python processes that import torch: ~10-20 s on 2 busy cores
+def test_two_processes_preparing_at_once(tmp_path):
+    cfg = data_cfg(tmp_path / "cache", f"data.path={write_local(tmp_path / 'src', train_tokens=20000)}")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_prepare_in_child, args=(cfg, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    built = Counter(item for b, _ in results for item in b)
+    assert built == Counter({"tokenizer": 1, "train": 1, "valid": 1, "test": 1})  # each built exactly once
+    assert results[0][1] == results[1][1]  # and both see identical caches
+
+
+_KILL_CHILD = """
+import sys
+from lm.config import load_config
+from lm.data import prepare_corpus
+prepare_corpus(load_config([], sys.argv[1:]).data)
+"""
+
+
+def test_interrupted_preparation_leaves_no_complete_looking_cache(tmp_path):
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", "data.progress=false",
+                 "data.tokenizer.vocab_size=300", "data.source=synthetic", "data.synthetic.train_tokens=600000"]
+    cfg = load_config([], overrides).data
+    prepare_corpus(cfg, splits=("valid",))  # tokenizer ready, so the child goes straight to tokenizing train
+    tokens_dir = next((tmp_path / "cache" / "tokens").iterdir())
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, *overrides])
+    deadline = time.monotonic() + 120
+    while not list(tokens_dir.glob(".train-*.tmp*")):
+        assert child.poll() is None, "the child finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not list(tokens_dir.glob("train-*.json"))  # nothing claims to be complete
+
+    corpus = prepare_corpus(cfg, splits=("train",))
+    assert corpus.built == ("train",)
+    assert not list(tokens_dir.glob(".*.tmp*"))  # the dead process's partial file is cleaned up
+    text = split_text(cfg.synthetic, "train")
+    assert np.array_equal(corpus.split("train").tokens, corpus.tokenizer.encode_array(text, dtype=np.uint16))
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_paths_and_files(tmp_path):
+    with pytest.raises(DataError, match="is not a directory"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={tmp_path / 'nope'}"))
+    src = write_local(tmp_path / "src")
+    (src / "test.txt").unlink()
+    with pytest.raises(DataError, match=r"no test split: expected one of wiki\.test\.tokens"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+    (src / "test.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+    (src / "test.txt").write_bytes(b"bad \xff\xfe utf-8\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+    (src / "test.txt").write_bytes(b"windows\r\nline endings\r\n")
+    with pytest.raises(DataError, match="line endings"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+    (src / "train.txt").write_bytes(b"a train file\r\n" * 10)  # also caught while training the tokenizer
+    with pytest.raises(DataError, match=r"^\S*train.txt: the text loaded through `datasets` differs"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+    with pytest.raises(DataError, match="unknown split"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"), splits=("dev",))
+
+
+def test_unreadable_file(tmp_path):
+    src = write_local(tmp_path / "src")
+    (src / "valid.txt").unlink()
+    (src / "valid.txt").mkdir()  # unreadable as a file even for root (chmod 000 is not)
+    with pytest.raises(DataError, match="cannot read .*valid.txt"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}"))
+
+
+def test_cache_dir_must_be_usable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="data.cache_dir"):
+        prepare_corpus(data_cfg(tmp_path / "file" / "cache", "data.source=synthetic"))
+
+
+def test_vocab_too_large_names_the_key(tmp_path):
+    src = write_local(tmp_path / "src", train_tokens=200)
+    with pytest.raises(DataError, match=r"data\.tokenizer\.vocab_size=20000.*lower"):
+        prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={src}", "data.tokenizer.vocab_size=20000"))
+
+
+def test_unreachable_hub_fails_fast_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    cfg = data_cfg(tmp_path / "cache", "data.source=hf", "data.hf_name=lm-tests/no-such-dataset")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"data\.path=DIR.*data\.source=synthetic"):
+        prepare_corpus(cfg)
+    assert time.monotonic() - start < 15
+
+
+def test_hub_rows_are_joined_into_the_original_lines(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = {"train": [" = Title = \n", "", " some text here \n"], "validation": [" v \n", ""], "test": ["t\n"]}
+    dd = DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in rows.items()})
+    cfg = data_cfg(tmp_path / "cache", "data.source=hf")
+    valid = lm.data._hub_source(dd, cfg, "valid")
+    assert "".join(valid.chunks()) == " v \n\n" and valid.num_bytes == 5
+    assert valid.fingerprint == hashlib.sha256(b" v \n\n").hexdigest()
+    assert "".join(lm.data._hub_source(dd, cfg, "train").chunks()) == " = Title = \n\n some text here \n"
+
+
+def test_unprepared_split_is_an_error(tmp_path):
+    corpus = prepare_corpus(data_cfg(tmp_path / "cache", f"data.path={write_local(tmp_path / 'src')}"),
+                            splits=("valid",))
+    assert set(corpus.splits) == {"valid"}
+    with pytest.raises(DataError, match="was not prepared"):
+        corpus.split("test")
+
+
+# ------------------------------------------------------------------ batches
+def test_global_batch_is_a_pure_function_of_its_arguments():
+    tokens = np.arange(10_000, dtype=np.uint32)
+    late = global_batch(tokens, 16, 8, step=37, seed=3)
+    first = global_batch(tokens, 16, 8, step=0, seed=3)
+    assert torch.equal(global_batch(tokens, 16, 8, step=37, seed=3), late)
+    assert torch.equal(global_batch(tokens, 16, 8, step=0, seed=3), first)
+    assert not torch.equal(global_batch(tokens, 16, 8, step=0, seed=4), first)
+    assert late.dtype == torch.int64 and late.shape == (8, 17)
+
+
+def test_global_batch_epochs_cover_each_window_once():
+    n, seq_len, batch = 1000, 10, 7
+    tokens = np.arange(n, dtype=np.uint16)  # token value == position, so rows reveal their start
+    num_windows, max_offset = window_layout(n, seq_len)
+    assert (num_windows, max_offset) == (99, 9)
+    steps = -(-3 * num_windows // batch)
+    rows = torch.cat([global_batch(tokens, seq_len, batch, s, seed=0) for s in range(steps)])
+    assert torch.equal(rows[:, 1:] - rows[:, :-1], torch.ones(len(rows), seq_len, dtype=torch.int64))
+    starts = rows[:, 0].numpy()
+    offsets = []
+    for e in range(3):
+        epoch = starts[e * num_windows:(e + 1) * num_windows]
+        offsets.append(int(epoch.min()))
+        assert sorted(epoch - epoch.min()) == list(range(0, num_windows * seq_len, seq_len))
+        assert epoch.max() + seq_len < n
+    assert len(set(offsets)) > 1  # window boundaries move between epochs
+    assert not np.array_equal(starts[:num_windows] - offsets[0], starts[num_windows:2 * num_windows] - offsets[1])
+
+
+def test_global_batch_errors():
+    with pytest.raises(DataError, match="data.seq_len"):
+        global_batch(np.arange(10), seq_len=10, batch_size=2, step=0, seed=0)
+    with pytest.raises(DataError, match="step"):
+        global_batch(np.arange(100), seq_len=10, batch_size=2, step=-1, seed=0)
+
+
+def test_shard_is_disjoint_and_covers_the_batch():
+    batch = torch.arange(24 * 5).reshape(24, 5)
+    world, micro = 3, 2
+    seen = []
+    for rank in range(world):
+        parts = shard(batch, rank, world, micro)
+        assert len(parts) == 4 and all(p.shape == (micro, 5) for p in parts)
+        seen.extend(int(r) for p in parts for r in p[:, 0])
+    assert sorted(seen) == batch[:, 0].tolist()
+
+
+def test_shard_errors():
+    batch = torch.zeros(10, 3, dtype=torch.long)
+    with pytest.raises(DataError, match="batch_size=10 must equal world_size"):
+        shard(batch, 0, 3, 2)
+    with pytest.raises(DataError, match="rank=3"):
+        shard(batch, 3, 3, 1)
+
+
+# ------------------------------------------------------------------ command line
+@pytest.mark.slow  # starts Python processes that import torch: ~10-20 s on 2 busy cores
+def test_prepare_data_command(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "prepare_data.py"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  source: synthetic\n  cache_dir: {tmp_path / 'cache'}\n  progress: false\n")
+    run = [sys.executable, str(tool), str(config), "data.synthetic.train_tokens=3000",
+           "data.tokenizer.vocab_size=300"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "built: tokenizer, train, valid, test" in out.stdout and "tokens/word" in out.stdout
+    bad = subprocess.run(run[:3] + ["data.tokenizer.vocab_size=9000"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "lower data.tokenizer.vocab_size" in bad.stderr
