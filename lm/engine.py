@@ -1,0 +1,376 @@
+"""One training step, two interchangeable engines: DeepSpeed, and a plain-torch twin with the same interface.
+
+``train.py`` calls only :meth:`Engine.train_step`, :meth:`Engine.save_state` / :meth:`Engine.load_state` and
+:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`init_distributed`.
+
+Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_tokens``, where ``global_tokens``
+counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
+micro-batches and ranks, so the update is the gradient of the mean token NLL of the global batch, independent of
+how the batch is split. (DeepSpeed averages gradients over ranks, so its loss is multiplied by ``world_size``.)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import ConfigError, TrainConfig
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: engine kind, rank, world size and device."""
+    kind: str  # "deepspeed" | "torch"
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StepStats:
+    """Outcome of one optimizer step (identical on every rank)."""
+    loss: float
+    """Mean token NLL of the global batch in nats (non-finite if any micro-batch was)."""
+    grad_norm: float
+    """Global gradient 2-norm before clipping (inf / nan when non-finite)."""
+    lr: float
+    skipped: bool
+    """True when the parameters were left unchanged."""
+    nonfinite: str
+    """"" when all was finite, else what went non-finite: "loss" or "gradients"."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Pick the engine and start the process group.
+
+    ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
+    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU.
+    """
+    launched = "WORLD_SIZE" in os.environ
+    kind = cfg.engine if cfg.engine != "auto" else ("deepspeed" if launched else "torch")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if cuda else "gloo"
+    if kind == "deepspeed":
+        if not launched:  # a single process without a launcher: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend)
+    elif launched and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(kind, rank, world, local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place; a no-op on one process). Returns ``x``."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def check_ranks_agree(module: nn.Module) -> None:
+    """Raise if any rank holds different parameters than the others (collective; a no-op on one process).
+
+    Compares per-tensor sums and sums of squares: cheap, and any divergence of data-parallel replicas shows up.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    local = torch.stack([s for p in module.parameters() for s in (p.double().sum(), p.double().square().sum())])
+    local = local.cpu()
+    lo, hi = local.clone(), local.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        worst = (hi - lo).abs().max().item()
+        raise RuntimeError(f"data-parallel ranks hold different parameters (largest checksum gap {worst:.3e}); "
+                           f"this is a bug in the engine, not in the config")
+
+
+def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLLs (nats, float32 scalar) of a ``(B, N + 1)`` window batch: inputs ``[:, :-1]``,
+    targets ``[:, 1:]``."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (dim >= 2) only, none on norms, biases and RPE scalars."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves parameters and moments untouched when a gradient is non-finite.
+
+    Gradients are already reduced over ranks when ``step`` runs, so every rank takes the same decision.
+    ``overflow`` is the flag DeepSpeed reads after a step to count it as skipped.
+    """
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def _adamw(cfg: TrainConfig, params, guarded: bool = True) -> torch.optim.AdamW:
+    o = cfg.optim
+    kind = GuardedAdamW if guarded else torch.optim.AdamW
+    return kind(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x ranks = "
+                          f"{cfg.micro_batch_size} x {world_size}; change batch_size or micro_batch_size")
+    return cfg.batch_size // per_step
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config, derived from ``cfg`` (never written by hand).
+
+    The learning rate is not scheduled by DeepSpeed: :func:`lm.schedule.lr_at` sets it before every step, so a
+    skipped step or a resume can never shift the schedule. With ``deepspeed.torch_adam=true`` the optimizer is
+    torch's AdamW passed as a client optimizer (:class:`GuardedAdamW` under plain stage 0 fp32; no extension
+    to compile); otherwise DeepSpeed builds its
+    own (fused on GPU, compiled CPU Adam on CPU) from the ``optimizer`` block below.
+    """
+    ds = cfg.deepspeed
+    o = cfg.optim
+    conf = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not ds.torch_adam:
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                         "weight_decay": o.weight_decay}}
+    return conf
+
+
+class Engine:
+    """Interface shared by both engines (``module`` is the bare model, for eval, redraw and checkpoints)."""
+    module: nn.Module
+    info: DistInfo
+
+    def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float) -> StepStats:
+        """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``."""
+        raise NotImplementedError
+
+    def save_state(self, directory: Path) -> None:
+        """Write optimizer/engine state under ``directory`` (collective: every rank calls it)."""
+        raise NotImplementedError
+
+    def load_state(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 model weights on CPU (the optimizer's fp32 master copy under mixed precision).
+        Collective: every rank calls it; every rank gets the same dict."""
+        raise NotImplementedError
+
+
+def _finite_flag(losses: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.isfinite(x) for x in losses]).all().float()
+
+
+class TorchEngine(Engine):
+    """Plain torch: autocast for bf16, gradients summed over ranks with one all-reduce per step."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
+        if cfg.deepspeed.precision == "fp16":
+            raise ConfigError("deepspeed.precision=fp16 needs the DeepSpeed engine (loss scaling): start through "
+                              "launch.sh / set engine=deepspeed, or use deepspeed.precision=bf16 or fp32")
+        if cfg.deepspeed.zero_stage:
+            raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} needs the DeepSpeed engine: "
+                              f"start through launch.sh / set engine=deepspeed, or use deepspeed.zero_stage=0")
+        gradient_accumulation_steps(cfg, info.world_size)
+        self.cfg, self.info = cfg, info
+        self.module = model.to(info.device)
+        if info.world_size > 1:  # identical start on every rank, whatever each rank's init did
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                dist.broadcast(t.data, src=0)
+        self.optimizer = _adamw(cfg, param_groups(self.module, cfg.optim.weight_decay))
+        self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
+                         if cfg.deepspeed.precision == "bf16" else nullcontext())
+
+    def train_step(self, micro_batches, global_tokens, lr):
+        self.module.train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        nll = []
+        for mb in micro_batches:
+            with self.autocast:
+                loss = token_nll_sum(self.module, mb.to(self.info.device))
+            nll.append(loss.detach())
+            (loss / global_tokens).backward()
+        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
+        if self.info.world_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = all_reduce_sum(torch._utils._flatten_dense_tensors(grads))
+            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                p.grad = g
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_bad = totals[1].item() > 0
+        _set_lr(self.optimizer, lr)
+        if loss_bad:  # the guard below only sees gradients
+            self.optimizer.overflow = True
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = self.optimizer.overflow
+        nonfinite = "loss" if loss_bad else ("gradients" if skipped else "")
+        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+
+    def save_state(self, directory):
+        if self.info.is_main:
+            torch.save({"optimizer": self.optimizer.state_dict()}, Path(directory) / "optimizer.pt")
+
+    def load_state(self, directory):
+        path = Path(directory) / "optimizer.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by the plain-torch engine "
+                                    f"(resume it with engine=deepspeed through launch.sh)")
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.info.device, weights_only=True)["optimizer"])
+
+    def consolidated_state_dict(self):
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed: ZeRO 0-2, bf16/fp16, accumulation and clipping as configured by :func:`deepspeed_config`."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
+        import deepspeed
+        ds = cfg.deepspeed
+        if not ds.torch_adam and ds.zero_stage == 0 and ds.precision == "fp32":
+            raise ConfigError("deepspeed.torch_adam=false with zero_stage=0 and precision=fp32 cannot skip steps "
+                              "with non-finite gradients; set deepspeed.torch_adam=true, zero_stage>=1 or bf16/fp16")
+        self.cfg, self.info = cfg, info
+        self.ds_config = deepspeed_config(cfg, info.world_size)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        # DeepSpeed's ZeRO / bf16 / fp16 optimizers skip steps with non-finite gradients themselves; only plain
+        # stage 0 in fp32 steps the client optimizer directly, so only there does it need the guard.
+        plain = ds.zero_stage == 0 and ds.precision == "fp32"
+        optimizer = _adamw(cfg, groups, guarded=plain) if ds.torch_adam else None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config)
+        self.module = self.engine.module
+
+    def _set_lr(self, lr):
+        _set_lr(self.engine.optimizer, lr)
+        basic = getattr(self.engine, "basic_optimizer", None)
+        if basic is not None:
+            _set_lr(basic, lr)
+
+    def train_step(self, micro_batches, global_tokens, lr):
+        engine = self.engine
+        engine.train()
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise ValueError(f"got {len(micro_batches)} micro-batches, DeepSpeed expects "
+                             f"{engine.gradient_accumulation_steps()}")
+        self._set_lr(lr)
+        skipped_before = engine.skipped_steps
+        nll = []
+        for i, mb in enumerate(micro_batches):
+            loss = token_nll_sum(engine, mb.to(self.info.device))
+            nll.append(loss.detach())
+            engine.backward(loss * (self.info.world_size / global_tokens), scale_wrt_gas=False)
+            if i < len(micro_batches) - 1:
+                engine.step()
+        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
+        loss_bad = totals[1].item() > 0
+        grad_norm = None
+        if isinstance(engine.optimizer, GuardedAdamW):  # stage 0, fp32: gradients are reduced in .grad
+            grads = [p.grad.float() for p in self.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if loss_bad:  # make the guard skip the step (and DeepSpeed count it) even if gradients are finite
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+        engine.step()
+        if grad_norm is None:
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        skipped = engine.skipped_steps > skipped_before
+        fp16_overflow = skipped and not loss_bad and self.cfg.deepspeed.precision == "fp16"
+        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not fp16_overflow else "")
+        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+
+    def save_state(self, directory):
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+
+    def load_state(self, directory):
+        path = Path(directory) / "deepspeed"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was written by the plain-torch engine "
+                                    f"(resume it with engine=torch, i.e. python tools/train.py without launch.sh)")
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+
+    def consolidated_state_dict(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        out = {}
+        for name, value in self.module.state_dict().items():
+            full: Optional[torch.Tensor] = safe_get_full_fp32_param(params[name]) if name in params else None
+            out[name] = (full if full is not None else value).detach().float().cpu().clone()
+        return out
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, info: DistInfo) -> Engine:
+    return DeepSpeedEngine(cfg, model, info) if info.kind == "deepspeed" else TorchEngine(cfg, model, info)

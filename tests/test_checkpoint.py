@@ -1,0 +1,96 @@
+"""Checkpoints: round trip, atomic writes, pruning, and clear errors."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import checkpoint
+from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_for_inference, save_checkpoint
+from lm.config import load_config
+from lm.engine import DistInfo, TorchEngine
+from lm.model import Transformer
+from lm.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real smoke run of 6 steps with checkpoints at 3 and 6."""
+    root = tmp_path_factory.mktemp("ckpt")
+    run = root / "run"
+    assert main([str(REPO / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={root / 'cache'}",
+                 "data.progress=false", "data.synthetic.train_tokens=60000", "max_steps=6", "save_every=3",
+                 "eval_every=0", "log_every=3"]) == 0
+    return run
+
+
+def test_round_trip_gives_identical_logits(trained_run):
+    inf = load_for_inference(trained_run)
+    assert inf.step == 6 and not inf.model.training and inf.path.name == "step_00000006"
+    assert all(p.dtype == torch.float32 for p in inf.model.parameters())
+    # rebuild by hand from the stored weights: the same logits, bit for bit
+    cfg = inf.cfg
+    model = Transformer(cfg.model)
+    model.load_state_dict(torch.load(inf.path / "model.pt", weights_only=True))
+    model.eval()
+    ids = torch.tensor([inf.tokenizer.encode("what is kelo ? 37 .\nthe red fox sees a small bird .")])
+    with torch.no_grad():
+        assert torch.equal(inf.model(ids), model(ids))
+    # an older checkpoint directory loads too, and differs (training moved the weights)
+    old = load_for_inference(trained_run / "checkpoints/step_00000003")
+    assert old.step == 3
+    with torch.no_grad():
+        assert not torch.equal(old.model(ids), model(ids))
+
+
+def test_overrides_apply_to_the_stored_config(trained_run):
+    inf = load_for_inference(trained_run, overrides=["model.attention.method=dense"])
+    assert inf.cfg.model.attention.method == "dense"
+    assert inf.tokenizer.hash == checkpoint.read_meta(inf.path)["tokenizer_hash"]
+
+
+def test_overrides_that_change_the_architecture_fail_clearly(trained_run):
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_for_inference(trained_run, overrides=["model.n_layers=3"])
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_for_inference(tmp_path)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
+    inf = load_for_inference(trained_run)
+    cfg = load_config([trained_run / "config.yaml"], [f"run_dir={tmp_path}"])
+    engine = TorchEngine(cfg, inf.model.train(), DistInfo("torch", 0, 1, 0, torch.device("cpu")))
+    first = save_checkpoint(tmp_path, engine, 10, cfg, inf.tokenizer, {}, keep=3)
+    good = (first / "model.pt").read_bytes()
+
+    real_save = torch.save
+
+    def dies_on_weights(obj, f, *a, **k):
+        if str(f).endswith("model.pt"):
+            raise OSError("disk full (injected)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dies_on_weights)
+    with pytest.raises(OSError, match="injected"):
+        save_checkpoint(tmp_path, engine, 20, cfg, inf.tokenizer, {}, keep=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list_checkpoints(tmp_path) == [first] and find_checkpoint(tmp_path) == first
+    assert (first / "model.pt").read_bytes() == good
+    assert (tmp_path / "checkpoints/.tmp-step_00000020").exists()  # debris, never read
+    assert load_for_inference(tmp_path).step == 10
+
+    # the next save cleans up, and pruning keeps the newest ones
+    (tmp_path / "checkpoints/.tmp-step_00000015").mkdir()  # debris of another crashed save
+    for step in (20, 30, 40):
+        save_checkpoint(tmp_path, engine, step, cfg, inf.tokenizer, {}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000030", "step_00000040"]
+    # saving a step that exists replaces it whole
+    save_checkpoint(tmp_path, engine, 40, cfg, inf.tokenizer, {"nonfinite_in_a_row": 2}, keep=2)
+    assert checkpoint.read_meta(find_checkpoint(tmp_path))["counters"] == {"nonfinite_in_a_row": 2}
