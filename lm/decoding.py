@@ -31,6 +31,8 @@ def _grow(buf: torch.Tensor, needed: int, limit: int | None = None) -> torch.Ten
     """``buf`` ``(B, H, cap, X)`` with room for ``needed`` entries along dim 2 (capacity doubles, capped at
     ``limit``); contents preserved."""
     cap = buf.shape[2]
+    if limit is not None and needed > limit:
+        raise ValueError(f"cache buffer asked for {needed} entries beyond its limit {limit}")
     if needed <= cap:
         return buf
     new_cap = max(needed, 2 * cap, 16)
@@ -101,8 +103,8 @@ class KernelizedLayerCache:
                 old_k, old_v = self.ring_k[:, :, slot], self.ring_v[:, :, slot]
                 self.kv += old_k[..., :, None] * old_v[..., None, :]
                 self.k_sum += old_k
-            self.ring_k = _grow(self.ring_k, p + 1, ring)
-            self.ring_v = _grow(self.ring_v, p + 1, ring)
+            self.ring_k = _grow(self.ring_k, min(p + 1, ring), ring)
+            self.ring_v = _grow(self.ring_v, min(p + 1, ring), ring)
             self.ring_k[:, :, slot], self.ring_v[:, :, slot] = phi_k, v
         valid = min(p + 1, ring)
         offsets = (p - torch.arange(valid, device=x.device)) % max(ring, 1)  # offset of each ring slot

@@ -54,8 +54,8 @@ def _record(rng: random.Random, keys: list[str], cfg: SyntheticConfig) -> str:
     listing = " ".join(f"{k} is {values[k]} ." for k in bound)
     filler = " ".join(_sentence(rng) for _ in range(cfg.filler_sentences))
     rng.shuffle(bound)
+    # every key follows a space, so it is the same token(s) in the listing and in the queries
     queries = " ".join(f"what is {k} ? {values[k]} ." for k in bound)
-        # every key follows a space, so it is the same token(s) in the listing and in the queries
     return f"= record =\nfacts : {listing}\n{filler}\nquestions : {queries}\n\n"
 
 

@@ -75,6 +75,10 @@ def test_clipped_cache_memory_is_constant_and_kv_cache_grows():
         for t in range(10, 200):
             decode_step(m, cache, ids[:, t])
         sizes[name] = (after_prefill, cache.nbytes())
+        if name == "clipped":  # a full ring is updated in place, never reallocated per step
+            rings = [layer.ring_k.data_ptr() for layer in cache.layers]
+            decode_step(m, cache, ids[:, 0])
+            assert [layer.ring_k.data_ptr() for layer in cache.layers] == rings
     assert sizes["clipped"][0] == sizes["clipped"][1] > 0
     # The constant state is: M x D prefix state + M normaliser + (L - 1) ring slots of M + D, per layer and head.
     layers, heads, m_feat, d_head, ring = 2, 4, 16, 8, 6
