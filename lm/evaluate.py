@@ -1,0 +1,234 @@
+"""Sliding-window negative log-likelihood of a token stream: the one scorer behind ``tools/eval_ppl.py`` and
+training's validation (so logged validation perplexity equals eval_ppl's at the same context), plus the
+per-split figures eval_ppl reports (:func:`split_perplexity`) and the split tokenized with a model's own
+tokenizer (:func:`tokenize_split`).
+
+The stream ``tokens`` (T,) is read as ``s = [BOS] + tokens``; target ``t`` (= ``tokens[t]``) is predicted from
+a window of ``s`` that ends just before it. Windows hold ``context`` tokens (BOS included) and are planned by
+:func:`plan_windows`:
+
+- the first window starts at BOS and scores its ``min(context, T)`` targets;
+- each later window scores the next ``stride`` targets (fewer in the last) and starts ``context`` tokens before
+  its end, so every scored target has at least ``context - stride`` tokens of history.
+
+Every target is scored exactly once. ``stride == context`` is the plain non-overlapping mode, except that the
+last window is shifted back to hold a full ``context`` (it scores only the targets it adds), so all windows
+but a lone short first one have the same length and batch without padding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def _exp(x: float) -> float:
+    """exp that returns inf instead of raising OverflowError (a diverged model has infinite perplexity)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class NLL:
+    """Summed negative log-likelihood (nats) of ``num_tokens`` scored tokens."""
+
+    nll_sum: float
+    num_tokens: int
+
+    @property
+    def mean(self) -> float:
+        """Mean NLL per token (nats)."""
+        return self.nll_sum / self.num_tokens
+
+    @property
+    def perplexity(self) -> float:
+        """Token-level perplexity, ``exp(nll_sum / num_tokens)``."""
+        return _exp(self.mean)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window over ``s = [BOS] + tokens``: inputs ``s[start:end]`` predict targets ``tokens[start:end]``;
+    only targets ``tokens[score_from:end]`` are scored (the rest is history)."""
+
+    start: int
+    score_from: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def plan_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
+    """The windows that score each of ``num_tokens`` targets exactly once (see the module docstring)."""
+    if num_tokens < 1:
+        raise ValueError(f"nothing to score: the token stream is empty (num_tokens={num_tokens})")
+    if context < 1:
+        raise ValueError(f"context={context} must be >= 1")
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    first = min(context, num_tokens)
+    windows = [Window(0, 0, first)]
+    scored = first
+    while scored < num_tokens:
+        end = min(scored + stride, num_tokens)
+        windows.append(Window(end - context, scored, end))
+        scored = end
+    return windows
+
+
+def _window_inputs(tokens: np.ndarray | torch.Tensor, w: Window, bos_id: int) -> torch.Tensor:
+    """Input ids ``s[w.start:w.end]`` (length w.length, int64) where ``s = [BOS] + tokens``."""
+    if w.start == 0:
+        body = torch.as_tensor(np.asarray(tokens[: w.end - 1], dtype=np.int64))
+        return torch.cat([torch.tensor([bos_id], dtype=torch.int64), body])
+    return torch.as_tensor(np.asarray(tokens[w.start - 1: w.end - 1], dtype=np.int64))
+
+
+def _window_targets(tokens: np.ndarray | torch.Tensor, w: Window) -> torch.Tensor:
+    """Scored targets ``tokens[w.score_from:w.end]`` (int64)."""
+    return torch.as_tensor(np.asarray(tokens[w.score_from: w.end], dtype=np.int64))
+
+
+def _select(windows: list[Window], max_windows: int | None) -> list[Window]:
+    """All windows, or ``max_windows`` of them spread evenly over the stream (deterministic)."""
+    if max_windows is None or max_windows >= len(windows):
+        return windows
+    if max_windows < 1:
+        raise ValueError(f"max_windows={max_windows} must be >= 1 (or None for the whole stream)")
+    picks = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
+    return [windows[i] for i in sorted(set(picks.tolist()))]
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive groups of at most ``batch_size`` windows of equal length (only the first may differ)."""
+    out: list[list[Window]] = []
+    for w in windows:
+        if out and len(out[-1]) < batch_size and out[-1][0].length == w.length:
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
+@torch.no_grad()
+def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, context: int, stride: int,
+                 batch_size: int, bos_id: int, device: str | torch.device = "cpu", max_windows: int | None = None,
+                 progress: bool = False) -> NLL:
+    """Sliding-window NLL of a 1-D token stream under a causal LM.
+
+    Args:
+        model: ``model(ids (B, n) long) -> logits (B, n, V)``; put on ``device`` by the caller. Run in eval
+            mode here (dropout off); its previous train/eval mode is restored on return.
+        tokens: (T,) token ids (e.g. a split's ``np.memmap``); read window by window, never copied whole.
+        context: tokens per window, BOS included (may exceed the training context for RPE models).
+        stride: new targets scored per window after the first; ``1 <= stride <= context``.
+        batch_size: windows per forward pass.
+        bos_id: the beginning-of-sequence id the first target is conditioned on.
+        max_windows: score only this many windows, spread evenly over the stream (for bounded validation
+            during training); None scores every target exactly once.
+        progress: show a tqdm bar with tokens scored and running perplexity.
+
+    Returns:
+        :class:`NLL` with the float64-accumulated summed NLL (nats) and the number of targets scored.
+    """
+    if np.ndim(tokens) != 1:
+        raise ValueError(f"tokens must be a 1-D stream of ids, got shape {tuple(np.shape(tokens))}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    windows = _select(plan_windows(len(tokens), context, stride), max_windows)
+    total_targets = sum(w.end - w.score_from for w in windows)
+
+    was_training = model.training
+    model.eval()
+    nll_sum, num_tokens = 0.0, 0
+    bar = tqdm(total=total_targets, unit="tok", desc="scoring", disable=not progress, dynamic_ncols=True)
+    try:
+        for group in _batches(windows, batch_size):
+            ids = torch.stack([_window_inputs(tokens, w, bos_id) for w in group]).to(device)
+            logits = model(ids)
+            if logits.shape[:2] != ids.shape:
+                raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for ids {tuple(ids.shape)}")
+            for row, w in zip(logits, group):
+                targets = _window_targets(tokens, w).to(device)
+                scored = row[w.score_from - w.start:].float()
+                nll = F.cross_entropy(scored, targets, reduction="none")
+                nll_sum += nll.double().sum().item()
+                num_tokens += targets.numel()
+            bar.update(sum(w.end - w.score_from for w in group))
+            bar.set_postfix(ppl=f"{_exp(nll_sum / num_tokens):.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return NLL(nll_sum, num_tokens)
+
+
+@dataclass(frozen=True)
+class SplitPerplexity:
+    """The figures ``tools/eval_ppl.py`` reports for one split at one context (see :func:`split_perplexity`)."""
+
+    split: str
+    context: int
+    stride: int
+    nll_sum: float
+    """Summed NLL in nats over every token of the split."""
+    num_tokens: int
+    num_words: int
+    """Whitespace-delimited words of the original split text."""
+    num_bytes: int
+    """UTF-8 bytes of the original split text."""
+    token_perplexity: float
+    word_perplexity: float
+    """exp(total NLL / words): comparable across tokenizers (the WikiText-103 convention)."""
+    bits_per_byte: float
+    seconds: float
+
+
+def split_perplexity(nll: NLL, split: str, num_words: int, num_bytes: int, context: int, stride: int,
+                     seconds: float = math.nan) -> SplitPerplexity:
+    """Token and word perplexity and bits per byte of a split from its summed NLL and the split's counts."""
+    if num_words < 1 or num_bytes < 1:
+        raise ValueError(f"split {split!r} has {num_words} words and {num_bytes} bytes: nothing to normalise by")
+    return SplitPerplexity(split, context, stride, nll.nll_sum, nll.num_tokens, num_words, num_bytes,
+                           token_perplexity=nll.perplexity, word_perplexity=_exp(nll.nll_sum / num_words),
+                           bits_per_byte=nll.nll_sum / (math.log(2) * num_bytes), seconds=seconds)
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """A split tokenized for evaluation: ``tokens`` (T,) int64 and the original text's counts."""
+
+    name: str
+    tokens: np.ndarray
+    num_words: int
+    """Whitespace-delimited words of the original text (the denominator of word-level perplexity)."""
+    num_bytes: int
+    """UTF-8 bytes of the original text."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def tokenize_split(data_cfg, tokenizer, name: str) -> EvalSplit:
+    """Split ``name`` of ``data_cfg``'s corpus, tokenized with ``tokenizer`` (a model's own).
+
+    Not :func:`lm.data.prepare_corpus`: that derives the tokenizer from the data settings, and a checkpoint
+    must be scored with the tokenizer it was trained with even when those settings (or the tokenizer code, or
+    the cache) have changed since. Valid and test splits are small (~1 MB for WikiText-103), so they are
+    tokenized in memory; the text is read through the same loader as training's, in line-aligned chunks.
+    """
+    from lm.data import resolve_sources
+
+    source = resolve_sources(data_cfg, [name])[name]
+    pieces, words = [], 0
+    for chunk in source.chunks():
+        pieces.append(tokenizer.encode_array(chunk))
+        words += len(chunk.split())
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return EvalSplit(name, tokens.astype(np.int64, copy=False), words, source.num_bytes)

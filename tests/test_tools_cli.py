@@ -1,0 +1,202 @@
+"""tools/eval_ppl.py and tools/generate.py end to end on a tiny checkpoint trained here, and their errors."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm.checkpoint import load_for_inference
+from lm.data import prepare_corpus
+from lm.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_ppl, generate = load_tool("eval_ppl"), load_tool("generate")
+
+
+def train_tiny(tmp: Path, *overrides: str) -> Path:
+    run = tmp / "run"
+    assert train_main([str(ROOT / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={tmp / 'cache'}",
+                       "max_steps=6", "save_every=6", "eval_every=6", "eval_batches=0", "log_every=3",
+                       "data.progress=false", "data.synthetic.train_tokens=30000", *overrides]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def logged_valid_ppl(run: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return events.Scalars("valid/ppl")[-1].value
+
+
+# ----------------------------------------------------------------------------------------------- eval_ppl
+def test_eval_ppl_matches_training_validation_and_counts_the_split(run_dir, tmp_path, capsys):
+    out = tmp_path / "valid.json"
+    assert eval_ppl.main([str(run_dir), "--json", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert report["step"] == 6 and row["context"] == row["stride"] == 128  # the training context by default
+    # the same weights and windows as training's full validation: the same perplexity
+    assert row["token_perplexity"] == pytest.approx(logged_valid_ppl(run_dir), rel=1e-5)
+    cfg = load_for_inference(run_dir).cfg
+    split = prepare_corpus(cfg.data, splits=("valid",)).split("valid")
+    assert row["num_tokens"] == split.num_tokens and row["num_words"] == split.num_words
+    assert row["word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / split.num_words))
+    assert row["bits_per_byte"] == pytest.approx(row["nll_sum"] / math.log(2) / split.num_bytes)
+    assert f"{row['token_perplexity']:.3f}" in table
+
+
+def test_eval_ppl_context_curve_writes_json_and_plot(run_dir, tmp_path):
+    out = tmp_path / "curve.json"
+    assert eval_ppl.main([str(run_dir), "--split", "test", "--contexts", "64,128,300", "--stride", "32",
+                          "--batch-size", "3", "--json", str(out), "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["context"] for r in rows] == [64, 128, 300]  # 300 > the training context: RPE offsets clamp
+    assert all(r["split"] == "test" and r["stride"] == 32 and math.isfinite(r["token_perplexity"]) for r in rows)
+    assert len({r["num_tokens"] for r in rows}) == 1
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_eval_ppl_default_json_goes_into_the_run_directory(run_dir):
+    assert eval_ppl.main([str(run_dir / "checkpoints" / "step_00000006"), "--context", "32", "--no-progress"]) == 0
+    report = json.loads((run_dir / "eval" / "step_00000006_valid.json").read_text())
+    assert report["results"][0]["context"] == 32
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stride", "200"], "--stride=200"),
+    (["--contexts", "64,abc"], "comma-separated"),
+    (["--context", "0"], ">= 1"),
+    (["model.nlayers=3"], "model.nlayers"),
+])
+def test_eval_ppl_bad_requests_are_clear_errors(run_dir, extra, message, capsys):
+    assert eval_ppl.main([str(run_dir), "--no-progress", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_ppl_scores_with_the_checkpoints_tokenizer_whatever_the_data_settings_say(run_dir, tmp_path):
+    """Settings that would now train another tokenizer (e.g. changed since training) do not change the result."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert eval_ppl.main([str(run_dir), "--context", "40", "--json", str(a), "--no-progress"]) == 0
+    assert eval_ppl.main([str(run_dir), "--context", "40", "--json", str(b), "--no-progress",
+                          "data.tokenizer.vocab_size=300"]) == 0
+    (ra,), (rb,) = json.loads(a.read_text())["results"], json.loads(b.read_text())["results"]
+    ra.pop("seconds"), rb.pop("seconds")
+    assert ra == rb
+
+
+def test_eval_ppl_missing_checkpoint_and_missing_split(run_dir, tmp_path, capsys):
+    assert eval_ppl.main([str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert eval_ppl.main([str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    local = tmp_path / "local"
+    local.mkdir()
+    for split in ("train", "valid"):  # no test file
+        (local / f"wiki.{split}.tokens").write_text(" = A = \n some text here \n")
+    assert eval_ppl.main([str(run_dir), "--split", "test", "data.source=local", f"data.path={local}"]) == 2
+    assert "no test split" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- generate
+def test_generate_greedy_is_deterministic_and_stops_at_the_budget(run_dir, capsys):
+    args = [str(run_dir), "--prompt", "The ", "--temperature", "0", "--max-new-tokens", "12"]
+    assert generate.main(args) == 0
+    first = capsys.readouterr()
+    assert generate.main(args + ["--stream"]) == 0
+    second = capsys.readouterr()
+    assert first.out == second.out and len(first.out) > 1  # streamed text equals the text printed at the end
+    assert "tokens/s" in first.err and "12 new tokens (token budget)" in first.err
+
+
+def test_generate_seeds_samples_and_empty_prompt(run_dir, capsys):
+    def sample(seed, n=1):
+        assert generate.main([str(run_dir), "--prompt", "", "--seed", str(seed), "--num-samples", str(n),
+                              "--max-new-tokens", "40", "--top-k", "50", "--top-p", "0.95"]) == 0
+        return capsys.readouterr().out
+
+    two = sample(5, n=2)
+    assert "sample 1 (seed 5)" in two and "sample 2 (seed 6)" in two
+    assert sample(5) == sample(5) != sample(6)
+    assert sample(6).rstrip("\n") in two  # sample i of seed S is sample 0 of seed S + i
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-k", "-2"], "top_k"),
+    (["--max-new-tokens", "-1"], "max-new-tokens"),
+    (["--num-samples", "0"], "num-samples"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "prompt-file"),
+])
+def test_generate_invalid_parameters_are_clear_errors(run_dir, extra, message, capsys):
+    assert generate.main([str(run_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), str(run_dir), "--temperature", "0",
+                           "--max-new-tokens", "8", "--stream"], input="The key", capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    prompt_tokens = len(load_for_inference(run_dir).tokenizer.encode("The key"))
+    assert f"prompt {prompt_tokens} tokens" in done.stderr and "8 new tokens" in done.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), str(run_dir / "nope")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# ----------------------------------------------------------------------------------------------- real text
+@pytest.mark.slow
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the WikiText-103 sample is not next to the repository")
+def test_word_and_token_counts_on_the_wikitext_sample(tmp_path):
+    run = train_tiny(tmp_path, "data.source=local", f"data.path={SAMPLE}", "data.tokenizer.vocab_size=400",
+                     "data.tokenizer.train_max_bytes=300000", "model.n_layers=1", "model.d_model=32",
+                     "model.n_heads=2", "model.d_ff=64", "max_steps=2", "save_every=2", "eval_every=0")
+    out = tmp_path / "test.json"
+    assert eval_ppl.main([str(run), "--split", "test", "--context", "512", "--batch-size", "16", "--json", str(out),
+                          "--no-progress"]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    text = (SAMPLE / "wiki.test.tokens").read_text(encoding="utf-8")
+    assert row["num_words"] == len(text.split()) == 241_211  # the README's count
+    assert row["num_bytes"] == len(text.encode())
+    tokenizer = load_for_inference(run).tokenizer
+    assert row["num_tokens"] == len(tokenizer.encode(text))  # every token of the split scored once
+
+
+# ----------------------------------------------------------------------------------------------- bench_generate
+@pytest.mark.slow  # six fresh processes
+def test_bench_generate_reports_constant_clipped_state_and_growing_caches(tmp_path, capsys):
+    bench = load_tool("bench_generate")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--contexts", "600,1500", "--rounds", "2", "--block", "2", "--softmax-max-prefill", "64",
+                       "--json", str(out)]) == 0
+    rows = {(r["model"], r["context"]): r for r in json.loads(out.read_text())["results"]}
+    # contexts beyond the 512 clipped offsets: the ring is full, the state stops growing
+    assert rows["clipped", 600]["cache_bytes"] == rows["clipped", 1500]["cache_bytes"]
+    assert rows["general", 1500]["cache_bytes"] > rows["general", 600]["cache_bytes"]
+    assert rows["softmax", 1500]["cache_bytes"] > rows["softmax", 600]["cache_bytes"]
+    assert rows["softmax", 1500]["prefilled_tokens"] == 64  # the rest of the KV cache is repeated entries
+    assert all(r["tokens_per_second"] > 0 and r["rss_bytes"] > 0 for r in rows.values())
+    assert "clipped" in capsys.readouterr().out
