@@ -181,7 +181,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        if self.path is not None and self.source == "hf":
+        if self.path is not None:
             self.source = "local"
         _choice("data.source", self.source, ["hf", "local", "synthetic"])
         if self.source == "local" and not self.path:

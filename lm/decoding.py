@@ -182,10 +182,11 @@ def _check_model(model: Transformer) -> None:
 
 
 @torch.no_grad()
-def prefill(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeCache]:
+def prefill(model: Transformer, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, DecodeCache]:
     """Full parallel forward over ``ids`` ``(B, N)`` (``N`` may be 0) -> ``(logits (B, N, V) float32, cache)``.
 
-    The logits equal ``model(ids)``; the cache continues from position ``N``.
+    The logits equal ``model(ids)``; the cache continues from position ``N``. ``last_only`` returns only the
+    last position's logits ``(B, min(N, 1), V)`` (a 64k-token prompt's full logits would take GBs).
     """
     _check_model(model)
     if ids.ndim != 2:
@@ -196,7 +197,7 @@ def prefill(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, Decode
     x = model.embed(ids, 0)
     for block, layer in zip(model.blocks, layers):
         x = block(x, cached_attention=layer.prefill)
-    return model.head(x), DecodeCache(layers, ids.shape[1], ids.shape[0])
+    return model.head(x[:, -1:] if last_only else x), DecodeCache(layers, ids.shape[1], ids.shape[0])
 
 
 @torch.no_grad()

@@ -119,7 +119,7 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     if max_new_tokens == 0:
         return
     t0 = clock()
-    logits, cache = prefill(model, ids)
+    logits, cache = prefill(model, ids, last_only=True)
     next_id = sample_next(logits[:, -1], sampling, generator)
     stats.prefill_seconds = clock() - t0
     while True:

@@ -43,6 +43,9 @@ def test_prefill_then_decode_equals_full_forward(form, prompt_len):
     assert logits.shape == (3, prompt_len, 50) and cache.position == prompt_len
     if prompt_len:
         _assert_close(logits, full[:, :prompt_len])
+        last, _ = prefill(m, ids[:, :prompt_len], last_only=True)
+        assert last.shape == (3, 1, 50)
+        _assert_close(last[:, 0], full[:, prompt_len - 1])
     for t in range(prompt_len, TOTAL):
         step = decode_step(m, cache, ids[:, t])
         assert step.shape == (3, 50) and step.dtype == torch.float32
