@@ -1,0 +1,100 @@
+"""Values of lm.ops.kernelized_attention against the dense float64 reference: every method, odd sizes,
+bias shapes (H, L) / (L,), L < N, L == N, L > N, no RPE, and no leakage from the future."""
+import pytest
+import torch
+
+from lm.ops import kernelized_attention
+from lm.ops.kernelized import choose_method
+from lm.ops.reference import kernelized_attention_reference, kernelized_attention_reference_rows
+
+
+def inputs(B, H, N, M, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, H, N, M, generator=g, dtype=dtype)
+    k = torch.rand(B, H, N, M, generator=g, dtype=dtype)
+    v = torch.randn(B, H, N, D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def bias_of(shape, dtype=torch.float64, scale=1.0, seed=1):
+    if shape is None:
+        return None
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def worst_relative(out, ref):
+    """Worst per-position relative error |out_i - ref_i| / |ref_i| (norms over D)."""
+    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+SIZES = [(1, 1), (2, 3), (7, 3), (7, 7), (63, 10), (63, 63), (63, 100), (500, 17), (500, 500), (500, 700)]
+
+
+@pytest.mark.parametrize("method", ["fft", "band", "dense", "auto"])
+@pytest.mark.parametrize("N, L", SIZES)
+def test_values_match_reference_float64(method, N, L):
+    q, k, v = inputs(2, 3, N, 5, 3)
+    bias = bias_of((3, L))
+    out = kernelized_attention(q, k, v, bias, method=method)
+    assert out.shape == v.shape and out.dtype == torch.float64
+    assert worst_relative(out, kernelized_attention_reference(q, k, v, bias)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["fft", "band", "dense", "prefix", "auto"])
+@pytest.mark.parametrize("N", [1, 2, 7, 63, 500])
+def test_values_without_rpe(method, N):
+    q, k, v = inputs(2, 2, N, 7, 9)
+    out = kernelized_attention(q, k, v, None, method=method)
+    assert worst_relative(out, kernelized_attention_reference(q, k, v)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["fft", "band", "dense"])
+@pytest.mark.parametrize("L", [1, 40, 300])
+def test_shared_bias_of_shape_L(method, L):
+    q, k, v = inputs(1, 4, 150, 3, 5)
+    bias = bias_of((L,))
+    out = kernelized_attention(q, k, v, bias, method=method)
+    expected = kernelized_attention(q, k, v, bias.expand(4, L), method="dense")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert worst_relative(out, kernelized_attention_reference(q, k, v, bias)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["fft", "band", "prefix", "auto"])
+def test_float32_values_long_sequence(method):
+    N, L = 3000, (None if method == "prefix" else 257)
+    q, k, v = inputs(1, 2, N, 16, 8, dtype=torch.float32)
+    bias = bias_of(None if L is None else (2, L), dtype=torch.float32, scale=0.5)
+    out = kernelized_attention(q, k, v, bias, method=method)
+    assert out.dtype == torch.float32
+    rows = torch.cat([torch.arange(20), torch.randint(20, N, (60,), generator=torch.Generator().manual_seed(3))])
+    ref = kernelized_attention_reference_rows(q, k, v, bias, rows)
+    assert worst_relative(out[:, :, rows], ref) < 1e-4
+
+
+def test_float32_fft_with_l_equal_n_matches_reference():
+    q, k, v = inputs(2, 2, 1100, 6, 5, dtype=torch.float32)
+    bias = bias_of((2, 1100), dtype=torch.float32, scale=0.3)
+    out = kernelized_attention(q, k, v, bias, method="fft")
+    assert worst_relative(out, kernelized_attention_reference(q, k, v, bias)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["fft", "band", "dense", "prefix"])
+def test_no_leakage_from_the_future(method):
+    N, t = 700, 400
+    q, k, v = inputs(1, 2, N, 8, 4, dtype=torch.float32)
+    bias = None if method == "prefix" else bias_of((2, 600), dtype=torch.float32)
+    out = kernelized_attention(q, k, v, bias, method=method)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, t:] = 100 * torch.rand_like(k2[:, :, t:])
+    v2[:, :, t:] = 1e3 * torch.randn_like(v2[:, :, t:])
+    out2 = kernelized_attention(q, k2, v2, bias, method=method)
+    assert worst_relative(out2[:, :, :t], out[:, :, :t].double()) < 1e-4
+    assert not torch.allclose(out2[:, :, t:], out[:, :, t:])
+
+
+@pytest.mark.parametrize("n, num_offsets, expected", [
+    (100, None, "dense"), (8192, None, "prefix"), (100, 100, "dense"), (512, 512, "dense"), (512, 64, "band"),
+    (8192, 257, "band"), (16384, 1024, "band"), (8192, 8192, "fft"), (1024, 1024, "fft"), (65536, 4096, "fft"),
+])
+def test_auto_choice(n, num_offsets, expected):
+    assert choose_method(n, num_offsets) == expected

@@ -1,0 +1,262 @@
+"""Benchmark causal kernelized attention (forward + backward): time and peak memory against SDPA.
+
+    python tools/bench_attention.py                        # N = 1k..64k, every case, CPU, 2 threads
+    python tools/bench_attention.py --n 4096 16384 --cases fft band sdpa --threads 2
+    python tools/bench_attention.py --device cuda
+
+Cases: ``fft`` / ``band`` (clipped RPE, L = --band-l) / ``prefix`` (no RPE) / ``dense`` = lm.ops.kernelized_attention
+with that method forced; ``sdpa`` = torch scaled_dot_product_attention(is_causal=True) on q, k, v of shape
+(B, H, N, D); ``reference`` = the dense float64 reference; ``materialised`` = the FFT as the paper describes it
+(phi_k (x) v materialised for the whole sequence and transformed at once, plain autograd).
+
+Every case runs in a fresh subprocess, so peak memory is clean: on CPU the peak resident set (VmHWM, reset via
+/proc/self/clear_refs) minus the resident set once the inputs exist; on CUDA max_memory_allocated minus the
+memory allocated by the inputs. Time is the best of --repeats forward + backward runs after one warm-up (the
+warm-up is skipped when a single run takes longer than 20 s). Prints a table with the ratio to SDPA at the
+same N, and writes results.json and plot.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = ("fft", "band", "prefix", "dense", "sdpa", "reference", "materialised")
+BIASES = {
+    "init": "zero-mean, 0.02 * randn per offset (as at initialisation; spans ~0.2 nats)",
+    "wide": "uniform in [-7.5, 7.5] per offset (spans 15 nats: float64 FFT)",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                   help="sequence lengths")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="what to run")
+    p.add_argument("--bias", default="init", choices=sorted(BIASES), help="RPE bias for fft/band/dense/materialised")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64, help="D")
+    p.add_argument("--features", type=int, default=16, help="M")
+    p.add_argument("--band-l", type=int, default=257, help="L of the clipped RPE for the band case")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dense-max-n", type=int, default=8192, help="largest N for the dense method")
+    p.add_argument("--reference-max-n", type=int, default=2048, help="largest N for the float64 reference")
+    p.add_argument("--max-memory-gb", type=float, default=8.0,
+                   help="skip cases whose estimated memory exceeds this (materialised FFT, dense, reference)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before it is abandoned")
+    p.add_argument("--out", type=Path, default=Path("bench_results/attention"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- one case
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _materialised_fft(phi_q, phi_k, v, bias):
+    """The paper's FFT: phi_k (x) [v, 1] for the whole sequence, one rfft/irfft, plain autograd."""
+    import torch
+    from lm.ops.toeplitz import fft_size
+    n = v.shape[2]
+    nfft = fft_size(2 * n - 1)
+    offsets = torch.arange(n, device=v.device).clamp(max=bias.shape[-1] - 1)
+    c = torch.exp(bias - bias.amax(-1, keepdim=True))[:, offsets]  # (H, N)
+    u = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    x = phi_k.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, N, M, D+1)
+    spec = torch.fft.rfft(x, n=nfft, dim=2) * torch.fft.rfft(c, n=nfft)[None, :, :, None, None]
+    s = torch.fft.irfft(spec, n=nfft, dim=2)[:, :, :n]
+    y = torch.einsum("bhnm,bhnme->bhne", phi_q, s)
+    return y[..., :-1] / y[..., -1:]
+
+
+def run_case(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from lm.ops import kernelized_attention
+    from lm.ops.kernelized import fft_precision
+    from lm.ops.reference import kernelized_attention_reference
+
+    torch.set_num_threads(spec["threads"])
+    dev = torch.device(spec["device"])
+    B, H, N, D, M, case = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"], spec["case"]
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float64 if case == "reference" else torch.float32
+    L = spec["band_l"] if case == "band" else N
+    if spec["bias"] == "init":
+        bias = 0.02 * torch.randn(H, L, generator=g)
+    else:
+        bias = (torch.rand(H, L, generator=g) - 0.5) * 15.0
+    bias = bias.to(dev, dtype).requires_grad_()
+    if case == "sdpa":
+        ins = [torch.randn(B, H, N, D, generator=g).to(dev).requires_grad_() for _ in range(3)]
+
+        def fn():
+            return F.scaled_dot_product_attention(*ins, is_causal=True)
+    else:
+        ins = [torch.rand(B, H, N, M, generator=g).to(dev, dtype).requires_grad_(),
+               torch.rand(B, H, N, M, generator=g).to(dev, dtype).requires_grad_(),
+               torch.randn(B, H, N, D, generator=g).to(dev, dtype).requires_grad_()]
+        if case == "reference":
+            def fn():
+                return kernelized_attention_reference(*ins, bias)
+        elif case == "materialised":
+            def fn():
+                return _materialised_fft(*ins, bias)
+        else:
+            rpe = None if case == "prefix" else bias
+
+            def fn():
+                return kernelized_attention(*ins, rpe, method=case)
+    grad = torch.randn(B, H, N, D, generator=g).to(dev, dtype)
+    precision = None
+    if case in ("fft", "materialised"):
+        with torch.no_grad():
+            precision = str(fft_precision(bias[:, :N] - bias[:, :N].amax(-1, keepdim=True), dtype)).split(".")[-1]
+        if case == "materialised":
+            precision = str(dtype).split(".")[-1]
+
+    def once() -> float:
+        for x in ins + [bias]:
+            x.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn().backward(grad)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_kib("VmRSS") * 1024
+        _reset_peak_rss()
+    first = once()
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_kib("VmHWM") * 1024) - base
+    times = [first]
+    if first < 20.0:
+        times = [once() for _ in range(spec["repeats"])]
+    return {"time_s": min(times), "peak_mem_bytes": max(peak, 0), "fft_precision": precision}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def skip_reason(case: str, n: int, a: argparse.Namespace) -> str | None:
+    BH, E = a.batch * a.heads, a.head_dim + 1
+    gb = 2.0 ** 30
+    if case == "dense" and n > a.dense_max_n:
+        return f"N > --dense-max-n={a.dense_max_n}"
+    if case == "dense" and 6 * BH * n * n * 4 > a.max_memory_gb * gb:
+        return "(N, N) scores do not fit --max-memory-gb"
+    if case == "reference" and n > a.reference_max_n:
+        return f"N > --reference-max-n={a.reference_max_n}"
+    if case == "materialised":
+        est = BH * n * a.features * E * 4 * 16  # x, its 2N-point spectrum, products, saved (16x measured)
+        if est > a.max_memory_gb * gb:
+            return f"needs ~{est / gb:.0f} GiB (> --max-memory-gb={a.max_memory_gb:g})"
+    return None
+
+
+def run_in_subprocess(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"took longer than --timeout={timeout:g} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"skipped": f"failed ({'out of memory' if proc.returncode in (-9, 137) else tail})"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        print(json.dumps(run_case(json.loads(a.worker))))
+        return 0
+    if a.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
+    a.out.mkdir(parents=True, exist_ok=True)
+    print(f"B={a.batch} H={a.heads} D={a.head_dim} M={a.features} band L={a.band_l} device={a.device} "
+          f"threads={a.threads}; bias '{a.bias}': {BIASES[a.bias]}; forward + backward, best of {a.repeats}")
+    rows = []
+    header = f"{'N':>6} {'case':<13} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  fft"
+    print(header)
+    print("-" * len(header))
+    for n in a.n:
+        sdpa_time = None
+        for case in sorted(a.cases, key=lambda c: c != "sdpa"):  # SDPA first: the others are ratios to it
+            spec = dict(case=case, n=n, device=a.device, threads=a.threads, batch=a.batch, heads=a.heads,
+                        head_dim=a.head_dim, features=a.features, band_l=a.band_l, repeats=a.repeats, bias=a.bias)
+            reason = skip_reason(case, n, a)
+            res = {"skipped": reason} if reason else run_in_subprocess(spec, a.timeout)
+            row = dict(spec, **res)
+            if case == "sdpa" and "time_s" in res:
+                sdpa_time = res["time_s"]
+            if "time_s" in res and sdpa_time:
+                row["ratio_to_sdpa"] = res["time_s"] / sdpa_time
+            rows.append(row)
+            if "skipped" in res:
+                print(f"{n:>6} {case:<13} skipped: {res['skipped']}")
+            else:
+                ratio = f"{row['ratio_to_sdpa']:.3f}" if "ratio_to_sdpa" in row else "-"
+                print(f"{n:>6} {case:<13} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
+                      f"  {res['fft_precision'] or ''}", flush=True)
+    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                     "bias": BIASES[a.bias], "rows": rows}, indent=1))
+    plot(rows, a.out / "plot.png", f"{a.device}, {a.threads} threads, B={a.batch} H={a.heads} D={a.head_dim} "
+                                    f"M={a.features}, bias {a.bias}")
+    print(f"wrote {a.out / 'results.json'} and {a.out / 'plot.png'}")
+    return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for case in CASES:
+        pts = [r for r in rows if r["case"] == case and "time_s" in r]
+        if not pts:
+            continue
+        ns = [r["n"] for r in pts]
+        ax_t.plot(ns, [r["time_s"] for r in pts], "o-", label=case)
+        ax_m.plot(ns, [max(r["peak_mem_bytes"], 1) / 2**20 for r in pts], "o-", label=case)
+    for ax, label in ((ax_t, "forward + backward time (s)"), (ax_m, "peak memory above inputs (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
