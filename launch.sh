@@ -10,7 +10,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+# Use the current Python environment if it has lm's dependencies (e.g. a cluster's CUDA env); otherwise the
+# project's .venv, created on first use by tools/setup.sh. This checkout's lm/ is always the one imported.
+if ! python -c "import deepspeed, sentencepiece, omegaconf, datasets" >/dev/null 2>&1; then
+  bash tools/setup.sh
+  . .venv/bin/activate
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 CONFIG=configs/wikitext103.yaml
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then CONFIG=$1; shift; fi

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Creates .venv and installs lm with its dependencies. On a machine without a GPU torch and deepspeed are
-# pinned to CPU builds (constraints-cpu.txt); with nvidia-smi present the installed/CUDA torch is kept.
+# Creates .venv and installs lm with its dependencies (idempotent: a no-op once done, until pyproject.toml or
+# constraints-cpu.txt change). Without a GPU (no nvidia-smi) torch and deepspeed are pinned to CPU builds by
+# constraints-cpu.txt; with a GPU, pip keeps/installs the CUDA torch. PYTHON=python3.x picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-if command -v nvidia-smi >/dev/null 2>&1; then
-  python -m pip install -q -e ".[dev]"
-else
-  python -m pip install -q -c constraints-cpu.txt -e ".[dev]"
-fi
-python -c "import torch, deepspeed, sentencepiece, datasets, omegaconf; print('lm set-up done: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
+if command -v nvidia-smi >/dev/null 2>&1; then CONSTRAINTS=(); else CONSTRAINTS=(-c constraints-cpu.txt); fi
+STAMP=.venv/.lm-installed
+WANT="$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16) ${CONSTRAINTS[*]:-gpu}"
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then exit 0; fi
+echo "lm set-up: installing into .venv (torch, deepspeed, ...; about a minute)" >&2
+python -m pip install -q --disable-pip-version-check --upgrade pip
+python -m pip install -q --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev]"
+python -c "import torch, deepspeed, sentencepiece, datasets, omegaconf, tensorboard; \
+print('lm set-up done: torch', torch.__version__, '| deepspeed', deepspeed.__version__)" 2>&1 | grep -v WARNING >&2
+echo "$WANT" > "$STAMP"
