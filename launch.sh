@@ -25,16 +25,15 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
 
 GPUS=0
 if command -v nvidia-smi >/dev/null 2>&1; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+if [ "$GPUS" -gt 0 ]; then N=${NGPU:-$GPUS}; else N=${NGPU:-1}; fi
+if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then echo "launch.sh: NGPU must be a positive integer, got '$N'" >&2; exit 2; fi
 if [ "$GPUS" -gt 0 ]; then
-  N=${NGPU:-$GPUS}
   if [ "$N" -gt "$GPUS" ]; then echo "launch.sh: NGPU=$N but only $GPUS GPU(s) visible" >&2; exit 2; fi
 else
-  N=${NGPU:-1}
   export DS_ACCELERATOR=cpu
   # one thread pool per rank sharing the cores, unless the user chose
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}"
 fi
-if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then echo "launch.sh: NGPU must be a positive integer, got '$N'" >&2; exit 2; fi
 
 CMD=(deepspeed --no_local_rank)
 if [ -n "${HOSTFILE:-}" ]; then

@@ -8,8 +8,7 @@ Every token of the split is scored exactly once, each with at least ``context - 
 (stride defaults to the context: non-overlapping windows). The context defaults to the training context
 (``data.seq_len``), where the token perplexity equals the validation perplexity training logged; longer contexts
 work (RPE offsets beyond the table clamp). ``key=value`` overrides apply to the stored config, e.g.
-``data.path=DIR`` to read the split from local files (with ``data.source=local`` if the model was trained on
-``synthetic``). The split is always tokenized with the checkpoint's own tokenizer, never one re-derived from the
+``data.path=DIR`` to read the split from local files. The split is always tokenized with the checkpoint's own tokenizer, never one re-derived from the
 data settings, so it cannot be scored with token ids the model was not trained on.
 
 Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>.json) and, for several contexts, a PNG of
