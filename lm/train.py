@@ -18,8 +18,10 @@ import torch
 
 from lm import checkpoint
 from lm.config import ConfigError, TrainConfig, as_dict, load_config, to_yaml
+from lm.data import DataError, global_batch, prepare_corpus, shard
 from lm.engine import DistInfo, Engine, barrier, build_engine, init_distributed
 from lm.schedule import lr_at
+from lm.tokenizer import TokenizerError
 
 
 class TrainingStopped(RuntimeError):
@@ -138,7 +140,6 @@ def _diff(a: dict, b: dict, prefix: str) -> list[str]:
 
 def train(cfg: TrainConfig) -> int:
     """Train according to ``cfg``; returns the number of the last step trained."""
-    from lm.data import global_batch, prepare_corpus, shard
     from lm.model import Transformer
 
     info = init_distributed(cfg)
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files, overrides = parse_argv(argv)
         train(load_config(files, overrides))
-    except (ConfigError, TrainingStopped, checkpoint.CheckpointError) as e:
+    except (ConfigError, DataError, TokenizerError, TrainingStopped, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
