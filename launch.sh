@@ -7,12 +7,19 @@
 #                   are passed on when set.
 #   DRY_RUN=1       print the launcher command instead of running it.
 #   TORCH_EXTENSIONS_DIR  where DeepSpeed compiles its C++ ops (default: .torch_extensions in the project).
+#   LM_SKIP_SETUP=1 never install anything: use the current Python environment as it is, or stop with an error
+#                   (the test suite sets it, so tests never run tools/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 # Use the current Python environment if it has lm's dependencies (e.g. a cluster's CUDA env); otherwise the
 # project's .venv, created on first use by tools/setup.sh. This checkout's lm/ is always the one imported.
 if ! python -c "import deepspeed, sentencepiece, omegaconf, datasets" >/dev/null 2>&1; then
+  if [ -n "${LM_SKIP_SETUP:-}" ]; then
+    echo "launch.sh: $(command -v python || echo python) lacks lm's dependencies and LM_SKIP_SETUP is set, so nothing" \
+         "is installed; activate the environment that has them (e.g. . .venv/bin/activate) or unset LM_SKIP_SETUP" >&2
+    exit 2
+  fi
   bash tools/setup.sh
   . .venv/bin/activate
 fi

@@ -1,7 +1,12 @@
-"""launch.sh: the generated DeepSpeed command, and a real 2-rank DeepSpeed run on CPU (slow)."""
+"""launch.sh: the generated DeepSpeed command, and a real 2-rank DeepSpeed run on CPU (slow).
+
+Every launch here runs with ``LM_SKIP_SETUP=1`` and this interpreter's directory first on PATH, so launch.sh
+never runs tools/setup.sh: the tests install nothing (checked by the last test of this file)."""
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +19,31 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")
 
 
-def dry_run(*argv, path_prepend=None, **env):
+def launch_env(path_prepend=None, **env) -> dict:
+    """The environment of a launch.sh call: no set-up step, this interpreter's ``python`` first on PATH."""
     e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "HOSTFILE", "MASTER_ADDR", "MASTER_PORT")}
-    e.update(DRY_RUN="1", **env)
-    if path_prepend:
-        e["PATH"] = f"{path_prepend}:{e['PATH']}"
-    return subprocess.run(["bash", LAUNCH, *argv], env=e, capture_output=True, text=True)
+    e.update(LM_SKIP_SETUP="1", **env)
+    e["PATH"] = os.pathsep.join([*([str(path_prepend)] if path_prepend else []), str(Path(sys.executable).parent),
+                                 e.get("PATH", "")])
+    return e
+
+
+def environment_snapshot() -> tuple[str, str]:
+    """(the venv's install stamp written by tools/setup.sh, ``pip freeze``) of the interpreter running the tests."""
+    stamp = Path(sys.prefix) / ".lm-installed"
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+                            capture_output=True, text=True, check=True).stdout
+    return (stamp.read_text() if stamp.is_file() else "<no stamp>"), freeze
+
+
+@pytest.fixture(scope="module", autouse=True)
+def environment_before():
+    return environment_snapshot()
+
+
+def dry_run(*argv, path_prepend=None, **env):
+    return subprocess.run(["bash", LAUNCH, *argv], env=launch_env(path_prepend, DRY_RUN="1", **env),
+                          capture_output=True, text=True)
 
 
 def fake_nvidia_smi(tmp_path, gpus):
@@ -80,8 +104,8 @@ def test_two_rank_deepspeed_run_then_resume_matches_one_process(tmp_path):
               "data.synthetic.train_tokens=60000", "max_steps=6", "eval_every=3", "eval_batches=1", "log_every=1",
               "deepspeed.zero_stage=1", "deepspeed.torch_adam=true"]
     ds_run = tmp_path / "ds"
-    env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))}
+    env = launch_env(NGPU="2", OMP_NUM_THREADS="1",
+                     TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
     for extra in (["stop_at=3"], []):
         r = subprocess.run(["bash", LAUNCH, *common, f"run_dir={ds_run}", *extra], env=env, capture_output=True,
                            text=True, timeout=900)
@@ -98,3 +122,32 @@ def test_two_rank_deepspeed_run_then_resume_matches_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"DeepSpeed 2 ranks != plain in {k}")
+
+
+def test_skip_setup_never_runs_the_installer(tmp_path):
+    """A copy of launch.sh beside a stand-in tools/setup.sh that only leaves a mark, and a ``python`` without lm's
+    dependencies: with LM_SKIP_SETUP the launch stops with a one-line error and the installer never runs;
+    without it, the installer is what runs."""
+    root = tmp_path / "checkout"
+    (root / "tools").mkdir(parents=True)
+    shutil.copy(LAUNCH, root / "launch.sh")
+    mark = tmp_path / "setup-ran"
+    (root / "tools" / "setup.sh").write_text(f"touch {mark}\nexit 3\n")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").write_text("#!/usr/bin/env bash\nexit 1\n")  # no deepspeed, no anything
+    (bare / "python").chmod(0o755)
+    env = {"PATH": f"{bare}:/usr/bin:/bin", "DRY_RUN": "1", "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", str(root / "launch.sh")], env={**env, "LM_SKIP_SETUP": "1"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "LM_SKIP_SETUP" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not mark.exists()
+    r = subprocess.run(["bash", str(root / "launch.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 3 and mark.exists()
+
+
+def test_zz_launch_tests_left_the_environment_unchanged(environment_before):
+    """Runs last in this file: the venv's install stamp and ``pip freeze`` are what they were before its tests."""
+    stamp, freeze = environment_snapshot()
+    assert stamp == environment_before[0], "a launch test re-ran tools/setup.sh (the install stamp changed)"
+    assert freeze == environment_before[1], "a launch test changed the installed packages"
