@@ -26,6 +26,7 @@ from torch import nn
 
 from lm.config import TrainConfig, as_dict, config_from_dict, to_yaml
 from lm.engine import Engine, barrier, check_ranks_agree
+from lm.fileio import atomic_write_text, fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -67,20 +68,6 @@ def read_meta(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / META).read_text())
 
 
-def _write_text_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainConfig, tokenizer,
                     counters: dict, keep: int) -> Path:
     """Write the checkpoint of ``step`` atomically and keep only the newest ``keep``. Collective (all ranks).
@@ -105,10 +92,10 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
         torch.save(weights, tmp / WEIGHTS)
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.yaml").write_text(to_yaml(cfg))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
                 "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg)}
-        _write_text_synced(tmp / META, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -117,6 +104,7 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        fsync_dir(root)
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)
     barrier()

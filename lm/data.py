@@ -16,7 +16,6 @@ sidecar last, so an interrupted preparation never leaves a cache that looks comp
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -41,8 +40,8 @@ from tqdm.auto import tqdm
 
 from lm import synthetic
 from lm.config import DataConfig
-from lm.tokenizer import (MODEL_FILE, Tokenizer, TokenizerError, atomic_write_bytes, encode_chunk,
-                          encode_chunk_with, init_worker)
+from lm.fileio import atomic_write_bytes, exclusive_lock, fsync_dir
+from lm.tokenizer import MODEL_FILE, Tokenizer, TokenizerError, encode_chunk, encode_chunk_with, init_worker
 
 log = logging.getLogger(__name__)
 
@@ -251,31 +250,6 @@ def resolve_sources(cfg: DataConfig, splits: Sequence[str]) -> dict[str, SplitSo
     return {s: _hub_source(dataset_dict, cfg, s) for s in names}
 
 
-# ====================================================================== locking and atomic files
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive fcntl lock on ``path`` (released by the kernel if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for %s (another process is preparing the same data)", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ====================================================================== tokenizer
 def _num_proc(cfg: DataConfig) -> int:
     return cfg.num_proc or os.cpu_count() or 1
@@ -323,7 +297,7 @@ def _prepare_tokenizer(cfg: DataConfig, train: SplitSource, run_dir: Path | None
     key = _tokenizer_key(cfg, train)
     final = cache / "tokenizers" / key
     built = False
-    with _locked(cache / "locks" / f"tokenizer-{key}.lock"):
+    with exclusive_lock(cache / "locks" / f"tokenizer-{key}.lock"):
         tok = _try_load(final, key)
         if tok is None and run_dir is not None:
             tok = _try_load(run_dir / "tokenizer", key)  # e.g. resuming a run on a machine with a fresh cache
@@ -347,7 +321,7 @@ def _prepare_tokenizer(cfg: DataConfig, train: SplitSource, run_dir: Path | None
             tok.save(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
     return tok, built
 
 
@@ -474,7 +448,7 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
             "source_fingerprint": src.fingerprint, "dtype": dtype.name, "num_tokens": n_tokens,
             "num_words": n_words, "num_bytes": n_bytes, "tokens_sha256": h.hexdigest()}
     atomic_write_bytes(side_path, json.dumps(meta, indent=2).encode())
-    _fsync_dir(bin_path.parent)
+    fsync_dir(bin_path.parent)
     seconds = time.perf_counter() - start
     log.info("tokenized %s: %d tokens, %d words, %.1f MB in %.1f s (%.2f s/MB, %d %s)", src.origin, n_tokens,
              n_words, n_bytes / 1e6, seconds, seconds / max(n_bytes / 1e6, 1e-9), num_proc,
@@ -484,7 +458,7 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
 
 def _prepare_split(cfg: DataConfig, tok: Tokenizer, src: SplitSource) -> tuple[TokenSplit, bool]:
     bin_path, side_path = _cache_paths(cfg, tok, src)
-    with _locked(Path(cfg.cache_dir) / "locks" / f"tokens-{tok.hash[:16]}-{bin_path.stem}.lock"):
+    with exclusive_lock(Path(cfg.cache_dir) / "locks" / f"tokens-{tok.hash[:16]}-{bin_path.stem}.lock"):
         meta = _check_cache(bin_path, side_path, tok, src)
         built = meta is None
         if built:
