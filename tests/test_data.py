@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import lm.data
+import lm.data.hub
+import lm.data.source
+import lm.data.token_cache
 from lm.config import SyntheticConfig, load_config
 from lm.data import DataError, global_batch, prepare_corpus, shard, window_layout
-from lm.synthetic import split_text
+from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
@@ -146,8 +148,8 @@ def test_run_dir_tokenizer_is_reused_when_the_cache_is_gone(tmp_path):
 
 
 def test_parallel_tokenization_matches_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(lm.data, "_CHUNK_CHARS", 2048)  # many chunks, so the workers really share the work
-    monkeypatch.setattr(lm.data, "_PARALLEL_MIN_BYTES", 0)  # and use them even for a small corpus
+    monkeypatch.setattr(lm.data.source, "CHUNK_CHARS", 2048)  # many chunks, so the workers really share the work
+    monkeypatch.setattr(lm.data.token_cache, "PARALLEL_MIN_BYTES", 0)  # and use them even for a small corpus
     src = write_local(tmp_path / "src", train_tokens=8000)
     serial = prepare_corpus(data_cfg(tmp_path / "c1", f"data.path={src}"))
     parallel = prepare_corpus(data_cfg(tmp_path / "c2", f"data.path={src}", "data.num_proc=2"))
@@ -270,10 +272,10 @@ def test_hub_rows_are_joined_into_the_original_lines(tmp_path):
     rows = {"train": [" = Title = \n", "", " some text here \n"], "validation": [" v \n", ""], "test": ["t\n"]}
     dd = DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in rows.items()})
     cfg = data_cfg(tmp_path / "cache", "data.source=hf")
-    valid = lm.data._hub_source(dd, cfg, "valid")
+    valid = lm.data.hub.hub_source(dd, cfg, "valid")
     assert "".join(valid.chunks()) == " v \n\n" and valid.num_bytes == 5
     assert valid.fingerprint == hashlib.sha256(b" v \n\n").hexdigest()
-    assert "".join(lm.data._hub_source(dd, cfg, "train").chunks()) == " = Title = \n\n some text here \n"
+    assert "".join(lm.data.hub.hub_source(dd, cfg, "train").chunks()) == " = Title = \n\n some text here \n"
 
 
 def test_unprepared_split_is_an_error(tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm.synthetic import split_text
+from lm.data.synthetic import split_text
 from lm.config import SyntheticConfig
 from lm.tokenizer import Tokenizer, TokenizerError
 
