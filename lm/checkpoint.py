@@ -65,7 +65,13 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / META).read_text())
+    """The checkpoint's meta.json (step, tokenizer hash, engine, counters, the stored config)."""
+    path = Path(checkpoint) / META
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; use another one of "
+                              f"{path.parent.parent}") from None
 
 
 def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainConfig, tokenizer,

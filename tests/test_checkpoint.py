@@ -9,7 +9,7 @@ from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, lo
 from lm.config import load_config
 from lm.engine import DistInfo, TorchEngine
 from lm.model import Transformer
-from lm.train import main
+from lm.cli.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +94,12 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(trained_run, tmp_path,
     # saving a step that exists replaces it whole
     save_checkpoint(tmp_path, engine, 40, cfg, inf.tokenizer, {"nonfinite_in_a_row": 2}, keep=2)
     assert checkpoint.read_meta(find_checkpoint(tmp_path))["counters"] == {"nonfinite_in_a_row": 2}
+
+
+def test_damaged_meta_is_a_clear_error(trained_run, tmp_path):
+    import shutil
+    damaged = tmp_path / "step_00000006"
+    shutil.copytree(find_checkpoint(trained_run), damaged)
+    (damaged / checkpoint.META).write_text('{"step": 6, "tok')  # e.g. a disk that lost the end of the file
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_for_inference(damaged)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm import checkpoint
-from lm.train import main
+from lm.cli.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")

@@ -11,7 +11,7 @@ import pytest
 
 from lm.checkpoint import load_for_inference
 from lm.data import prepare_corpus
-from lm.train import main as train_main
+from lm.cli.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"

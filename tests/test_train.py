@@ -13,7 +13,8 @@ import torch
 
 from lm import checkpoint
 from lm.config import load_config
-from lm.train import main, train
+from lm.cli.train import main
+from lm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs/smoke.yaml")
