@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lm.config import TrainConfig, as_dict, config_from_dict, to_yaml
+from lm.config import TrainConfig, as_dict, config_from_dict, migrate_stored, to_yaml
 from lm.engine import Engine, barrier, check_ranks_agree
 from lm.fileio import atomic_write_text, fsync_dir, fsync_tree
 
@@ -65,13 +65,16 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(checkpoint: str | Path) -> dict:
-    """The checkpoint's meta.json (step, tokenizer hash, engine, counters, the stored config)."""
+    """The checkpoint's meta.json (step, tokenizer hash, engine, counters, and the config as a dict in today's
+    layout, whatever version wrote it)."""
     path = Path(checkpoint) / META
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; use another one of "
                               f"{path.parent.parent}") from None
+    meta["config"] = migrate_stored(meta["config"])  # written by an older version: today's key layout
+    return meta
 
 
 def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainConfig, tokenizer,

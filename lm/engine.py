@@ -164,14 +164,6 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x ranks = "
-                          f"{cfg.micro_batch_size} x {world_size}; change batch_size or micro_batch_size")
-    return cfg.batch_size // per_step
-
-
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed JSON config, derived from ``cfg`` (never written by hand).
 
@@ -181,16 +173,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     to compile); otherwise DeepSpeed builds its
     own (fused on GPU, compiled CPU Adam on CPU) from the ``optimizer`` block below.
     """
-    ds = cfg.deepspeed
+    ds, precision = cfg.deepspeed, cfg.compute.precision
     o = cfg.optim
     conf = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps(world_size),
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
@@ -231,13 +223,13 @@ class TorchEngine(Engine):
     """Plain torch: autocast for bf16, gradients summed over ranks with one all-reduce per step."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
-        if cfg.deepspeed.precision == "fp16":
-            raise ConfigError("deepspeed.precision=fp16 needs the DeepSpeed engine (loss scaling): start through "
-                              "launch.sh / set engine=deepspeed, or use deepspeed.precision=bf16 or fp32")
+        if cfg.compute.precision == "fp16":
+            raise ConfigError("compute.precision=fp16 needs the DeepSpeed engine (loss scaling): start through "
+                              "launch.sh / set engine=deepspeed, or use compute.precision=bf16 or fp32")
         if cfg.deepspeed.zero_stage:
             raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} needs the DeepSpeed engine: "
                               f"start through launch.sh / set engine=deepspeed, or use deepspeed.zero_stage=0")
-        gradient_accumulation_steps(cfg, info.world_size)
+        cfg.gradient_accumulation_steps(info.world_size)
         self.cfg, self.info = cfg, info
         self.module = model.to(info.device)
         if info.world_size > 1:  # identical start on every rank, whatever each rank's init did
@@ -245,7 +237,7 @@ class TorchEngine(Engine):
                 dist.broadcast(t.data, src=0)
         self.optimizer = _adamw(cfg, param_groups(self.module, cfg.optim.weight_decay))
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
-                         if cfg.deepspeed.precision == "bf16" else nullcontext())
+                         if cfg.compute.precision == "bf16" else nullcontext())
 
     def train_step(self, micro_batches, global_tokens, lr):
         self.module.train()
@@ -296,15 +288,16 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
         import deepspeed
         ds = cfg.deepspeed
-        if not ds.torch_adam and ds.zero_stage == 0 and ds.precision == "fp32":
-            raise ConfigError("deepspeed.torch_adam=false with zero_stage=0 and precision=fp32 cannot skip steps "
-                              "with non-finite gradients; set deepspeed.torch_adam=true, zero_stage>=1 or bf16/fp16")
+        if not ds.torch_adam and ds.zero_stage == 0 and cfg.compute.precision == "fp32":
+            raise ConfigError("deepspeed.torch_adam=false with deepspeed.zero_stage=0 and compute.precision=fp32 "
+                              "cannot skip steps with non-finite gradients; set deepspeed.torch_adam=true, "
+                              "deepspeed.zero_stage>=1 or compute.precision=bf16/fp16")
         self.cfg, self.info = cfg, info
         self.ds_config = deepspeed_config(cfg, info.world_size)
         groups = param_groups(model, cfg.optim.weight_decay)
         # DeepSpeed's ZeRO / bf16 / fp16 optimizers skip steps with non-finite gradients themselves; only plain
         # stage 0 in fp32 steps the client optimizer directly, so only there does it need the guard.
-        plain = ds.zero_stage == 0 and ds.precision == "fp32"
+        plain = ds.zero_stage == 0 and cfg.compute.precision == "fp32"
         optimizer = _adamw(cfg, groups, guarded=plain) if ds.torch_adam else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config)
@@ -346,7 +339,7 @@ class DeepSpeedEngine(Engine):
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         skipped = engine.skipped_steps > skipped_before
-        fp16_overflow = skipped and not loss_bad and self.cfg.deepspeed.precision == "fp16"
+        fp16_overflow = skipped and not loss_bad and self.cfg.compute.precision == "fp16"
         nonfinite = "loss" if loss_bad else ("gradients" if skipped and not fp16_overflow else "")
         return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
 

@@ -148,7 +148,7 @@ def train(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model)
     model.init_weights()
-    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    model.activation_checkpointing = cfg.compute.activation_checkpointing
     engine = build_engine(cfg, model, info)
     start, bad_in_a_row = 0, 0
     if resume_from is not None:
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig) -> int:
                 raise TrainingStopped(
                     f"stopped at step {step}: {bad_in_a_row} steps in a row had non-finite {stats.nonfinite} "
                     f"(loss {stats.loss}, grad norm {stats.grad_norm}); those steps were skipped. Lower optim.lr, "
-                    f"raise optim.warmup_steps, or use deepspeed.precision=bf16/fp32, and resume from the last "
+                    f"raise optim.warmup_steps, or use compute.precision=bf16/fp32, and resume from the last "
                     f"checkpoint")
             log.train(step, stats, batch[:, 1:].numel())
             last = step == min(stop_at, cfg.max_steps)

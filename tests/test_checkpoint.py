@@ -6,7 +6,7 @@ import torch
 
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_for_inference, save_checkpoint
-from lm.config import load_config
+from lm.config import load_config, load_stored_config
 from lm.engine import DistInfo, TorchEngine
 from lm.model import Transformer
 from lm.cli.train import main
@@ -103,3 +103,37 @@ def test_damaged_meta_is_a_clear_error(trained_run, tmp_path):
     (damaged / checkpoint.META).write_text('{"step": 6, "tok')  # e.g. a disk that lost the end of the file
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_for_inference(damaged)
+
+
+def _as_written_before_compute_existed(checkpoint_dir):
+    """Rewrite a checkpoint's stored config (meta.json and config.yaml) in the layout of the previous version:
+    compute.precision / compute.activation_checkpointing under deepspeed, no compute section."""
+    import json
+
+    import yaml
+    meta = json.loads((checkpoint_dir / checkpoint.META).read_text())
+    for stored in (meta["config"], yaml.safe_load((checkpoint_dir / "config.yaml").read_text())):
+        compute = stored.pop("compute")
+        stored["deepspeed"].update(precision=compute["precision"],
+                                   activation_checkpointing=compute["activation_checkpointing"])
+    (checkpoint_dir / checkpoint.META).write_text(json.dumps(meta, indent=1))
+    (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+
+
+def test_checkpoints_written_before_the_compute_section_load_and_resume(trained_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for ckpt in list_checkpoints(run):
+        _as_written_before_compute_existed(ckpt)
+    assert "compute" not in (find_checkpoint(run) / checkpoint.META).read_text()
+    old, new = load_for_inference(run), load_for_inference(trained_run)
+    assert old.cfg == new.cfg and old.step == 6
+    ids = torch.tensor([new.tokenizer.encode("what is kelo ? 37 .")])
+    with torch.no_grad():
+        assert torch.equal(old.model(ids), new.model(ids))
+    assert load_stored_config(find_checkpoint(run) / "config.yaml") == old.cfg
+    assert main([str(REPO / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={trained_run.parent / 'cache'}",
+                 "data.progress=false", "data.synthetic.train_tokens=60000", "max_steps=8", "save_every=3",
+                 "eval_every=0", "log_every=3"]) == 0  # resumes at step 6
+    assert checkpoint.read_meta(find_checkpoint(run))["step"] == 8

@@ -15,7 +15,7 @@ import torch
 import lm.data.hub
 import lm.data.source
 import lm.data.token_cache
-from lm.config import SyntheticConfig, load_config
+from lm.config import ConfigError, SyntheticConfig, load_config
 from lm.data import DataError, global_batch, prepare_corpus, shard, window_layout
 from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer
@@ -336,7 +336,7 @@ def test_shard_is_disjoint_and_covers_the_batch():
 
 def test_shard_errors():
     batch = torch.zeros(10, 3, dtype=torch.long)
-    with pytest.raises(DataError, match="batch_size=10 must equal world_size"):
+    with pytest.raises(ConfigError, match="batch_size=10 must be a multiple of micro_batch_size x ranks = 2 x 3"):
         shard(batch, 0, 3, 2)
     with pytest.raises(DataError, match="rank=3"):
         shard(batch, 3, 3, 1)

@@ -9,8 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lm.config import ConfigError, load_config
-from lm.engine import (DistInfo, GuardedAdamW, TorchEngine, check_ranks_agree, deepspeed_config,
-                       gradient_accumulation_steps, token_nll_sum)
+from lm.engine import DistInfo, GuardedAdamW, TorchEngine, check_ranks_agree, deepspeed_config, token_nll_sum
 from lm.model import Transformer
 
 VOCAB, SEQ = 50, 12
@@ -121,7 +120,7 @@ def test_guarded_adamw_skips_nonfinite_gradients():
 
 def test_deepspeed_config_is_derived_from_the_train_config():
     cfg = tiny_cfg("batch_size=16", "micro_batch_size=2", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
-                   "deepspeed.precision=bf16", "deepspeed.torch_adam=false")
+                   "compute.precision=bf16", "deepspeed.torch_adam=false")
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4
@@ -135,15 +134,18 @@ def test_deepspeed_config_is_derived_from_the_train_config():
 
 def test_batch_that_does_not_split_over_ranks_is_a_clear_error():
     cfg = tiny_cfg("batch_size=8", "micro_batch_size=4")
+    assert cfg.gradient_accumulation_steps(world_size=2) == 1
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks = 4 x 3"):
+        cfg.gradient_accumulation_steps(world_size=3)
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks"):
-        gradient_accumulation_steps(cfg, world_size=3)
+        TorchEngine(cfg, tiny_model(cfg), cpu_info(rank=0, world=3))
 
 
 def test_plain_engine_refuses_what_only_deepspeed_does():
     cfg = tiny_cfg("deepspeed.zero_stage=1")
     with pytest.raises(ConfigError, match="zero_stage"):
         TorchEngine(cfg, tiny_model(cfg), cpu_info())
-    cfg = tiny_cfg("deepspeed.precision=fp16")
+    cfg = tiny_cfg("compute.precision=fp16")
     with pytest.raises(ConfigError, match="fp16"):
         TorchEngine(cfg, tiny_model(cfg), cpu_info())
 

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import torch
 
+from lm.config import accumulation_steps
 from lm.data.source import DataError
 
 
@@ -60,17 +61,13 @@ def global_batch(split, seq_len: int, batch_size: int, step: int, seed: int) -> 
 def shard(batch: torch.Tensor, rank: int, world_size: int, micro_batch_size: int) -> list[torch.Tensor]:
     """This rank's micro-batches of a global batch: ``batch_size / (world_size * micro_batch_size)`` tensors of
     shape (micro_batch_size, seq_len + 1). Rank ``r`` takes the ``r``-th contiguous block of rows, so ranks get
-    disjoint rows and together cover the batch."""
+    disjoint rows and together cover the batch. The batch must split evenly
+    (:meth:`lm.config.TrainConfig.gradient_accumulation_steps` says so when it does not)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
     if micro_batch_size <= 0:
         raise DataError(f"micro_batch_size={micro_batch_size} must be > 0")
-    batch_size = batch.shape[0]
-    per_step = world_size * micro_batch_size
-    if batch_size % per_step:
-        raise DataError(f"batch_size={batch_size} must equal world_size ({world_size}) x micro_batch_size "
-                        f"({micro_batch_size}) x gradient-accumulation steps; change batch_size or "
-                        f"micro_batch_size")
-    per_rank = batch_size // world_size
+    accumulation_steps(batch.shape[0], micro_batch_size, world_size)
+    per_rank = batch.shape[0] // world_size
     mine = batch[rank * per_rank:(rank + 1) * per_rank]
     return list(mine.split(micro_batch_size))
