@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lm.config import TrainConfig, as_dict, config_from_dict, migrate_stored, to_yaml
-from lm.engine import Engine, barrier, check_ranks_agree
+from lm.distributed import barrier, check_ranks_agree
+from lm.engine import Engine
 from lm.fileio import atomic_write_text, fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"

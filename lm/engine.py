@@ -1,7 +1,8 @@
 """One training step, two interchangeable engines: DeepSpeed, and a plain-torch twin with the same interface.
 
 ``train.py`` calls only :meth:`Engine.train_step`, :meth:`Engine.save_state` / :meth:`Engine.load_state` and
-:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`init_distributed`.
+:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`lm.distributed.init_distributed`.
+Collectives go through :mod:`lm.distributed` (on the device the backend takes).
 
 Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_tokens``, where ``global_tokens``
 counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
@@ -10,33 +11,17 @@ how the batch is split. (DeepSpeed averages gradients over ranks, so its loss is
 """
 from __future__ import annotations
 
-import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ConfigError, TrainConfig
-
-
-@dataclass
-class DistInfo:
-    """Where this process runs: engine kind, rank, world size and device."""
-    kind: str  # "deepspeed" | "torch"
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from lm.distributed import DistInfo, all_reduce, broadcast
 
 
 @dataclass
@@ -51,73 +36,6 @@ class StepStats:
     """True when the parameters were left unchanged."""
     nonfinite: str
     """"" when all was finite, else what went non-finite: "loss" or "gradients"."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Pick the engine and start the process group.
-
-    ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
-    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU.
-    """
-    launched = "WORLD_SIZE" in os.environ
-    kind = cfg.engine if cfg.engine != "auto" else ("deepspeed" if launched else "torch")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if cuda else "gloo"
-    if kind == "deepspeed":
-        if not launched:  # a single process without a launcher: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=backend)
-    elif launched and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(kind, rank, world, local_rank, device)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place; a no-op on one process). Returns ``x``."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def check_ranks_agree(module: nn.Module) -> None:
-    """Raise if any rank holds different parameters than the others (collective; a no-op on one process).
-
-    Compares per-tensor sums and sums of squares: cheap, and any divergence of data-parallel replicas shows up.
-    """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    local = torch.stack([s for p in module.parameters() for s in (p.double().sum(), p.double().square().sum())])
-    local = local.cpu()
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        worst = (hi - lo).abs().max().item()
-        raise RuntimeError(f"data-parallel ranks hold different parameters (largest checksum gap {worst:.3e}); "
-                           f"this is a bug in the engine, not in the config")
 
 
 def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -137,17 +55,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that leaves parameters and moments untouched when a gradient is non-finite.
+    """AdamW that leaves parameters and moments untouched when a gradient is non-finite, or when told to skip.
 
     Gradients are already reduced over ranks when ``step`` runs, so every rank takes the same decision.
     ``overflow`` is the flag DeepSpeed reads after a step to count it as skipped.
     """
     overflow: bool = False
+    _skip_next: bool = False
+
+    def skip_next_step(self) -> None:
+        """Make the next :meth:`step` a skipped one whatever the gradients (e.g. the loss was non-finite)."""
+        self._skip_next = True
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self._skip_next:
+            self.overflow, self._skip_next = True, False
+        else:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.overflow:
             return None
         return super().step(closure)
@@ -214,9 +140,13 @@ class Engine:
         Collective: every rank calls it; every rank gets the same dict."""
         raise NotImplementedError
 
-
-def _finite_flag(losses: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.isfinite(x) for x in losses]).all().float()
+    @staticmethod
+    def _global_loss(nll: list[torch.Tensor]) -> tuple[float, bool]:
+        """(summed token NLL of the whole step over every micro-batch of every rank, whether any of them was
+        non-finite), from this rank's per-micro-batch sums: one all-reduce and one host read per step."""
+        finite = torch.stack([torch.isfinite(x) for x in nll]).all().float()
+        loss_sum, nonfinite = all_reduce(torch.stack([sum(nll), 1.0 - finite]).double()).tolist()
+        return loss_sum, nonfinite > 0
 
 
 class TorchEngine(Engine):
@@ -234,7 +164,7 @@ class TorchEngine(Engine):
         self.module = model.to(info.device)
         if info.world_size > 1:  # identical start on every rank, whatever each rank's init did
             for t in list(self.module.parameters()) + list(self.module.buffers()):
-                dist.broadcast(t.data, src=0)
+                broadcast(t.data, src=0)
         self.optimizer = _adamw(cfg, param_groups(self.module, cfg.optim.weight_decay))
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.compute.precision == "bf16" else nullcontext())
@@ -248,24 +178,22 @@ class TorchEngine(Engine):
                 loss = token_nll_sum(self.module, mb.to(self.info.device))
             nll.append(loss.detach())
             (loss / global_tokens).backward()
-        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
+        loss_sum, loss_bad = self._global_loss(nll)
         if self.info.world_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = all_reduce_sum(torch._utils._flatten_dense_tensors(grads))
+            flat = all_reduce(torch._utils._flatten_dense_tensors(grads))
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss_bad = totals[1].item() > 0
         _set_lr(self.optimizer, lr)
-        if loss_bad:  # the guard below only sees gradients
-            self.optimizer.overflow = True
-        else:
-            self.optimizer.step()
+        if loss_bad:  # the guard itself only sees gradients
+            self.optimizer.skip_next_step()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         skipped = self.optimizer.overflow
         nonfinite = "loss" if loss_bad else ("gradients" if skipped else "")
-        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
 
     def save_state(self, directory):
         if self.info.is_main:
@@ -324,16 +252,13 @@ class DeepSpeedEngine(Engine):
             engine.backward(loss * (self.info.world_size / global_tokens), scale_wrt_gas=False)
             if i < len(micro_batches) - 1:
                 engine.step()
-        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
-        loss_bad = totals[1].item() > 0
+        loss_sum, loss_bad = self._global_loss(nll)
         grad_norm = None
         if isinstance(engine.optimizer, GuardedAdamW):  # stage 0, fp32: gradients are reduced in .grad
             grads = [p.grad.float() for p in self.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if loss_bad:  # make the guard skip the step (and DeepSpeed count it) even if gradients are finite
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
+            if loss_bad:  # DeepSpeed steps this optimizer itself and counts the step skipped if it sets overflow
+                engine.optimizer.skip_next_step()
         engine.step()
         if grad_norm is None:
             norm = engine.get_global_grad_norm()
@@ -341,7 +266,7 @@ class DeepSpeedEngine(Engine):
         skipped = engine.skipped_steps > skipped_before
         fp16_overflow = skipped and not loss_bad and self.cfg.compute.precision == "fp16"
         nonfinite = "loss" if loss_bad else ("gradients" if skipped and not fp16_overflow else "")
-        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
 
     def save_state(self, directory):
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)

@@ -19,7 +19,8 @@ import torch
 from lm import checkpoint
 from lm.config import ConfigError, TrainConfig, as_dict, to_yaml
 from lm.data import global_batch, prepare_corpus, shard
-from lm.engine import DistInfo, Engine, barrier, build_engine, init_distributed
+from lm.distributed import DistInfo, barrier, init_distributed
+from lm.engine import Engine, build_engine
 from lm.schedule import lr_at
 
 

@@ -9,10 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lm.config import ConfigError, load_config
-from lm.engine import DistInfo, GuardedAdamW, TorchEngine, check_ranks_agree, deepspeed_config, token_nll_sum
+from lm.distributed import DistInfo, check_ranks_agree, collective_device, free_port
+from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config, token_nll_sum
 from lm.model import Transformer
 
 VOCAB, SEQ = 50, 12
+NCCL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32,
+               torch.int64}
 
 
 def tiny_cfg(*overrides):
@@ -46,10 +49,23 @@ def run_steps(engine, rank, world, micro, steps=2):
     return losses
 
 
+def _record_collectives(calls):
+    """Wrap torch.distributed's collectives so that each call records the device and dtype of its tensor."""
+    for name in ("all_reduce", "broadcast"):
+        real = getattr(dist, name)
+
+        def recording(tensor, *args, _real=real, _name=name, **kwargs):
+            calls.append((_name, str(tensor.device), tensor.dtype))
+            return _real(tensor, *args, **kwargs)
+        setattr(dist, name, recording)
+
+
 def _worker(rank, world, micro, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    _record_collectives(calls)
     try:
         cfg = tiny_cfg(f"micro_batch_size={micro}")
         torch.manual_seed(rank)  # a different init on each rank: the engine must broadcast rank 0's
@@ -60,7 +76,8 @@ def _worker(rank, world, micro, out_path, port):
         engine = TorchEngine(cfg, model, cpu_info(rank, world))
         losses = run_steps(engine, rank, world, micro)
         check_ranks_agree(engine.module)
-        torch.save({"losses": losses, "state": engine.module.state_dict()}, f"{out_path}.{rank}")
+        torch.save({"losses": losses, "state": engine.module.state_dict(), "calls": calls,
+                    "collective_device": str(collective_device())}, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -69,8 +86,7 @@ def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
     cfg = tiny_cfg("micro_batch_size=2")
     single = TorchEngine(cfg, tiny_model(cfg), cpu_info())
     losses = run_steps(single, 0, 1, micro=2)  # 1 rank x 4 micro-batches of 2
-    from lm.engine import _free_port
-    mp.spawn(_worker, args=(2, 2, str(tmp_path / "out"), _free_port()), nprocs=2, join=True)  # 2 ranks x 2 micro
+    mp.spawn(_worker, args=(2, 2, str(tmp_path / "out"), free_port()), nprocs=2, join=True)  # 2 ranks x 2 micro
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     assert r0["losses"] == pytest.approx(losses, rel=1e-6)
     for k, v in single.module.state_dict().items():
@@ -78,6 +94,9 @@ def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"update differs in {k}")
     # and the update is not trivially zero
     assert any(not torch.equal(v, tiny_model(cfg).state_dict()[k]) for k, v in single.module.state_dict().items())
+    # every collective ran on the backend's device, in a dtype NCCL reduces too
+    assert r0["collective_device"] == "cpu" and {"all_reduce", "broadcast"} <= {c[0] for c in r0["calls"]}
+    assert all(device == r0["collective_device"] and dtype in NCCL_DTYPES for _, device, dtype in r0["calls"])
 
 
 def test_loss_is_the_mean_token_nll_of_the_global_batch():
@@ -167,7 +186,8 @@ def test_activation_checkpointing_gives_the_same_update():
 def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
-    from lm.engine import DeepSpeedEngine, init_distributed
+    from lm.distributed import init_distributed
+    from lm.engine import DeepSpeedEngine
     cfg = tiny_cfg("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
     info = init_distributed(cfg)
     try:
@@ -190,11 +210,69 @@ def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_deepspeed_engine_skips_nonfinite_steps(tmp_path, zero_stage):
     """Stage 0 fp32 skips through GuardedAdamW, ZeRO through DeepSpeed's own overflow check."""
-    from lm.engine import _free_port
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
     out = tmp_path / "out.pt"
-    mp.spawn(_deepspeed_nonfinite_worker, args=(zero_stage, str(out), _free_port()), nprocs=1, join=True)
+    mp.spawn(_deepspeed_nonfinite_worker, args=(zero_stage, str(out), free_port()), nprocs=1, join=True)
     r = torch.load(out, weights_only=False)
     assert not r["good"].skipped and r["good"].nonfinite == "" and math.isfinite(r["good"].grad_norm)
     assert r["bad"].skipped and r["bad"].nonfinite == "loss"
     assert r["same"], "a skipped step changed the parameters"
+
+
+# ------------------------------------------------------------------ collectives on the backend's device (NCCL: CUDA)
+@pytest.mark.parametrize("backend, local_rank, expected", [
+    ("nccl", "3", "cuda:3"), ("cpu:gloo,cuda:nccl", "1", "cuda:1"), ("gloo", "3", "cpu"), (None, "0", "cpu")])
+def test_collectives_run_on_the_device_the_backend_takes(monkeypatch, backend, local_rank, expected):
+    """NCCL rejects CPU tensors (gloo accepts CUDA ones), so the helper must route by the backend's name; it
+    only names the device, so this runs without a GPU and allocates nothing."""
+    import lm.distributed
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(lm.distributed.dist, "is_initialized", lambda: backend is not None)
+    monkeypatch.setattr(lm.distributed.dist, "get_backend", lambda group=None: backend)
+    assert collective_device() == torch.device(expected)
+
+
+def test_nothing_outside_lm_distributed_calls_torch_distributed_collectives():
+    import ast
+    lm_dir = Path(__file__).resolve().parents[1] / "lm"
+    collectives = {"all_reduce", "broadcast", "barrier", "all_gather", "all_gather_into_tensor", "reduce",
+                   "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "send", "recv"}
+    offenders = []
+    for path in lm_dir.rglob("*.py"):
+        if path.name == "distributed.py" and path.parent == lm_dir:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            owner = node.value if isinstance(node, ast.Attribute) else None
+            if node.__class__ is ast.Attribute and node.attr in collectives and (
+                    isinstance(owner, ast.Name) and owner.id == "dist"
+                    or isinstance(owner, ast.Attribute) and owner.attr == "distributed"):
+                offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+                offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} from torch.distributed import")
+    assert not offenders, f"collectives must go through lm.distributed (the backend's device): {offenders}"
+
+
+def test_skip_next_step_leaves_parameters_and_moments_alone():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.skip_next_step()
+    opt.step()
+    assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state
+    opt.step()  # only the next step
+    assert not opt.overflow and not torch.equal(p.data, torch.ones(3))
+
+
+# ------------------------------------------------------------------ TF32
+def test_tf32_follows_the_config_on_cuda_and_is_a_no_op_elsewhere():
+    from lm.device import set_tf32
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for enabled in (True, False, True):
+            set_tf32(enabled, "cuda")  # sets the process-wide switches only: no GPU needed
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+            set_tf32(not enabled, torch.device("cpu"))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+        assert torch.get_float32_matmul_precision() == "high"  # readable by others (torch.compile, DeepSpeed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lm.checkpoint import load_for_inference
 from lm.cli.common import USER_ERRORS, CommandError, report_error, resolve_device
+from lm.device import set_tf32
 from lm.evaluate import SplitPerplexity, score_tokens, split_perplexity, tokenize_split
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         contexts = parse_contexts(args)
         device = resolve_device(args.device)
         inference = load_for_inference(args.path, args.overrides, device=device)
+        set_tf32(inference.cfg.compute.tf32, device)
         cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):

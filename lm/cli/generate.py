@@ -22,6 +22,7 @@ import torch
 
 from lm.checkpoint import load_for_inference
 from lm.cli.common import USER_ERRORS, CommandError, report_error, resolve_device
+from lm.device import set_tf32
 from lm.generate import GenerationStats, Sampling, TextStream, generate
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = read_prompt(args)
         device = resolve_device(args.device)
         inference = load_for_inference(args.path, args.overrides, device=device)
+        set_tf32(inference.cfg.compute.tf32, device)
     except USER_ERRORS as e:
         return report_error(e, status=2)
     tok = inference.tokenizer

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import torch
-
 from lm.cli.common import USER_ERRORS, report_error
 from lm.config import ConfigError, load_config
+from lm.distributed import shutdown
 from lm.train import TrainingStopped, train
 
 
@@ -36,6 +35,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, TrainingStopped) as e:
         return report_error(e, status=1)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
     return 0
