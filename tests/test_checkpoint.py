@@ -1,17 +1,14 @@
 """Checkpoints: round trip, atomic writes, pruning, and clear errors."""
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import cpu_info, smoke_argv
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_for_inference, save_checkpoint
-from lm.config import load_config, load_stored_config
-from lm.engine import DistInfo, TorchEngine
-from lm.model import Transformer
 from lm.cli.train import main
-
-REPO = Path(__file__).resolve().parents[1]
+from lm.config import load_config, load_stored_config
+from lm.engine import TorchEngine
+from lm.model import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +16,7 @@ def trained_run(tmp_path_factory):
     """A real smoke run of 6 steps with checkpoints at 3 and 6."""
     root = tmp_path_factory.mktemp("ckpt")
     run = root / "run"
-    assert main([str(REPO / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={root / 'cache'}",
-                 "data.progress=false", "data.synthetic.train_tokens=60000", "max_steps=6", "save_every=3",
-                 "eval_every=0", "log_every=3"]) == 0
+    assert main(smoke_argv(run, root / "cache", "max_steps=6", "save_every=3", "log_every=3")) == 0
     return run
 
 
@@ -65,7 +60,7 @@ def test_missing_paths_are_clear_errors(tmp_path):
 def test_crash_while_saving_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
     inf = load_for_inference(trained_run)
     cfg = load_config([trained_run / "config.yaml"], [f"run_dir={tmp_path}"])
-    engine = TorchEngine(cfg, inf.model.train(), DistInfo("torch", 0, 1, 0, torch.device("cpu")))
+    engine = TorchEngine(cfg, inf.model.train(), cpu_info())
     first = save_checkpoint(tmp_path, engine, 10, cfg, inf.tokenizer, {}, keep=3)
     good = (first / "model.pt").read_bytes()
 
@@ -133,7 +128,5 @@ def test_checkpoints_written_before_the_compute_section_load_and_resume(trained_
     with torch.no_grad():
         assert torch.equal(old.model(ids), new.model(ids))
     assert load_stored_config(find_checkpoint(run) / "config.yaml") == old.cfg
-    assert main([str(REPO / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={trained_run.parent / 'cache'}",
-                 "data.progress=false", "data.synthetic.train_tokens=60000", "max_steps=8", "save_every=3",
-                 "eval_every=0", "log_every=3"]) == 0  # resumes at step 6
+    assert main(smoke_argv(run, trained_run.parent / "cache", "max_steps=8", "save_every=3")) == 0  # from step 6
     assert checkpoint.read_meta(find_checkpoint(run))["step"] == 8

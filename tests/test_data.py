@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SAMPLE_DIR
 import lm.data.hub
 import lm.data.source
 import lm.data.token_cache
@@ -20,7 +21,6 @@ from lm.data import DataError, global_batch, prepare_corpus, shard, window_layou
 from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
 README_WORDS = {"valid": 213_886, "test": 241_211}
 
 
@@ -44,11 +44,9 @@ def file_sha(path: Path) -> str:
 
 # ------------------------------------------------------------------ the real WikiText-103 sample
 @pytest.fixture(scope="module")
-def sample_corpus(tmp_path_factory):
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
+def sample_corpus(tmp_path_factory, sample_dir):
     cache = tmp_path_factory.mktemp("cache")
-    cfg = data_cfg(cache, f"data.path={SAMPLE}", "data.tokenizer.vocab_size=1000",
+    cfg = data_cfg(cache, f"data.path={sample_dir}", "data.tokenizer.vocab_size=1000",
                    "data.tokenizer.train_max_bytes=300000")
     return cfg, prepare_corpus(cfg)
 
@@ -57,7 +55,7 @@ def test_sample_counts_match_the_files(sample_corpus):
     _, corpus = sample_corpus
     for name in ("train", "valid", "test"):
         split = corpus.split(name)
-        path = SAMPLE / f"wiki.{name}.tokens"
+        path = SAMPLE_DIR / f"wiki.{name}.tokens"
         data = path.read_bytes()
         assert split.num_words == len(data.decode().split())
         assert split.num_bytes == len(data)
@@ -69,7 +67,7 @@ def test_sample_counts_match_the_files(sample_corpus):
 def test_sample_tokens_decode_to_the_exact_text(sample_corpus):
     _, corpus = sample_corpus
     valid = corpus.split("valid")
-    text = (SAMPLE / "wiki.valid.tokens").read_bytes().decode()
+    text = (SAMPLE_DIR / "wiki.valid.tokens").read_bytes().decode()
     assert corpus.tokenizer.decode(valid.tokens) == text
     # the cache holds exactly what encoding the whole text at once gives
     assert np.array_equal(valid.tokens, corpus.tokenizer.encode_array(text, dtype=np.uint16))

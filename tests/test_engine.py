@@ -8,36 +8,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lm.config import ConfigError, load_config
-from lm.distributed import DistInfo, check_ranks_agree, collective_device, free_port
+from conftest import cpu_info, tiny_model, tiny_train_config
+from lm.config import ConfigError
+from lm.distributed import check_ranks_agree, collective_device, free_port
 from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config, token_nll_sum
-from lm.model import Transformer
 
 VOCAB, SEQ = 50, 12
 NCCL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32,
                torch.int64}
 
 
-def tiny_cfg(*overrides):
-    return load_config([], ["model.vocab_size=50", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
-                            "model.d_ff=64", "model.dropout=0.0", "model.attention.num_features=8",
-                            "model.attention.rpe_max_distance=16", "data.source=synthetic", "data.seq_len=12",
-                            "batch_size=8", "micro_batch_size=2", "optim.warmup_steps=0", *overrides])
-
-
-def tiny_model(cfg):
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    model.init_weights()
-    return model
-
-
 def global_batch(step):
     return torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-
-
-def cpu_info(rank=0, world=1):
-    return DistInfo("torch", rank, world, rank, torch.device("cpu"))
 
 
 def run_steps(engine, rank, world, micro, steps=2):
@@ -67,12 +49,8 @@ def _worker(rank, world, micro, out_path, port):
     calls = []
     _record_collectives(calls)
     try:
-        cfg = tiny_cfg(f"micro_batch_size={micro}")
-        torch.manual_seed(rank)  # a different init on each rank: the engine must broadcast rank 0's
-        model = Transformer(cfg.model)
-        model.init_weights()
-        if rank == 0:
-            model.load_state_dict(tiny_model(cfg).state_dict())
+        cfg = tiny_train_config(f"micro_batch_size={micro}")
+        model = tiny_model(rank, config=cfg.model)  # a different init on each rank: the engine must broadcast rank 0's
         engine = TorchEngine(cfg, model, cpu_info(rank, world))
         losses = run_steps(engine, rank, world, micro)
         check_ranks_agree(engine.module)
@@ -83,8 +61,8 @@ def _worker(rank, world, micro, out_path, port):
 
 
 def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
-    cfg = tiny_cfg("micro_batch_size=2")
-    single = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config("micro_batch_size=2")
+    single = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     losses = run_steps(single, 0, 1, micro=2)  # 1 rank x 4 micro-batches of 2
     mp.spawn(_worker, args=(2, 2, str(tmp_path / "out"), free_port()), nprocs=2, join=True)  # 2 ranks x 2 micro
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
@@ -93,15 +71,15 @@ def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks disagree on {k}"
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"update differs in {k}")
     # and the update is not trivially zero
-    assert any(not torch.equal(v, tiny_model(cfg).state_dict()[k]) for k, v in single.module.state_dict().items())
+    assert any(not torch.equal(v, tiny_model(config=cfg.model).state_dict()[k]) for k, v in single.module.state_dict().items())
     # every collective ran on the backend's device, in a dtype NCCL reduces too
     assert r0["collective_device"] == "cpu" and {"all_reduce", "broadcast"} <= {c[0] for c in r0["calls"]}
     assert all(device == r0["collective_device"] and dtype in NCCL_DTYPES for _, device, dtype in r0["calls"])
 
 
 def test_loss_is_the_mean_token_nll_of_the_global_batch():
-    cfg = tiny_cfg("micro_batch_size=4")
-    engine = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config("micro_batch_size=4")
+    engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     batch = global_batch(0)
     with torch.no_grad():
         expected = token_nll_sum(engine.module, batch).item() / batch[:, 1:].numel()
@@ -111,8 +89,8 @@ def test_loss_is_the_mean_token_nll_of_the_global_batch():
 
 
 def test_nonfinite_loss_skips_the_step_and_leaves_parameters_alone():
-    cfg = tiny_cfg()
-    engine = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config()
+    engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     with torch.no_grad():
         engine.module.tok_emb.weight[3] = float("nan")
     before = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -138,7 +116,7 @@ def test_guarded_adamw_skips_nonfinite_gradients():
 
 
 def test_deepspeed_config_is_derived_from_the_train_config():
-    cfg = tiny_cfg("batch_size=16", "micro_batch_size=2", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
+    cfg = tiny_train_config("batch_size=16", "micro_batch_size=2", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
                    "compute.precision=bf16", "deepspeed.torch_adam=false")
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
@@ -147,33 +125,33 @@ def test_deepspeed_config_is_derived_from_the_train_config():
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
-    assert "optimizer" not in deepspeed_config(tiny_cfg("deepspeed.torch_adam=true"), world_size=1)
+    assert "optimizer" not in deepspeed_config(tiny_train_config("deepspeed.torch_adam=true"), world_size=1)
     assert "scheduler" not in ds  # the schedule is lm.schedule.lr_at, applied by the engine every step
 
 
 def test_batch_that_does_not_split_over_ranks_is_a_clear_error():
-    cfg = tiny_cfg("batch_size=8", "micro_batch_size=4")
+    cfg = tiny_train_config("batch_size=8", "micro_batch_size=4")
     assert cfg.gradient_accumulation_steps(world_size=2) == 1
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks = 4 x 3"):
         cfg.gradient_accumulation_steps(world_size=3)
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks"):
-        TorchEngine(cfg, tiny_model(cfg), cpu_info(rank=0, world=3))
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info(rank=0, world=3))
 
 
 def test_plain_engine_refuses_what_only_deepspeed_does():
-    cfg = tiny_cfg("deepspeed.zero_stage=1")
+    cfg = tiny_train_config("deepspeed.zero_stage=1")
     with pytest.raises(ConfigError, match="zero_stage"):
-        TorchEngine(cfg, tiny_model(cfg), cpu_info())
-    cfg = tiny_cfg("compute.precision=fp16")
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
+    cfg = tiny_train_config("compute.precision=fp16")
     with pytest.raises(ConfigError, match="fp16"):
-        TorchEngine(cfg, tiny_model(cfg), cpu_info())
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
 
 
 def test_activation_checkpointing_gives_the_same_update():
-    cfg = tiny_cfg()
+    cfg = tiny_train_config()
     out = []
     for recompute in (False, True):
-        model = tiny_model(cfg)
+        model = tiny_model(config=cfg.model)
         model.activation_checkpointing = recompute
         engine = TorchEngine(cfg, model, cpu_info())
         stats = run_steps(engine, 0, 1, micro=2, steps=1)
@@ -188,10 +166,10 @@ def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
     torch.set_num_threads(1)
     from lm.distributed import init_distributed
     from lm.engine import DeepSpeedEngine
-    cfg = tiny_cfg("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
+    cfg = tiny_train_config("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
     info = init_distributed(cfg)
     try:
-        engine = DeepSpeedEngine(cfg, tiny_model(cfg), info)
+        engine = DeepSpeedEngine(cfg, tiny_model(config=cfg.model), info)
         batch = global_batch(0)
         good = engine.train_step(list(batch.split(2)), batch[:, 1:].numel(), lr=1e-2)
         with torch.no_grad():

@@ -2,15 +2,14 @@
 import os
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from lm import checkpoint
 from lm.cli.train import main
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")
 
 
