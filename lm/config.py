@@ -228,7 +228,7 @@ class ComputeConfig:
     """Recompute each block's activations in backward to save memory."""
     tf32: bool = True
     """On CUDA, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (inputs rounded to a 10-bit
-    mantissa, fp32 accumulation). Set when training, eval_ppl and generate start; false = full-precision fp32.
+    mantissa, fp32 accumulation). Set when the training engine, eval_ppl and generate start; false = full fp32.
     No effect on CPU."""
 
     def __post_init__(self) -> None:

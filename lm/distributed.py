@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import nn
 
 from lm.config import ConfigError, TrainConfig
-from lm.device import set_tf32
 
 
 @dataclass
@@ -41,7 +40,7 @@ def free_port() -> int:
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Pick the engine and the device, start the process group, and apply ``cfg.compute.tf32``.
+    """Pick the engine and the device, and start the process group.
 
     ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
     ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU.
@@ -56,7 +55,6 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # before the process group, so NCCL binds this rank to its own GPU
-    set_tf32(cfg.compute.tf32, device)
     if kind == "deepspeed":
         if not launched:  # a single process without a launcher: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

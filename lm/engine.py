@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ConfigError, TrainConfig
+from lm.device import set_tf32
 from lm.distributed import DistInfo, all_reduce, broadcast
 
 
@@ -123,6 +124,12 @@ class Engine:
     """Interface shared by both engines (``module`` is the bare model, for eval, redraw and checkpoints)."""
     module: nn.Module
     info: DistInfo
+    cfg: TrainConfig
+
+    def _start(self, cfg: TrainConfig, info: DistInfo) -> None:
+        """What every engine does first: keep the config and placement, and apply ``compute.tf32``."""
+        self.cfg, self.info = cfg, info
+        set_tf32(cfg.compute.tf32, info.device)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float) -> StepStats:
         """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``."""
@@ -160,7 +167,7 @@ class TorchEngine(Engine):
             raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} needs the DeepSpeed engine: "
                               f"start through launch.sh / set engine=deepspeed, or use deepspeed.zero_stage=0")
         cfg.gradient_accumulation_steps(info.world_size)
-        self.cfg, self.info = cfg, info
+        self._start(cfg, info)
         self.module = model.to(info.device)
         if info.world_size > 1:  # identical start on every rank, whatever each rank's init did
             for t in list(self.module.parameters()) + list(self.module.buffers()):
@@ -220,7 +227,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("deepspeed.torch_adam=false with deepspeed.zero_stage=0 and compute.precision=fp32 "
                               "cannot skip steps with non-finite gradients; set deepspeed.torch_adam=true, "
                               "deepspeed.zero_stage>=1 or compute.precision=bf16/fp16")
-        self.cfg, self.info = cfg, info
+        self._start(cfg, info)
         self.ds_config = deepspeed_config(cfg, info.world_size)
         groups = param_groups(model, cfg.optim.weight_decay)
         # DeepSpeed's ZeRO / bf16 / fp16 optimizers skip steps with non-finite gradients themselves; only plain

@@ -254,3 +254,13 @@ def test_tf32_follows_the_config_on_cuda_and_is_a_no_op_elsewhere():
         assert torch.get_float32_matmul_precision() == "high"  # readable by others (torch.compile, DeepSpeed)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_the_engine_applies_compute_tf32_when_it_starts(monkeypatch, tf32):
+    import lm.engine
+    calls = []
+    monkeypatch.setattr(lm.engine, "set_tf32", lambda enabled, device: calls.append((enabled, str(device))))
+    cfg = tiny_train_config(f"compute.tf32={str(tf32).lower()}")
+    TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
+    assert calls == [(tf32, "cpu")]
