@@ -24,8 +24,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lm.config import TrainConfig, as_dict, config_from_dict, to_yaml
-from lm.engine import Engine, barrier, check_ranks_agree
+from lm.config import TrainConfig, as_dict, config_from_dict, migrate_stored, to_yaml
+from lm.distributed import barrier, check_ranks_agree
+from lm.engine import Engine
+from lm.fileio import atomic_write_text, fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -64,21 +66,16 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / META).read_text())
-
-
-def _write_text_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+    """The checkpoint's meta.json (step, tokenizer hash, engine, counters, and the config as a dict in today's
+    layout, whatever version wrote it)."""
+    path = Path(checkpoint) / META
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; use another one of "
+                              f"{path.parent.parent}") from None
+    meta["config"] = migrate_stored(meta["config"])  # written by an older version: today's key layout
+    return meta
 
 
 def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainConfig, tokenizer,
@@ -105,10 +102,10 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
         torch.save(weights, tmp / WEIGHTS)
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.yaml").write_text(to_yaml(cfg))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
                 "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg)}
-        _write_text_synced(tmp / META, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -117,6 +114,7 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        fsync_dir(root)
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)
     barrier()

@@ -5,6 +5,7 @@ its help text. Unknown keys and wrong types are errors that name the key. ``__po
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,20 +217,35 @@ class OptimConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """How the training step computes, whichever engine runs it (DeepSpeed or plain torch)."""
+
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16: mixed precision of forward and backward (bf16: autocast under the plain-torch engine,
+    DeepSpeed's bf16 mode under DeepSpeed; fp16 needs DeepSpeed's loss scaling). Weights and optimizer state stay
+    fp32; the kernelized op keeps its FFT in fp32 or better."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    tf32: bool = True
+    """On CUDA, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (inputs rounded to a 10-bit
+    mantissa, fp32 accumulation). Set when the training engine, eval_ppl and generate start; false = full fp32.
+    No effect on CPU."""
+
+    def __post_init__(self) -> None:
+        _choice("compute.precision", self.precision, ["fp32", "bf16", "fp16"])
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
     """ZeRO stage 0, 1 or 2."""
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16 (mixed precision; the kernelized op keeps its FFT in fp32 or better)."""
     torch_adam: bool = True
     """Use torch's AdamW (no extension to compile). false: DeepSpeed's fused (GPU) / CPU Adam, compiled on first
-    start; it cannot skip non-finite steps with zero_stage=0 and precision=fp32, so that combination is refused."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward to save memory."""
+    start; it cannot skip non-finite steps with zero_stage=0 and compute.precision=fp32, so that combination is
+    refused."""
 
     def __post_init__(self) -> None:
         _choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2])
-        _choice("deepspeed.precision", self.precision, ["fp32", "bf16", "fp16"])
 
 
 @dataclass
@@ -265,15 +281,14 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints",
                   "max_nonfinite_steps"):
             _positive(k, getattr(self, k))
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of "
-                              f"micro_batch_size={self.micro_batch_size}")
+        self.gradient_accumulation_steps(world_size=1)  # the world size is known only at start; checked again then
         _choice("device", self.device, ["auto", "cpu", "cuda"])
         if self.stop_at < 0:
             raise ConfigError("stop_at must be >= 0 (0 = run to max_steps)")
@@ -285,6 +300,67 @@ class TrainConfig:
             raise ConfigError(f"eval_stride={self.eval_stride} must be in [0, data.seq_len={self.data.seq_len}] "
                               f"(0 = data.seq_len)")
 
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step on ``world_size`` ranks; a ConfigError when the global batch
+        does not split evenly. The one place this rule is checked (the engines and :func:`lm.data.shard` ask
+        here)."""
+        return accumulation_steps(self.batch_size, self.micro_batch_size, world_size)
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """``batch_size / (micro_batch_size * world_size)``; a ConfigError naming the keys when it is not whole."""
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ConfigError(f"batch_size={batch_size} must be a multiple of micro_batch_size x ranks = "
+                          f"{micro_batch_size} x {world_size}; change batch_size or micro_batch_size")
+    return batch_size // per_step
+
+
+MOVED_KEYS = {
+    "deepspeed.precision": "compute.precision",
+    "deepspeed.activation_checkpointing": "compute.activation_checkpointing",
+}
+"""Keys that moved (old -> new). Given by a user (YAML file or override) an old key is an error that names the new
+one; in a config stored by an older version (a checkpoint's meta.json or config.yaml) it is moved silently."""
+
+
+def _dotted_keys(tree, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    out = []
+    for k, v in tree.items():
+        out.append(f"{prefix}{k}")
+        out += _dotted_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def _refuse_moved(keys: Sequence[str], where: str = "", value_of=None) -> None:
+    for key in keys:
+        if key in MOVED_KEYS:
+            new = MOVED_KEYS[key]
+            hint = f"{new}={value_of(key)}" if value_of else new
+            raise ConfigError(f"{where}{key} was renamed {new} (it applies to both engines, not only DeepSpeed): "
+                              f"use {hint}")
+
+
+def migrate_stored(d: dict) -> dict:
+    """A config dict stored by an older version, in today's layout (a copy; keys of :data:`MOVED_KEYS` moved)."""
+    d = copy.deepcopy(d)
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        *new_path, new_leaf = new.split(".")
+        parent = d
+        for k in old_path:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        target = d
+        for k in new_path:
+            target = target.setdefault(k, {})
+        target.setdefault(new_leaf, value)
+    return d
+
 
 def _finish(merged, overrides: Sequence[str]) -> TrainConfig:
     """Apply dotlist overrides, convert to dataclasses (running validation), and map OmegaConf errors."""
@@ -292,6 +368,8 @@ def _finish(merged, overrides: Sequence[str]) -> TrainConfig:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
+        given = dict(o.split("=", 1) for o in overrides)
+        _refuse_moved(list(given), value_of=given.get)
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
@@ -312,7 +390,9 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            _refuse_moved(_dotted_keys(OmegaConf.to_container(loaded)), where=f"{path}: ")
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None)
             raise ConfigError(f"{path}: bad config key {key!r}: {str(e).splitlines()[0]}") from None
@@ -320,12 +400,26 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 
 def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint), plus overrides."""
+    """Rebuild a validated config from a stored plain dict (e.g. a checkpoint's, written by this or an older
+    version: see :func:`migrate_stored`), plus ``key=value`` overrides given by the user."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(d))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(migrate_stored(d)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
     return _finish(merged, overrides)
+
+
+def load_stored_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The ``config.yaml`` a run or checkpoint directory holds (written by this or an older version), validated,
+    plus ``key=value`` overrides. (A YAML file given as a training config goes through :func:`load_config`.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    return config_from_dict(stored, overrides)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

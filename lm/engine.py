@@ -1,7 +1,8 @@
 """One training step, two interchangeable engines: DeepSpeed, and a plain-torch twin with the same interface.
 
 ``train.py`` calls only :meth:`Engine.train_step`, :meth:`Engine.save_state` / :meth:`Engine.load_state` and
-:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`init_distributed`.
+:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`lm.distributed.init_distributed`.
+Collectives go through :mod:`lm.distributed` (on the device the backend takes).
 
 Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_tokens``, where ``global_tokens``
 counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
@@ -10,33 +11,18 @@ how the batch is split. (DeepSpeed averages gradients over ranks, so its loss is
 """
 from __future__ import annotations
 
-import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ConfigError, TrainConfig
-
-
-@dataclass
-class DistInfo:
-    """Where this process runs: engine kind, rank, world size and device."""
-    kind: str  # "deepspeed" | "torch"
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from lm.device import set_tf32
+from lm.distributed import DistInfo, all_reduce, broadcast
 
 
 @dataclass
@@ -51,73 +37,6 @@ class StepStats:
     """True when the parameters were left unchanged."""
     nonfinite: str
     """"" when all was finite, else what went non-finite: "loss" or "gradients"."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Pick the engine and start the process group.
-
-    ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
-    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU.
-    """
-    launched = "WORLD_SIZE" in os.environ
-    kind = cfg.engine if cfg.engine != "auto" else ("deepspeed" if launched else "torch")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if cuda else "gloo"
-    if kind == "deepspeed":
-        if not launched:  # a single process without a launcher: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=backend)
-    elif launched and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(kind, rank, world, local_rank, device)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place; a no-op on one process). Returns ``x``."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def check_ranks_agree(module: nn.Module) -> None:
-    """Raise if any rank holds different parameters than the others (collective; a no-op on one process).
-
-    Compares per-tensor sums and sums of squares: cheap, and any divergence of data-parallel replicas shows up.
-    """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    local = torch.stack([s for p in module.parameters() for s in (p.double().sum(), p.double().square().sum())])
-    local = local.cpu()
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        worst = (hi - lo).abs().max().item()
-        raise RuntimeError(f"data-parallel ranks hold different parameters (largest checksum gap {worst:.3e}); "
-                           f"this is a bug in the engine, not in the config")
 
 
 def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -137,17 +56,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that leaves parameters and moments untouched when a gradient is non-finite.
+    """AdamW that leaves parameters and moments untouched when a gradient is non-finite, or when told to skip.
 
     Gradients are already reduced over ranks when ``step`` runs, so every rank takes the same decision.
     ``overflow`` is the flag DeepSpeed reads after a step to count it as skipped.
     """
     overflow: bool = False
+    _skip_next: bool = False
+
+    def skip_next_step(self) -> None:
+        """Make the next :meth:`step` a skipped one whatever the gradients (e.g. the loss was non-finite)."""
+        self._skip_next = True
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self._skip_next:
+            self.overflow, self._skip_next = True, False
+        else:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.overflow:
             return None
         return super().step(closure)
@@ -164,14 +91,6 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x ranks = "
-                          f"{cfg.micro_batch_size} x {world_size}; change batch_size or micro_batch_size")
-    return cfg.batch_size // per_step
-
-
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed JSON config, derived from ``cfg`` (never written by hand).
 
@@ -181,16 +100,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     to compile); otherwise DeepSpeed builds its
     own (fused on GPU, compiled CPU Adam on CPU) from the ``optimizer`` block below.
     """
-    ds = cfg.deepspeed
+    ds, precision = cfg.deepspeed, cfg.compute.precision
     o = cfg.optim
     conf = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps(world_size),
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
@@ -205,6 +124,12 @@ class Engine:
     """Interface shared by both engines (``module`` is the bare model, for eval, redraw and checkpoints)."""
     module: nn.Module
     info: DistInfo
+    cfg: TrainConfig
+
+    def _start(self, cfg: TrainConfig, info: DistInfo) -> None:
+        """What every engine does first: keep the config and placement, and apply ``compute.tf32``."""
+        self.cfg, self.info = cfg, info
+        set_tf32(cfg.compute.tf32, info.device)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float) -> StepStats:
         """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``."""
@@ -222,30 +147,34 @@ class Engine:
         Collective: every rank calls it; every rank gets the same dict."""
         raise NotImplementedError
 
-
-def _finite_flag(losses: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.isfinite(x) for x in losses]).all().float()
+    @staticmethod
+    def _global_loss(nll: list[torch.Tensor]) -> tuple[float, bool]:
+        """(summed token NLL of the whole step over every micro-batch of every rank, whether any of them was
+        non-finite), from this rank's per-micro-batch sums: one all-reduce and one host read per step."""
+        finite = torch.stack([torch.isfinite(x) for x in nll]).all().float()
+        loss_sum, nonfinite = all_reduce(torch.stack([sum(nll), 1.0 - finite]).double()).tolist()
+        return loss_sum, nonfinite > 0
 
 
 class TorchEngine(Engine):
     """Plain torch: autocast for bf16, gradients summed over ranks with one all-reduce per step."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
-        if cfg.deepspeed.precision == "fp16":
-            raise ConfigError("deepspeed.precision=fp16 needs the DeepSpeed engine (loss scaling): start through "
-                              "launch.sh / set engine=deepspeed, or use deepspeed.precision=bf16 or fp32")
+        if cfg.compute.precision == "fp16":
+            raise ConfigError("compute.precision=fp16 needs the DeepSpeed engine (loss scaling): start through "
+                              "launch.sh / set engine=deepspeed, or use compute.precision=bf16 or fp32")
         if cfg.deepspeed.zero_stage:
             raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} needs the DeepSpeed engine: "
                               f"start through launch.sh / set engine=deepspeed, or use deepspeed.zero_stage=0")
-        gradient_accumulation_steps(cfg, info.world_size)
-        self.cfg, self.info = cfg, info
+        cfg.gradient_accumulation_steps(info.world_size)
+        self._start(cfg, info)
         self.module = model.to(info.device)
         if info.world_size > 1:  # identical start on every rank, whatever each rank's init did
             for t in list(self.module.parameters()) + list(self.module.buffers()):
-                dist.broadcast(t.data, src=0)
+                broadcast(t.data, src=0)
         self.optimizer = _adamw(cfg, param_groups(self.module, cfg.optim.weight_decay))
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
-                         if cfg.deepspeed.precision == "bf16" else nullcontext())
+                         if cfg.compute.precision == "bf16" else nullcontext())
 
     def train_step(self, micro_batches, global_tokens, lr):
         self.module.train()
@@ -256,24 +185,22 @@ class TorchEngine(Engine):
                 loss = token_nll_sum(self.module, mb.to(self.info.device))
             nll.append(loss.detach())
             (loss / global_tokens).backward()
-        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
+        loss_sum, loss_bad = self._global_loss(nll)
         if self.info.world_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = all_reduce_sum(torch._utils._flatten_dense_tensors(grads))
+            flat = all_reduce(torch._utils._flatten_dense_tensors(grads))
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss_bad = totals[1].item() > 0
         _set_lr(self.optimizer, lr)
-        if loss_bad:  # the guard below only sees gradients
-            self.optimizer.overflow = True
-        else:
-            self.optimizer.step()
+        if loss_bad:  # the guard itself only sees gradients
+            self.optimizer.skip_next_step()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         skipped = self.optimizer.overflow
         nonfinite = "loss" if loss_bad else ("gradients" if skipped else "")
-        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
 
     def save_state(self, directory):
         if self.info.is_main:
@@ -296,15 +223,16 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg: TrainConfig, model: nn.Module, info: DistInfo):
         import deepspeed
         ds = cfg.deepspeed
-        if not ds.torch_adam and ds.zero_stage == 0 and ds.precision == "fp32":
-            raise ConfigError("deepspeed.torch_adam=false with zero_stage=0 and precision=fp32 cannot skip steps "
-                              "with non-finite gradients; set deepspeed.torch_adam=true, zero_stage>=1 or bf16/fp16")
-        self.cfg, self.info = cfg, info
+        if not ds.torch_adam and ds.zero_stage == 0 and cfg.compute.precision == "fp32":
+            raise ConfigError("deepspeed.torch_adam=false with deepspeed.zero_stage=0 and compute.precision=fp32 "
+                              "cannot skip steps with non-finite gradients; set deepspeed.torch_adam=true, "
+                              "deepspeed.zero_stage>=1 or compute.precision=bf16/fp16")
+        self._start(cfg, info)
         self.ds_config = deepspeed_config(cfg, info.world_size)
         groups = param_groups(model, cfg.optim.weight_decay)
         # DeepSpeed's ZeRO / bf16 / fp16 optimizers skip steps with non-finite gradients themselves; only plain
         # stage 0 in fp32 steps the client optimizer directly, so only there does it need the guard.
-        plain = ds.zero_stage == 0 and ds.precision == "fp32"
+        plain = ds.zero_stage == 0 and cfg.compute.precision == "fp32"
         optimizer = _adamw(cfg, groups, guarded=plain) if ds.torch_adam else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config)
@@ -331,24 +259,21 @@ class DeepSpeedEngine(Engine):
             engine.backward(loss * (self.info.world_size / global_tokens), scale_wrt_gas=False)
             if i < len(micro_batches) - 1:
                 engine.step()
-        totals = all_reduce_sum(torch.stack([sum(nll), 1.0 - _finite_flag(nll)]).double().cpu())
-        loss_bad = totals[1].item() > 0
+        loss_sum, loss_bad = self._global_loss(nll)
         grad_norm = None
         if isinstance(engine.optimizer, GuardedAdamW):  # stage 0, fp32: gradients are reduced in .grad
             grads = [p.grad.float() for p in self.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if loss_bad:  # make the guard skip the step (and DeepSpeed count it) even if gradients are finite
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
+            if loss_bad:  # DeepSpeed steps this optimizer itself and counts the step skipped if it sets overflow
+                engine.optimizer.skip_next_step()
         engine.step()
         if grad_norm is None:
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         skipped = engine.skipped_steps > skipped_before
-        fp16_overflow = skipped and not loss_bad and self.cfg.deepspeed.precision == "fp16"
+        fp16_overflow = skipped and not loss_bad and self.cfg.compute.precision == "fp16"
         nonfinite = "loss" if loss_bad else ("gradients" if skipped and not fp16_overflow else "")
-        return StepStats(totals[0].item() / global_tokens, grad_norm, lr, skipped, nonfinite)
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
 
     def save_state(self, directory):
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)

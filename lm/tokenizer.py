@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from lm.fileio import atomic_write_bytes
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -180,16 +181,6 @@ class Tokenizer:
                                      f"{msg.split('] ')[-1]})") from None
             raise TokenizerError(f"SentencePiece training failed: {msg}") from None
         return cls(writer.getvalue(), meta)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- worker-process helpers

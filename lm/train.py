@@ -1,4 +1,5 @@
-"""Training entry point: ``python tools/train.py CONFIG [key=value ...]`` (``launch.sh`` runs the same under DeepSpeed).
+"""The training loop, :func:`train` (its command line is :mod:`lm.cli.train`: ``python tools/train.py`` and
+``launch.sh``).
 
 Everything that decides the numbers of a step is a pure function of (config, step, rank): the batch
 (:func:`lm.data.global_batch`), the learning rate (:func:`lm.schedule.lr_at`), the dropout RNG and the random
@@ -9,19 +10,18 @@ from __future__ import annotations
 
 import math
 import resource
-import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from lm import checkpoint
-from lm.config import ConfigError, TrainConfig, as_dict, load_config, to_yaml
-from lm.data import DataError, global_batch, prepare_corpus, shard
-from lm.engine import DistInfo, Engine, barrier, build_engine, init_distributed
+from lm.config import ConfigError, TrainConfig, as_dict, to_yaml
+from lm.data import global_batch, prepare_corpus, shard
+from lm.distributed import DistInfo, barrier, init_distributed
+from lm.engine import Engine, build_engine
 from lm.schedule import lr_at
-from lm.tokenizer import TokenizerError
 
 
 class TrainingStopped(RuntimeError):
@@ -31,16 +31,6 @@ class TrainingStopped(RuntimeError):
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Seed of the RNG stream of ``step`` on ``rank`` (dropout, feature redraws with rank 0)."""
     return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
-
-
-def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``[CONFIG.yaml ...] [key=value ...]`` -> (config files, overrides)."""
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    for f in files:
-        if f.startswith("-"):
-            raise ConfigError(f"unknown option {f!r}: usage: train.py [CONFIG.yaml] [key=value ...]")
-    return files, overrides
 
 
 class RunLog:
@@ -159,7 +149,7 @@ def train(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model)
     model.init_weights()
-    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    model.activation_checkpointing = cfg.compute.activation_checkpointing
     engine = build_engine(cfg, model, info)
     start, bad_in_a_row = 0, 0
     if resume_from is not None:
@@ -187,7 +177,7 @@ def train(cfg: TrainConfig) -> int:
                 raise TrainingStopped(
                     f"stopped at step {step}: {bad_in_a_row} steps in a row had non-finite {stats.nonfinite} "
                     f"(loss {stats.loss}, grad norm {stats.grad_norm}); those steps were skipped. Lower optim.lr, "
-                    f"raise optim.warmup_steps, or use deepspeed.precision=bf16/fp32, and resume from the last "
+                    f"raise optim.warmup_steps, or use compute.precision=bf16/fp32, and resume from the last "
                     f"checkpoint")
             log.train(step, stats, batch[:, 1:].numel())
             last = step == min(stop_at, cfg.max_steps)
@@ -202,23 +192,3 @@ def train(cfg: TrainConfig) -> int:
     finally:
         log.close()
     return step
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``train.py [CONFIG.yaml ...] [key=value ...]``; returns the process exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: train.py [CONFIG.yaml ...] [key=value ...]\n\nTrain a language model. Keys are the fields of "
-              "lm.config.TrainConfig (e.g. run_dir=runs/x max_steps=1000 model.attention.kind=softmax); every run "
-              "directory gets the resolved config.yaml. Shipped configs: configs/*.yaml.")
-        return 0
-    try:
-        files, overrides = parse_argv(argv)
-        train(load_config(files, overrides))
-    except (ConfigError, DataError, TokenizerError, TrainingStopped, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0

@@ -1,17 +1,14 @@
 """Checkpoints: round trip, atomic writes, pruning, and clear errors."""
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import cpu_info, smoke_argv
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_for_inference, save_checkpoint
-from lm.config import load_config
-from lm.engine import DistInfo, TorchEngine
+from lm.cli.train import main
+from lm.config import load_config, load_stored_config
+from lm.engine import TorchEngine
 from lm.model import Transformer
-from lm.train import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +16,7 @@ def trained_run(tmp_path_factory):
     """A real smoke run of 6 steps with checkpoints at 3 and 6."""
     root = tmp_path_factory.mktemp("ckpt")
     run = root / "run"
-    assert main([str(REPO / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={root / 'cache'}",
-                 "data.progress=false", "data.synthetic.train_tokens=60000", "max_steps=6", "save_every=3",
-                 "eval_every=0", "log_every=3"]) == 0
+    assert main(smoke_argv(run, root / "cache", "max_steps=6", "save_every=3", "log_every=3")) == 0
     return run
 
 
@@ -65,7 +60,7 @@ def test_missing_paths_are_clear_errors(tmp_path):
 def test_crash_while_saving_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
     inf = load_for_inference(trained_run)
     cfg = load_config([trained_run / "config.yaml"], [f"run_dir={tmp_path}"])
-    engine = TorchEngine(cfg, inf.model.train(), DistInfo("torch", 0, 1, 0, torch.device("cpu")))
+    engine = TorchEngine(cfg, inf.model.train(), cpu_info())
     first = save_checkpoint(tmp_path, engine, 10, cfg, inf.tokenizer, {}, keep=3)
     good = (first / "model.pt").read_bytes()
 
@@ -94,3 +89,44 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(trained_run, tmp_path,
     # saving a step that exists replaces it whole
     save_checkpoint(tmp_path, engine, 40, cfg, inf.tokenizer, {"nonfinite_in_a_row": 2}, keep=2)
     assert checkpoint.read_meta(find_checkpoint(tmp_path))["counters"] == {"nonfinite_in_a_row": 2}
+
+
+def test_damaged_meta_is_a_clear_error(trained_run, tmp_path):
+    import shutil
+    damaged = tmp_path / "step_00000006"
+    shutil.copytree(find_checkpoint(trained_run), damaged)
+    (damaged / checkpoint.META).write_text('{"step": 6, "tok')  # e.g. a disk that lost the end of the file
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_for_inference(damaged)
+
+
+def _as_written_before_compute_existed(checkpoint_dir):
+    """Rewrite a checkpoint's stored config (meta.json and config.yaml) in the layout of the previous version:
+    compute.precision / compute.activation_checkpointing under deepspeed, no compute section."""
+    import json
+
+    import yaml
+    meta = json.loads((checkpoint_dir / checkpoint.META).read_text())
+    for stored in (meta["config"], yaml.safe_load((checkpoint_dir / "config.yaml").read_text())):
+        compute = stored.pop("compute")
+        stored["deepspeed"].update(precision=compute["precision"],
+                                   activation_checkpointing=compute["activation_checkpointing"])
+    (checkpoint_dir / checkpoint.META).write_text(json.dumps(meta, indent=1))
+    (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+
+
+def test_checkpoints_written_before_the_compute_section_load_and_resume(trained_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for ckpt in list_checkpoints(run):
+        _as_written_before_compute_existed(ckpt)
+    assert "compute" not in (find_checkpoint(run) / checkpoint.META).read_text()
+    old, new = load_for_inference(run), load_for_inference(trained_run)
+    assert old.cfg == new.cfg and old.step == 6
+    ids = torch.tensor([new.tokenizer.encode("what is kelo ? 37 .")])
+    with torch.no_grad():
+        assert torch.equal(old.model(ids), new.model(ids))
+    assert load_stored_config(find_checkpoint(run) / "config.yaml") == old.cfg
+    assert main(smoke_argv(run, trained_run.parent / "cache", "max_steps=8", "save_every=3")) == 0  # from step 6
+    assert checkpoint.read_meta(find_checkpoint(run))["step"] == 8

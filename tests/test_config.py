@@ -1,6 +1,10 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from lm.config import ConfigError, as_dict, config_from_dict, load_config, to_yaml
+from lm.config import (ConfigError, as_dict, config_from_dict, load_config, load_stored_config, migrate_stored,
+                       to_yaml)
 
 
 def test_defaults_and_overrides():
@@ -39,3 +43,62 @@ def test_yaml_file_and_dict_round_trip(tmp_path):
     bad.write_text("model:\n  colour: red\n")
     with pytest.raises(ConfigError, match="colour"):
         load_config([bad])
+
+
+# ------------------------------------------------------------------ keys that moved (deepspeed.* -> compute.*)
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint_v0"
+"""meta.json and config.yaml of a checkpoint written by the code before compute.* existed (commit 14aa89b, smoke
+config with deepspeed.precision=bf16 deepspeed.activation_checkpointing=true)."""
+
+
+@pytest.mark.parametrize("override, new", [
+    ("deepspeed.precision=bf16", "use compute.precision=bf16"),
+    ("deepspeed.activation_checkpointing=true", "use compute.activation_checkpointing=true"),
+])
+def test_moved_keys_given_by_a_user_are_refused_naming_the_new_key(tmp_path, override, new):
+    with pytest.raises(ConfigError, match=new) as e:
+        load_config([], [override])
+    assert "\n" not in str(e.value)
+    f = tmp_path / "old.yaml"
+    f.write_text("deepspeed:\n  zero_stage: 1\n  precision: bf16\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: deepspeed\.precision was renamed compute\.precision"):
+        load_config([f])
+
+
+def test_compute_section():
+    cfg = load_config([], ["compute.precision=bf16", "compute.activation_checkpointing=true", "compute.tf32=false"])
+    assert (cfg.compute.precision, cfg.compute.activation_checkpointing, cfg.compute.tf32) == ("bf16", True, False)
+    assert load_config().compute.tf32 is True  # on by default
+    with pytest.raises(ConfigError, match="compute.precision"):
+        load_config([], ["compute.precision=fp8"])
+
+
+def test_configs_stored_by_an_older_version_are_migrated_silently():
+    cfg = load_config([], ["compute.precision=bf16", "compute.activation_checkpointing=true"])
+    old = as_dict(cfg)
+    compute = old.pop("compute")
+    old["deepspeed"].update(precision=compute["precision"], activation_checkpointing=True)  # the old layout
+    assert config_from_dict(old) == cfg
+    assert migrate_stored(old)["compute"] == {"precision": "bf16", "activation_checkpointing": True}
+    assert "precision" in old["deepspeed"]  # the caller's dict is not modified
+    with pytest.raises(ConfigError, match="compute.precision"):  # the user's overrides are still checked
+        config_from_dict(old, ["deepspeed.precision=fp32"])
+
+
+@pytest.mark.parametrize("load", [
+    lambda: config_from_dict(json.loads((OLD_CHECKPOINT / "meta.json").read_text())["config"]),
+    lambda: load_stored_config(OLD_CHECKPOINT / "config.yaml"),
+], ids=["meta.json", "config.yaml"])
+def test_a_config_written_by_the_previous_version_loads(load):
+    cfg = load()
+    assert cfg.compute.precision == "bf16" and cfg.compute.activation_checkpointing and cfg.compute.tf32
+    assert cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.torch_adam and cfg.model.vocab_size == 384
+    with pytest.raises(ConfigError, match="renamed compute.precision"):  # the same file given as a training config
+        load_config([OLD_CHECKPOINT / "config.yaml"])
+
+
+def test_batch_divisibility_is_checked_in_the_config():
+    cfg = load_config([], ["batch_size=24", "micro_batch_size=4"])
+    assert [cfg.gradient_accumulation_steps(w) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    with pytest.raises(ConfigError, match="batch_size=24 must be a multiple of micro_batch_size x ranks = 4 x 4"):
+        cfg.gradient_accumulation_steps(4)

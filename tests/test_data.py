@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import lm.data
-from lm.config import SyntheticConfig, load_config
+from conftest import SAMPLE_DIR
+import lm.data.hub
+import lm.data.source
+import lm.data.token_cache
+from lm.config import ConfigError, SyntheticConfig, load_config
 from lm.data import DataError, global_batch, prepare_corpus, shard, window_layout
-from lm.synthetic import split_text
+from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
 README_WORDS = {"valid": 213_886, "test": 241_211}
 
 
@@ -42,11 +44,9 @@ def file_sha(path: Path) -> str:
 
 # ------------------------------------------------------------------ the real WikiText-103 sample
 @pytest.fixture(scope="module")
-def sample_corpus(tmp_path_factory):
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
+def sample_corpus(tmp_path_factory, sample_dir):
     cache = tmp_path_factory.mktemp("cache")
-    cfg = data_cfg(cache, f"data.path={SAMPLE}", "data.tokenizer.vocab_size=1000",
+    cfg = data_cfg(cache, f"data.path={sample_dir}", "data.tokenizer.vocab_size=1000",
                    "data.tokenizer.train_max_bytes=300000")
     return cfg, prepare_corpus(cfg)
 
@@ -55,7 +55,7 @@ def test_sample_counts_match_the_files(sample_corpus):
     _, corpus = sample_corpus
     for name in ("train", "valid", "test"):
         split = corpus.split(name)
-        path = SAMPLE / f"wiki.{name}.tokens"
+        path = SAMPLE_DIR / f"wiki.{name}.tokens"
         data = path.read_bytes()
         assert split.num_words == len(data.decode().split())
         assert split.num_bytes == len(data)
@@ -67,7 +67,7 @@ def test_sample_counts_match_the_files(sample_corpus):
 def test_sample_tokens_decode_to_the_exact_text(sample_corpus):
     _, corpus = sample_corpus
     valid = corpus.split("valid")
-    text = (SAMPLE / "wiki.valid.tokens").read_bytes().decode()
+    text = (SAMPLE_DIR / "wiki.valid.tokens").read_bytes().decode()
     assert corpus.tokenizer.decode(valid.tokens) == text
     # the cache holds exactly what encoding the whole text at once gives
     assert np.array_equal(valid.tokens, corpus.tokenizer.encode_array(text, dtype=np.uint16))
@@ -146,8 +146,8 @@ def test_run_dir_tokenizer_is_reused_when_the_cache_is_gone(tmp_path):
 
 
 def test_parallel_tokenization_matches_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(lm.data, "_CHUNK_CHARS", 2048)  # many chunks, so the workers really share the work
-    monkeypatch.setattr(lm.data, "_PARALLEL_MIN_BYTES", 0)  # and use them even for a small corpus
+    monkeypatch.setattr(lm.data.source, "CHUNK_CHARS", 2048)  # many chunks, so the workers really share the work
+    monkeypatch.setattr(lm.data.token_cache, "PARALLEL_MIN_BYTES", 0)  # and use them even for a small corpus
     src = write_local(tmp_path / "src", train_tokens=8000)
     serial = prepare_corpus(data_cfg(tmp_path / "c1", f"data.path={src}"))
     parallel = prepare_corpus(data_cfg(tmp_path / "c2", f"data.path={src}", "data.num_proc=2"))
@@ -270,10 +270,10 @@ def test_hub_rows_are_joined_into_the_original_lines(tmp_path):
     rows = {"train": [" = Title = \n", "", " some text here \n"], "validation": [" v \n", ""], "test": ["t\n"]}
     dd = DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in rows.items()})
     cfg = data_cfg(tmp_path / "cache", "data.source=hf")
-    valid = lm.data._hub_source(dd, cfg, "valid")
+    valid = lm.data.hub.hub_source(dd, cfg, "valid")
     assert "".join(valid.chunks()) == " v \n\n" and valid.num_bytes == 5
     assert valid.fingerprint == hashlib.sha256(b" v \n\n").hexdigest()
-    assert "".join(lm.data._hub_source(dd, cfg, "train").chunks()) == " = Title = \n\n some text here \n"
+    assert "".join(lm.data.hub.hub_source(dd, cfg, "train").chunks()) == " = Title = \n\n some text here \n"
 
 
 def test_unprepared_split_is_an_error(tmp_path):
@@ -334,7 +334,7 @@ def test_shard_is_disjoint_and_covers_the_batch():
 
 def test_shard_errors():
     batch = torch.zeros(10, 3, dtype=torch.long)
-    with pytest.raises(DataError, match="batch_size=10 must equal world_size"):
+    with pytest.raises(ConfigError, match="batch_size=10 must be a multiple of micro_batch_size x ranks = 2 x 3"):
         shard(batch, 0, 3, 2)
     with pytest.raises(DataError, match="rank=3"):
         shard(batch, 3, 3, 1)

@@ -3,9 +3,8 @@ kind and RPE form, past the RPE distance and the training context; cache memory 
 import pytest
 import torch
 
+from conftest import assert_close, tiny_model
 from lm.decoding import DecodeCache, decode_step, prefill
-
-from test_model import make_model
 
 TRAIN_CONTEXT = 16  # the tests' notional training length; decoding runs well past it
 TOTAL = 3 * TRAIN_CONTEXT
@@ -27,9 +26,8 @@ FORMS = {
 }
 
 
-def _assert_close(got, want, tol=5e-5):
-    scale = want.abs().max()
-    assert (got - want).abs().max() <= tol * scale, f"{(got - want).abs().max() / scale:.2e} relative"
+def make_model(seed=0, **kw):
+    return tiny_model(seed, looks_trained=True, **kw)
 
 
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, TRAIN_CONTEXT + 3])
@@ -42,14 +40,14 @@ def test_prefill_then_decode_equals_full_forward(form, prompt_len):
     logits, cache = prefill(m, ids[:, :prompt_len])
     assert logits.shape == (3, prompt_len, 50) and cache.position == prompt_len
     if prompt_len:
-        _assert_close(logits, full[:, :prompt_len])
+        assert_close(logits, full[:, :prompt_len], rtol=5e-5)
         last, _ = prefill(m, ids[:, :prompt_len], last_only=True)
         assert last.shape == (3, 1, 50)
-        _assert_close(last[:, 0], full[:, prompt_len - 1])
+        assert_close(last[:, 0], full[:, prompt_len - 1], rtol=5e-5)
     for t in range(prompt_len, TOTAL):
         step = decode_step(m, cache, ids[:, t])
         assert step.shape == (3, 50) and step.dtype == torch.float32
-        _assert_close(step, full[:, t])
+        assert_close(step, full[:, t], rtol=5e-5)
     assert cache.position == TOTAL
 
 
@@ -62,9 +60,9 @@ def test_prefill_with_each_op_method_then_decode(method, max_distance, n):
     with torch.no_grad():
         full = m(ids)
     logits, cache = prefill(m, ids[:, :n - 10])
-    _assert_close(logits, full[:, :n - 10], tol=2e-4)  # the op's FFT accuracy is 1e-4 per position
+    assert_close(logits, full[:, :n - 10], rtol=2e-4)  # the op's FFT accuracy is 1e-4 per position
     for t in range(n - 10, n):
-        _assert_close(decode_step(m, cache, ids[:, t]), full[:, t], tol=2e-4)
+        assert_close(decode_step(m, cache, ids[:, t]), full[:, t], rtol=2e-4)
 
 
 def test_clipped_cache_memory_is_constant_and_kv_cache_grows():

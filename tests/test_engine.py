@@ -8,34 +8,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lm.config import ConfigError, load_config
-from lm.engine import (DistInfo, GuardedAdamW, TorchEngine, check_ranks_agree, deepspeed_config,
-                       gradient_accumulation_steps, token_nll_sum)
-from lm.model import Transformer
+from conftest import cpu_info, tiny_model, tiny_train_config
+from lm.config import ConfigError
+from lm.distributed import check_ranks_agree, collective_device, free_port
+from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config, token_nll_sum
 
 VOCAB, SEQ = 50, 12
-
-
-def tiny_cfg(*overrides):
-    return load_config([], ["model.vocab_size=50", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
-                            "model.d_ff=64", "model.dropout=0.0", "model.attention.num_features=8",
-                            "model.attention.rpe_max_distance=16", "data.source=synthetic", "data.seq_len=12",
-                            "batch_size=8", "micro_batch_size=2", "optim.warmup_steps=0", *overrides])
-
-
-def tiny_model(cfg):
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    model.init_weights()
-    return model
+NCCL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32,
+               torch.int64}
 
 
 def global_batch(step):
     return torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-
-
-def cpu_info(rank=0, world=1):
-    return DistInfo("torch", rank, world, rank, torch.device("cpu"))
 
 
 def run_steps(engine, rank, world, micro, steps=2):
@@ -47,43 +31,55 @@ def run_steps(engine, rank, world, micro, steps=2):
     return losses
 
 
+def _record_collectives(calls):
+    """Wrap torch.distributed's collectives so that each call records the device and dtype of its tensor."""
+    for name in ("all_reduce", "broadcast"):
+        real = getattr(dist, name)
+
+        def recording(tensor, *args, _real=real, _name=name, **kwargs):
+            calls.append((_name, str(tensor.device), tensor.dtype))
+            return _real(tensor, *args, **kwargs)
+        setattr(dist, name, recording)
+
+
 def _worker(rank, world, micro, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    _record_collectives(calls)
     try:
-        cfg = tiny_cfg(f"micro_batch_size={micro}")
-        torch.manual_seed(rank)  # a different init on each rank: the engine must broadcast rank 0's
-        model = Transformer(cfg.model)
-        model.init_weights()
-        if rank == 0:
-            model.load_state_dict(tiny_model(cfg).state_dict())
+        cfg = tiny_train_config(f"micro_batch_size={micro}")
+        model = tiny_model(rank, config=cfg.model)  # a different init on each rank: the engine must broadcast rank 0's
         engine = TorchEngine(cfg, model, cpu_info(rank, world))
         losses = run_steps(engine, rank, world, micro)
         check_ranks_agree(engine.module)
-        torch.save({"losses": losses, "state": engine.module.state_dict()}, f"{out_path}.{rank}")
+        torch.save({"losses": losses, "state": engine.module.state_dict(), "calls": calls,
+                    "collective_device": str(collective_device())}, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
-    cfg = tiny_cfg("micro_batch_size=2")
-    single = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config("micro_batch_size=2")
+    single = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     losses = run_steps(single, 0, 1, micro=2)  # 1 rank x 4 micro-batches of 2
-    from lm.engine import _free_port
-    mp.spawn(_worker, args=(2, 2, str(tmp_path / "out"), _free_port()), nprocs=2, join=True)  # 2 ranks x 2 micro
+    mp.spawn(_worker, args=(2, 2, str(tmp_path / "out"), free_port()), nprocs=2, join=True)  # 2 ranks x 2 micro
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     assert r0["losses"] == pytest.approx(losses, rel=1e-6)
     for k, v in single.module.state_dict().items():
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks disagree on {k}"
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"update differs in {k}")
     # and the update is not trivially zero
-    assert any(not torch.equal(v, tiny_model(cfg).state_dict()[k]) for k, v in single.module.state_dict().items())
+    assert any(not torch.equal(v, tiny_model(config=cfg.model).state_dict()[k]) for k, v in single.module.state_dict().items())
+    # every collective ran on the backend's device, in a dtype NCCL reduces too
+    assert r0["collective_device"] == "cpu" and {"all_reduce", "broadcast"} <= {c[0] for c in r0["calls"]}
+    assert all(device == r0["collective_device"] and dtype in NCCL_DTYPES for _, device, dtype in r0["calls"])
 
 
 def test_loss_is_the_mean_token_nll_of_the_global_batch():
-    cfg = tiny_cfg("micro_batch_size=4")
-    engine = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config("micro_batch_size=4")
+    engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     batch = global_batch(0)
     with torch.no_grad():
         expected = token_nll_sum(engine.module, batch).item() / batch[:, 1:].numel()
@@ -93,8 +89,8 @@ def test_loss_is_the_mean_token_nll_of_the_global_batch():
 
 
 def test_nonfinite_loss_skips_the_step_and_leaves_parameters_alone():
-    cfg = tiny_cfg()
-    engine = TorchEngine(cfg, tiny_model(cfg), cpu_info())
+    cfg = tiny_train_config()
+    engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     with torch.no_grad():
         engine.module.tok_emb.weight[3] = float("nan")
     before = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -120,8 +116,8 @@ def test_guarded_adamw_skips_nonfinite_gradients():
 
 
 def test_deepspeed_config_is_derived_from_the_train_config():
-    cfg = tiny_cfg("batch_size=16", "micro_batch_size=2", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
-                   "deepspeed.precision=bf16", "deepspeed.torch_adam=false")
+    cfg = tiny_train_config("batch_size=16", "micro_batch_size=2", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
+                   "compute.precision=bf16", "deepspeed.torch_adam=false")
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4
@@ -129,30 +125,33 @@ def test_deepspeed_config_is_derived_from_the_train_config():
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
-    assert "optimizer" not in deepspeed_config(tiny_cfg("deepspeed.torch_adam=true"), world_size=1)
+    assert "optimizer" not in deepspeed_config(tiny_train_config("deepspeed.torch_adam=true"), world_size=1)
     assert "scheduler" not in ds  # the schedule is lm.schedule.lr_at, applied by the engine every step
 
 
 def test_batch_that_does_not_split_over_ranks_is_a_clear_error():
-    cfg = tiny_cfg("batch_size=8", "micro_batch_size=4")
+    cfg = tiny_train_config("batch_size=8", "micro_batch_size=4")
+    assert cfg.gradient_accumulation_steps(world_size=2) == 1
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks = 4 x 3"):
+        cfg.gradient_accumulation_steps(world_size=3)
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x ranks"):
-        gradient_accumulation_steps(cfg, world_size=3)
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info(rank=0, world=3))
 
 
 def test_plain_engine_refuses_what_only_deepspeed_does():
-    cfg = tiny_cfg("deepspeed.zero_stage=1")
+    cfg = tiny_train_config("deepspeed.zero_stage=1")
     with pytest.raises(ConfigError, match="zero_stage"):
-        TorchEngine(cfg, tiny_model(cfg), cpu_info())
-    cfg = tiny_cfg("deepspeed.precision=fp16")
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
+    cfg = tiny_train_config("compute.precision=fp16")
     with pytest.raises(ConfigError, match="fp16"):
-        TorchEngine(cfg, tiny_model(cfg), cpu_info())
+        TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
 
 
 def test_activation_checkpointing_gives_the_same_update():
-    cfg = tiny_cfg()
+    cfg = tiny_train_config()
     out = []
     for recompute in (False, True):
-        model = tiny_model(cfg)
+        model = tiny_model(config=cfg.model)
         model.activation_checkpointing = recompute
         engine = TorchEngine(cfg, model, cpu_info())
         stats = run_steps(engine, 0, 1, micro=2, steps=1)
@@ -165,11 +164,12 @@ def test_activation_checkpointing_gives_the_same_update():
 def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
-    from lm.engine import DeepSpeedEngine, init_distributed
-    cfg = tiny_cfg("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
+    from lm.distributed import init_distributed
+    from lm.engine import DeepSpeedEngine
+    cfg = tiny_train_config("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
     info = init_distributed(cfg)
     try:
-        engine = DeepSpeedEngine(cfg, tiny_model(cfg), info)
+        engine = DeepSpeedEngine(cfg, tiny_model(config=cfg.model), info)
         batch = global_batch(0)
         good = engine.train_step(list(batch.split(2)), batch[:, 1:].numel(), lr=1e-2)
         with torch.no_grad():
@@ -188,11 +188,79 @@ def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_deepspeed_engine_skips_nonfinite_steps(tmp_path, zero_stage):
     """Stage 0 fp32 skips through GuardedAdamW, ZeRO through DeepSpeed's own overflow check."""
-    from lm.engine import _free_port
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
     out = tmp_path / "out.pt"
-    mp.spawn(_deepspeed_nonfinite_worker, args=(zero_stage, str(out), _free_port()), nprocs=1, join=True)
+    mp.spawn(_deepspeed_nonfinite_worker, args=(zero_stage, str(out), free_port()), nprocs=1, join=True)
     r = torch.load(out, weights_only=False)
     assert not r["good"].skipped and r["good"].nonfinite == "" and math.isfinite(r["good"].grad_norm)
     assert r["bad"].skipped and r["bad"].nonfinite == "loss"
     assert r["same"], "a skipped step changed the parameters"
+
+
+# ------------------------------------------------------------------ collectives on the backend's device (NCCL: CUDA)
+@pytest.mark.parametrize("backend, local_rank, expected", [
+    ("nccl", "3", "cuda:3"), ("cpu:gloo,cuda:nccl", "1", "cuda:1"), ("gloo", "3", "cpu"), (None, "0", "cpu")])
+def test_collectives_run_on_the_device_the_backend_takes(monkeypatch, backend, local_rank, expected):
+    """NCCL rejects CPU tensors (gloo accepts CUDA ones), so the helper must route by the backend's name; it
+    only names the device, so this runs without a GPU and allocates nothing."""
+    import lm.distributed
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(lm.distributed.dist, "is_initialized", lambda: backend is not None)
+    monkeypatch.setattr(lm.distributed.dist, "get_backend", lambda group=None: backend)
+    assert collective_device() == torch.device(expected)
+
+
+def test_nothing_outside_lm_distributed_calls_torch_distributed_collectives():
+    import ast
+    lm_dir = Path(__file__).resolve().parents[1] / "lm"
+    collectives = {"all_reduce", "broadcast", "barrier", "all_gather", "all_gather_into_tensor", "reduce",
+                   "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "send", "recv"}
+    offenders = []
+    for path in lm_dir.rglob("*.py"):
+        if path.name == "distributed.py" and path.parent == lm_dir:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            owner = node.value if isinstance(node, ast.Attribute) else None
+            if node.__class__ is ast.Attribute and node.attr in collectives and (
+                    isinstance(owner, ast.Name) and owner.id == "dist"
+                    or isinstance(owner, ast.Attribute) and owner.attr == "distributed"):
+                offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+                offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} from torch.distributed import")
+    assert not offenders, f"collectives must go through lm.distributed (the backend's device): {offenders}"
+
+
+def test_skip_next_step_leaves_parameters_and_moments_alone():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.skip_next_step()
+    opt.step()
+    assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state
+    opt.step()  # only the next step
+    assert not opt.overflow and not torch.equal(p.data, torch.ones(3))
+
+
+# ------------------------------------------------------------------ TF32
+def test_tf32_follows_the_config_on_cuda_and_is_a_no_op_elsewhere():
+    from lm.device import set_tf32
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for enabled in (True, False, True):
+            set_tf32(enabled, "cuda")  # sets the process-wide switches only: no GPU needed
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+            set_tf32(not enabled, torch.device("cpu"))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+        assert torch.get_float32_matmul_precision() == "high"  # readable by others (torch.compile, DeepSpeed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_the_engine_applies_compute_tf32_when_it_starts(monkeypatch, tf32):
+    import lm.engine
+    calls = []
+    monkeypatch.setattr(lm.engine, "set_tf32", lambda enabled, device: calls.append((enabled, str(device))))
+    cfg = tiny_train_config(f"compute.tf32={str(tf32).lower()}")
+    TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
+    assert calls == [(tf32, "cpu")]

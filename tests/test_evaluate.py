@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.config import AttentionConfig, ModelConfig
+from conftest import tiny_model as build_tiny_model
 from lm.evaluate import NLL, plan_windows, score_tokens
 from lm.model import Transformer
 
@@ -15,14 +15,13 @@ VOCAB, BOS = 37, 1
 
 def tiny_model(kind: str, seed: int = 0) -> Transformer:
     rpe = "none" if kind == "kernelized" else "per_offset"
-    cfg = ModelConfig(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=2, d_ff=64, dropout=0.1,
-                      attention=AttentionConfig(kind=kind, num_features=16, rpe=rpe, rpe_max_distance=5))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)  # PyTorch's default init and a random RPE: every token of history shifts the logits
+    # PyTorch's default init and a random RPE: every token of history shifts the logits
+    model = build_tiny_model(seed, init_weights=False, vocab_size=VOCAB, n_heads=2, dropout=0.1, kind=kind, rpe=rpe,
+                             rpe_max_distance=5)
     with torch.no_grad():
         for p in model.rpe.parameters():
             p.normal_(0.0, 1.0)
-    return model.double().eval()  # float64 weights (logits come back float32)
+    return model.double()  # float64 weights (logits come back float32)
 
 
 def expected_window_start(t: int, num_tokens: int, context: int, stride: int) -> int:

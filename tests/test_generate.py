@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lm.config import AttentionConfig, ModelConfig
+from conftest import tiny_model as build_tiny_model
 from lm.generate import GenerationStats, Sampling, TextStream, filter_logits, generate, sample_next
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
@@ -14,13 +14,9 @@ VOCAB, BOS = 37, 1
 
 def tiny_model(kind: str, rpe: str = "per_offset", seed: int = 0) -> Transformer:
     rpe = "none" if kind == "kernelized" else rpe
-    cfg = ModelConfig(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=2, d_ff=64, dropout=0.0,
-                      attention=AttentionConfig(kind=kind, num_features=16, rpe=rpe, rpe_max_distance=6,
-                                                rpe_num_buckets=4))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    model.init_weights()
-    return model.double().eval()  # float64: no argmax near-ties between the recurrent and parallel paths
+    model = build_tiny_model(seed, vocab_size=VOCAB, n_heads=2, kind=kind, rpe=rpe, rpe_max_distance=6,
+                             rpe_num_buckets=4)
+    return model.double()  # float64: no argmax near-ties between the recurrent and parallel paths
 
 
 # ----------------------------------------------------------------------------------------------- parameters

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO
 from lm import checkpoint
-from lm.train import main
+from lm.cli.train import main
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_model, tiny_model_config
 from lm.attention import KernelizedAttention, SoftmaxAttention
-from lm.config import AttentionConfig, ModelConfig
 from lm.model import INIT_STD, Transformer, sinusoidal_positions
 from lm.ops.feature_maps import nprf_features, positive_random_features
 from lm.ops.reference import kernelized_attention_reference
@@ -22,21 +22,8 @@ KINDS = [
 IDS = [f"{a['kind']}-{a['rpe']}-{a.get('feature_map', 'nprf')}" for a in KINDS]
 
 
-def make_cfg(vocab=50, n_layers=2, d_model=32, n_heads=4, d_ff=64, dropout=0.0, **attn):
-    attn.setdefault("num_features", 16)
-    return ModelConfig(vocab_size=vocab, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_ff=d_ff,
-                       dropout=dropout, attention=AttentionConfig(**attn))
-
-
 def make_model(seed=0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(make_cfg(**kw))
-    m.init_weights()
-    with torch.no_grad():  # a trained-looking model: non-trivial RPE, O(1) logits
-        for r in m.rpe:
-            r.bias.normal_(0.0, 1.0)
-        m.tok_emb.weight.normal_(0.0, 0.5)
-    return m.eval()
+    return tiny_model(seed, looks_trained=True, **kw)
 
 
 # ---------------------------------------------------------------- attention layers vs dense float64 references
@@ -49,7 +36,7 @@ def _layer_input(cfg, n=11, b=2, seed=1):
 @pytest.mark.parametrize("feature_map", ["nprf", "prf", "elu", "relu"])
 @pytest.mark.parametrize("table_shape", [None, (4, 5), (30,)])
 def test_kernelized_layer_matches_dense_reference(feature_map, table_shape):
-    cfg = make_cfg(feature_map=feature_map, kind="kernelized_rpe" if table_shape else "kernelized",
+    cfg = tiny_model_config(feature_map=feature_map, kind="kernelized_rpe" if table_shape else "kernelized",
                    rpe="per_offset" if table_shape else "none")
     attn = KernelizedAttention(cfg)
     x = _layer_input(cfg)
@@ -86,7 +73,7 @@ def test_kernelized_layer_matches_dense_reference(feature_map, table_shape):
 @pytest.mark.parametrize("max_bias_elements", [2 ** 26, 4 * 9 * 4])  # the whole bias, or query chunks of 4
 @pytest.mark.parametrize("shared", [True, False, None])
 def test_softmax_layer_matches_dense_reference(shared, max_bias_elements):
-    cfg = make_cfg(kind="softmax", rpe="none" if shared is None else "per_offset")
+    cfg = tiny_model_config(kind="softmax", rpe="none" if shared is None else "per_offset")
     attn = SoftmaxAttention(cfg)
     attn.max_bias_elements = max_bias_elements
     x = _layer_input(cfg, n=9)
@@ -131,7 +118,7 @@ def test_runs_beyond_rpe_distance_and_on_empty_or_single_tokens(attn):
 
 def test_bad_config_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="vocab_size"):
-        Transformer(make_cfg(vocab=0))
+        Transformer(tiny_model_config(vocab_size=0))
     m = make_model()
     with pytest.raises(ValueError, match=r"\(B, N\)"):
         m(torch.zeros(5, dtype=torch.long))
@@ -141,7 +128,7 @@ def test_bad_config_and_inputs_are_clear_errors():
 
 def test_init_statistics():
     torch.manual_seed(0)
-    cfg = make_cfg(vocab=500, n_layers=4, d_model=128, n_heads=4, d_ff=512)
+    cfg = tiny_model_config(vocab_size=500, n_layers=4, d_model=128, n_heads=4, d_ff=512)
     m = Transformer(cfg)
     m.init_weights()
     out_std = INIT_STD / math.sqrt(2 * 4)
@@ -177,7 +164,7 @@ def test_redraw_is_deterministic_from_a_seed_and_changes_the_features():
 @pytest.mark.parametrize("attn", KINDS, ids=IDS)
 def test_state_dict_round_trip_gives_identical_logits(attn):
     m = make_model(seed=0, **attn)
-    other = Transformer(make_cfg(**attn))  # different random weights and features
+    other = Transformer(tiny_model_config(**attn))  # different random weights and features
     ids = torch.randint(0, 50, (2, 15))
     other.load_state_dict(m.state_dict())
     assert torch.equal(other.eval()(ids), m(ids))
@@ -246,7 +233,7 @@ def test_sinusoidal_positions_match_the_formula_and_only_kernelized_uses_them():
 
 
 def test_softmax_query_chunks_give_the_same_gradients():
-    cfg = make_cfg(kind="softmax", rpe="per_offset", rpe_max_distance=5)
+    cfg = tiny_model_config(kind="softmax", rpe="per_offset", rpe_max_distance=5)
     torch.manual_seed(3)
     attn, table = SoftmaxAttention(cfg), torch.randn(4, 6, requires_grad=True)
     x = torch.randn(2, 13, 32, requires_grad=True)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lm.config import AttentionConfig, ModelConfig
+from conftest import tiny_model_config
 from lm.model import Transformer
 from lm.rpe import BucketedRPE, PerOffsetRPE, dense_causal_bias, relative_bias, t5_causal_buckets
 
@@ -99,8 +99,7 @@ def test_relative_bias_for_a_decoding_query():
 
 
 def _cfg(**attn):
-    return ModelConfig(vocab_size=20, n_layers=3, d_model=16, n_heads=2, d_ff=32, dropout=0.0,
-                       attention=AttentionConfig(num_features=8, **attn))
+    return tiny_model_config(vocab_size=20, n_layers=3, d_model=16, n_heads=2, d_ff=32, num_features=8, **attn)
 
 
 def test_model_shares_one_rpe_across_layers_and_heads_when_asked():

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from lm.config import ConfigError, SyntheticConfig, load_config
-from lm.synthetic import make_keys, split_text
+from lm.data.synthetic import make_keys, split_text
 
 RECORD = re.compile(r"= record =\nfacts : (.*)\n(.*)\nquestions : (.*)\n\n")
 

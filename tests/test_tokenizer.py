@@ -1,14 +1,11 @@
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lm.synthetic import split_text
 from lm.config import SyntheticConfig
+from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer, TokenizerError
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
 
 TRICKY = [
     "", "\n", "\n\n\n", "a", " ", "   ", "a  b   c  ", "  leading and trailing  ", "tab\tand\r\nCRLF\rCR",
@@ -81,11 +78,9 @@ def test_vocab_too_large_names_the_key():
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_real_wikitext_round_trip(model_type):
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
-    train = (SAMPLE / "wiki.train.tokens").read_text(encoding="utf-8")[:400_000]
-    valid = (SAMPLE / "wiki.valid.tokens").read_text(encoding="utf-8")[:200_000]
+def test_real_wikitext_round_trip(model_type, sample_dir):
+    train = (sample_dir / "wiki.train.tokens").read_text(encoding="utf-8")[:400_000]
+    valid = (sample_dir / "wiki.valid.tokens").read_text(encoding="utf-8")[:200_000]
     tok = Tokenizer.train(iter(line for line in train.split("\n") if line.strip()), vocab_size=800,
                           model_type=model_type)
     ids = tok.encode(valid)

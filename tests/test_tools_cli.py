@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO as ROOT
+from conftest import smoke_argv
 from lm.checkpoint import load_for_inference
 from lm.data import prepare_corpus
-from lm.train import main as train_main
+from lm.cli.train import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
 
 
 def load_tool(name: str):
@@ -29,9 +29,8 @@ eval_ppl, generate = load_tool("eval_ppl"), load_tool("generate")
 
 def train_tiny(tmp: Path, *overrides: str) -> Path:
     run = tmp / "run"
-    assert train_main([str(ROOT / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={tmp / 'cache'}",
-                       "max_steps=6", "save_every=6", "eval_every=6", "eval_batches=0", "log_every=3",
-                       "data.progress=false", "data.synthetic.train_tokens=30000", *overrides]) == 0
+    assert train_main(smoke_argv(run, tmp / "cache", "max_steps=6", "save_every=6", "eval_every=6", "eval_batches=0",
+                                 "log_every=3", "data.synthetic.train_tokens=30000", *overrides)) == 0
     return run
 
 
@@ -169,16 +168,15 @@ def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
 
 # ----------------------------------------------------------------------------------------------- real text
 @pytest.mark.slow
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the WikiText-103 sample is not next to the repository")
-def test_word_and_token_counts_on_the_wikitext_sample(tmp_path):
-    run = train_tiny(tmp_path, "data.source=local", f"data.path={SAMPLE}", "data.tokenizer.vocab_size=400",
+def test_word_and_token_counts_on_the_wikitext_sample(tmp_path, sample_dir):
+    run = train_tiny(tmp_path, "data.source=local", f"data.path={sample_dir}", "data.tokenizer.vocab_size=400",
                      "data.tokenizer.train_max_bytes=300000", "model.n_layers=1", "model.d_model=32",
                      "model.n_heads=2", "model.d_ff=64", "max_steps=2", "save_every=2", "eval_every=0")
     out = tmp_path / "test.json"
     assert eval_ppl.main([str(run), "--split", "test", "--context", "512", "--batch-size", "16", "--json", str(out),
                           "--no-progress"]) == 0
     (row,) = json.loads(out.read_text())["results"]
-    text = (SAMPLE / "wiki.test.tokens").read_text(encoding="utf-8")
+    text = (sample_dir / "wiki.test.tokens").read_text(encoding="utf-8")
     assert row["num_words"] == len(text.split()) == 241_211  # the README's count
     assert row["num_bytes"] == len(text.encode())
     tokenizer = load_for_inference(run).tokenizer

@@ -11,23 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO, SMOKE_CONFIG, smoke_argv
 from lm import checkpoint
+from lm.cli.train import main
 from lm.config import load_config
-from lm.train import main, train
+from lm.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = str(REPO / "configs/smoke.yaml")
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     """One corpus cache for the module: the tokenizer is trained once."""
     return tmp_path_factory.mktemp("cache")
-
-
-def args(run_dir, cache_dir, *extra):
-    return [SMOKE, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "data.progress=false",
-            "data.synthetic.train_tokens=60000", "log_every=1", "eval_every=0", *extra]
 
 
 def scalars(run_dir, tag):
@@ -43,7 +38,7 @@ def weights(run_dir):
 
 def test_tiny_model_loss_falls_and_run_dir_is_complete(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    assert main(args(run, cache_dir, "max_steps=40", "eval_every=20", "eval_batches=2", "save_every=10",
+    assert main(smoke_argv(run, cache_dir, "max_steps=40", "eval_every=20", "eval_batches=2", "save_every=10",
                      "keep_checkpoints=2")) == 0
     loss = scalars(run, "train/loss")
     assert sorted(loss) == list(range(1, 41))
@@ -64,7 +59,7 @@ def test_tiny_model_loss_falls_and_run_dir_is_complete(tmp_path, cache_dir, caps
                                        ("softmax", "per_offset"), ("softmax", "none")])
 def test_every_attention_kind_trains(tmp_path, cache_dir, kind, rpe):
     run = tmp_path / kind
-    assert main(args(run, cache_dir, "max_steps=12", "optim.warmup_steps=4", f"model.attention.kind={kind}",
+    assert main(smoke_argv(run, cache_dir, "max_steps=12", "optim.warmup_steps=4", f"model.attention.kind={kind}",
                      f"model.attention.rpe={rpe}")) == 0
     loss = scalars(run, "train/loss")
     assert all(math.isfinite(v) for v in loss.values())
@@ -73,10 +68,10 @@ def test_every_attention_kind_trains(tmp_path, cache_dir, kind, rpe):
 
 def test_resume_after_stop_equals_uninterrupted(tmp_path, cache_dir):
     common = ["max_steps=16", "save_every=100", "model.dropout=0.1", "model.attention.redraw_every=3"]
-    assert main(args(tmp_path / "full", cache_dir, *common)) == 0
-    assert main(args(tmp_path / "split", cache_dir, *common, "stop_at=7")) == 0
+    assert main(smoke_argv(tmp_path / "full", cache_dir, *common)) == 0
+    assert main(smoke_argv(tmp_path / "split", cache_dir, *common, "stop_at=7")) == 0
     assert checkpoint.read_meta(checkpoint.find_checkpoint(tmp_path / "split"))["step"] == 7
-    assert main(args(tmp_path / "split", cache_dir, *common)) == 0  # the same command again continues
+    assert main(smoke_argv(tmp_path / "split", cache_dir, *common)) == 0  # the same command again continues
     full, split = scalars(tmp_path / "full", "train/loss"), scalars(tmp_path / "split", "train/loss")
     assert sorted(split) == list(range(1, 17))
     assert [split[s] for s in range(1, 17)] == [full[s] for s in range(1, 17)]
@@ -90,10 +85,10 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, cache_dir):
     # Both runs in subprocesses with the same thread count: bit equality holds for the same floating-point
     # reduction order, which depends on the number of threads.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = [sys.executable, str(REPO / "tools/train.py"), *args(tmp_path / "full", cache_dir, *common)]
+    full = [sys.executable, str(REPO / "tools/train.py"), *smoke_argv(tmp_path / "full", cache_dir, *common)]
     assert subprocess.run(full, env=env, capture_output=True).returncode == 0
     run = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "tools/train.py"), *args(run, cache_dir, *common)]
+    cmd = [sys.executable, str(REPO / "tools/train.py"), *smoke_argv(run, cache_dir, *common)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not checkpoint.list_checkpoints(run):
@@ -112,56 +107,56 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, cache_dir):
 
 def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path, cache_dir, capsys):
     # lr=1e9 blows the weights up at once; later steps have non-finite loss and are skipped
-    assert main(args(tmp_path / "run", cache_dir, "max_steps=30", "optim.lr=1e9", "optim.warmup_steps=0",
+    assert main(smoke_argv(tmp_path / "run", cache_dir, "max_steps=30", "optim.lr=1e9", "optim.warmup_steps=0",
                      "optim.grad_clip=0", "max_nonfinite_steps=3")) == 1
     err = capsys.readouterr().err
     assert "3 steps in a row had non-finite" in err and "stopped at step" in err
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, cache_dir, capsys):
-    assert main(args(tmp_path / "run", cache_dir, "optim.learning_rate=1")) == 1
+    assert main(smoke_argv(tmp_path / "run", cache_dir, "optim.learning_rate=1")) == 1
     assert "optim.learning_rate" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_without_resume_is_refused(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    assert main(args(run, cache_dir, "max_steps=2")) == 0
+    assert main(smoke_argv(run, cache_dir, "max_steps=2")) == 0
     before = (checkpoint.find_checkpoint(run) / "model.pt").read_bytes()
-    assert main(args(run, cache_dir, "max_steps=4", "resume=false")) == 1
+    assert main(smoke_argv(run, cache_dir, "max_steps=4", "resume=false")) == 1
     assert "resume=true" in capsys.readouterr().err
     assert (checkpoint.find_checkpoint(run) / "model.pt").read_bytes() == before
 
 
 def test_resuming_with_another_tokenizer_is_an_error(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    assert main(args(run, cache_dir, "max_steps=2")) == 0
+    assert main(smoke_argv(run, cache_dir, "max_steps=2")) == 0
     meta_path = checkpoint.find_checkpoint(run) / checkpoint.META
     meta = json.loads(meta_path.read_text())
     meta["tokenizer_hash"] = "0" * 64  # as if trained with another tokenizer
     meta_path.write_text(json.dumps(meta))
-    assert main(args(run, cache_dir, "max_steps=4")) == 1
+    assert main(smoke_argv(run, cache_dir, "max_steps=4")) == 1
     assert "another tokenizer" in capsys.readouterr().err
 
 
 def test_resuming_with_another_model_is_an_error(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    assert main(args(run, cache_dir, "max_steps=2")) == 0
-    assert main(args(run, cache_dir, "max_steps=4", "model.d_model=32")) == 1
+    assert main(smoke_argv(run, cache_dir, "max_steps=2")) == 0
+    assert main(smoke_argv(run, cache_dir, "max_steps=4", "model.d_model=32")) == 1
     assert "model.d_model" in capsys.readouterr().err
 
 
 def test_train_returns_last_step(tmp_path, cache_dir):
-    cfg = load_config([SMOKE], args(tmp_path / "run", cache_dir, "max_steps=3")[1:])
+    cfg = load_config([SMOKE_CONFIG], smoke_argv(tmp_path / "run", cache_dir, "max_steps=3")[1:])
     assert train(cfg) == 3
 
 
 def test_resuming_with_the_other_engine_is_a_clear_error(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    assert main(args(run, cache_dir, "max_steps=2")) == 0
+    assert main(smoke_argv(run, cache_dir, "max_steps=2")) == 0
     meta_path = checkpoint.find_checkpoint(run) / checkpoint.META
     meta = json.loads(meta_path.read_text())
     meta["engine"] = "deepspeed"  # as if written by launch.sh
     meta_path.write_text(json.dumps(meta))
-    assert main(args(run, cache_dir, "max_steps=4")) == 1
+    assert main(smoke_argv(run, cache_dir, "max_steps=4")) == 1
     assert "launch.sh" in capsys.readouterr().err

@@ -1,46 +1,9 @@
-"""Prepare the tokenizer and token caches ahead of training (training also does it on demand).
-
-    python tools/prepare_data.py CONFIG [key=value ...]
-
-Prints one line per split: tokens, words, bytes, tokens per word, and the cache file.
-"""
-from __future__ import annotations
-
-import argparse
-import logging
+#!/usr/bin/env python
+"""Prepare the tokenizer and token caches ahead of training: ``python tools/prepare_data.py CONFIG [key=value ...]``
+(the command line is lm/cli/prepare_data.py)."""
 import sys
-import time
 
-from lm.config import ConfigError, load_config
-from lm.data import DataError, prepare_corpus
-from lm.tokenizer import TokenizerError
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML config file (its data section is used)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=DIR data.num_proc=4")
-    p.add_argument("--splits", default="train,valid,test", help="comma-separated splits to prepare")
-    p.add_argument("--run-dir", action="store_true", help="also save the tokenizer into the config's run_dir")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = load_config([args.config], args.overrides)
-        start = time.perf_counter()
-        corpus = prepare_corpus(cfg.data, run_dir=cfg.run_dir if args.run_dir else None,
-                                splits=[s for s in args.splits.split(",") if s])
-        seconds = time.perf_counter() - start
-    except (ConfigError, DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tok = corpus.tokenizer
-    print(f"tokenizer {tok.hash[:16]} vocab {tok.vocab_size} (built: {', '.join(corpus.built) or 'nothing'}; "
-          f"{seconds:.1f} s)")
-    for s in corpus.splits.values():
-        print(f"{s.name:5s} {s.num_tokens:>12,} tokens {s.num_words:>12,} words {s.num_bytes:>13,} bytes "
-              f"{s.num_tokens / max(1, s.num_words):.3f} tokens/word  {s.path}")
-    return 0
-
+from lm.cli.prepare_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

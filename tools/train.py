@@ -3,7 +3,7 @@
 arguments to ``./launch.sh`` (DeepSpeed on every GPU / CPU ranks). See configs/ for the shipped settings."""
 import sys
 
-from lm.train import main
+from lm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

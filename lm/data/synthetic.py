@@ -16,11 +16,12 @@ pseudo-words, values numbers below ``num_values``; the text is a pure function o
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
-from lm.config import SyntheticConfig
+from lm.config import DataConfig, SyntheticConfig
+from lm.data.source import SPLITS, SplitSource, text_chunks
 
-SPLITS = ("train", "valid", "test")
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _ADJECTIVES = ["red", "small", "old", "quiet", "bright", "tall", "green", "slow"]
@@ -73,3 +74,11 @@ def split_text(cfg: SyntheticConfig, split: str) -> str:
         parts.append(rec)
         words += len(rec.split())
     return "".join(parts)
+
+
+def synthetic_source(cfg: DataConfig, split: str) -> SplitSource:
+    """Split ``split`` of the synthetic corpus of ``cfg.synthetic`` (generated in memory)."""
+    text = split_text(cfg.synthetic, split)
+    data = text.encode()
+    return SplitSource(split, hashlib.sha256(data).hexdigest(), len(data), f"synthetic {split} split",
+                       lambda: text_chunks(text))

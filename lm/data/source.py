@@ -1,0 +1,65 @@
+"""What every text source produces: a :class:`SplitSource` (one split, located and fingerprinted, not loaded),
+and the helpers that cut text into line-aligned chunks and fingerprint it.
+
+A source fingerprint is the sha256 of the split's exact UTF-8 text; caches are keyed by it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+SPLITS = ("train", "valid", "test")
+CHUNK_CHARS = 1 << 20
+"""Characters per line-aligned piece of text handed to the tokenizer (and its worker processes)."""
+
+
+class DataError(ValueError):
+    """Data that cannot be prepared or used; the message says what to change."""
+
+
+@dataclass
+class SplitSource:
+    """One split of raw text, located and fingerprinted but not loaded."""
+
+    name: str
+    fingerprint: str
+    """sha256 of the split's exact UTF-8 text."""
+    num_bytes: int
+    origin: str
+    """Where the text comes from (for messages)."""
+    chunks: Callable[[], Iterator[str]] = field(repr=False)
+    """Yields the text in line-aligned pieces (each ends with a newline, except possibly the last)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_chunks(text: str) -> Iterator[str]:
+    """``text`` in line-aligned pieces of about :data:`CHUNK_CHARS` characters."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", min(start + CHUNK_CHARS, len(text)) - 1)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def row_chunks(rows: Iterator[list[str]]) -> Iterator[str]:
+    """Batches of line rows (each ending in a newline) -> pieces of about :data:`CHUNK_CHARS` characters."""
+    buf: list[str] = []
+    size = 0
+    for batch in rows:
+        buf.extend(batch)
+        size += sum(map(len, batch))
+        if size >= CHUNK_CHARS:
+            yield "".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield "".join(buf)
