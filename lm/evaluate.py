@@ -180,22 +180,45 @@ class SplitPerplexity:
     num_tokens: int
     num_words: int
     """Whitespace-delimited words of the original split text."""
+    num_line_ends: int
+    """Lines of the original split text (a missing final newline counts as one)."""
+    num_word_level_tokens: int
+    """``num_words + num_line_ends``: WikiText-103's own token count (valid 217,646, test 245,569)."""
     num_bytes: int
     """UTF-8 bytes of the original split text."""
     token_perplexity: float
     word_perplexity: float
-    """exp(total NLL / words): comparable across tokenizers (the WikiText-103 convention)."""
+    """``exp(total NLL / (words + line ends))``: word-level perplexity by the WikiText-103 convention, as in the
+    literature (word-level models predict an end-of-line token per line, and our model pays for the newlines)."""
+    whitespace_word_perplexity: float
+    """``exp(total NLL / whitespace words)``: the same NLL over the words alone (higher; not the literature's)."""
     bits_per_byte: float
     seconds: float
 
 
-def split_perplexity(nll: NLL, split: str, num_words: int, num_bytes: int, context: int, stride: int,
-                     seconds: float = math.nan) -> SplitPerplexity:
+def word_level_tokens(num_words: int, num_line_ends: int) -> int:
+    """The denominator of word-level perplexity: whitespace words + one end-of-line token per line."""
+    return num_words + num_line_ends
+
+
+def split_word_perplexity(nll: NLL, split_tokens: int, words_and_lines: int) -> float:
+    """Word-level perplexity (WikiText-103 convention) of a split of ``split_tokens`` tokens and
+    ``words_and_lines`` word-level tokens, from the NLL of the tokens scored. Exactly
+    :attr:`SplitPerplexity.word_perplexity` when every token was scored; from a sample of windows (training's
+    bounded validation) the sample's mean token NLL stands for the split's, so it is an estimate."""
+    return _exp(nll.mean * split_tokens / words_and_lines)
+
+
+def split_perplexity(nll: NLL, split: str, num_words: int, num_line_ends: int, num_bytes: int, context: int,
+                     stride: int, seconds: float = math.nan) -> SplitPerplexity:
     """Token and word perplexity and bits per byte of a split from its summed NLL and the split's counts."""
     if num_words < 1 or num_bytes < 1:
         raise ValueError(f"split {split!r} has {num_words} words and {num_bytes} bytes: nothing to normalise by")
-    return SplitPerplexity(split, context, stride, nll.nll_sum, nll.num_tokens, num_words, num_bytes,
-                           token_perplexity=nll.perplexity, word_perplexity=_exp(nll.nll_sum / num_words),
+    words_and_lines = word_level_tokens(num_words, num_line_ends)
+    return SplitPerplexity(split, context, stride, nll.nll_sum, nll.num_tokens, num_words, num_line_ends,
+                           words_and_lines, num_bytes, token_perplexity=nll.perplexity,
+                           word_perplexity=_exp(nll.nll_sum / words_and_lines),
+                           whitespace_word_perplexity=_exp(nll.nll_sum / num_words),
                            bits_per_byte=nll.nll_sum / (math.log(2) * num_bytes), seconds=seconds)
 
 
@@ -206,7 +229,9 @@ class EvalSplit:
     name: str
     tokens: np.ndarray
     num_words: int
-    """Whitespace-delimited words of the original text (the denominator of word-level perplexity)."""
+    """Whitespace-delimited words of the original text."""
+    num_line_ends: int
+    """Lines of the original text (:class:`lm.data.LineEnds`)."""
     num_bytes: int
     """UTF-8 bytes of the original text."""
 
@@ -223,12 +248,12 @@ def tokenize_split(data_cfg, tokenizer, name: str) -> EvalSplit:
     the cache) have changed since. Valid and test splits are small (~1 MB for WikiText-103), so they are
     tokenized in memory; the text is read through the same loader as training's, in line-aligned chunks.
     """
-    from lm.data import resolve_sources
+    from lm.data import LineEnds, resolve_sources
 
     source = resolve_sources(data_cfg, [name])[name]
-    pieces, words = [], 0
-    for chunk in source.chunks():
+    pieces, words, line_ends = [], 0, LineEnds()
+    for chunk in map(line_ends.add, source.chunks()):
         pieces.append(tokenizer.encode_array(chunk))
         words += len(chunk.split())
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return EvalSplit(name, tokens.astype(np.int64, copy=False), words, source.num_bytes)
+    return EvalSplit(name, tokens.astype(np.int64, copy=False), words, line_ends.count, source.num_bytes)

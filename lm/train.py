@@ -70,15 +70,19 @@ class RunLog:
               f"{stats.grad_norm:.3f} | {tok_s:,.0f} tok/s | ETA {_hms(eta)}", flush=True)
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
 
-    def valid(self, step: int, nll_sum: float, num_tokens: int) -> None:
+    def valid(self, step: int, nll, split) -> None:
+        """Log the validation NLL ``nll`` (an :class:`lm.evaluate.NLL`) of the valid ``split`` (a TokenSplit):
+        loss, token perplexity and word perplexity (WikiText-103 convention, as ``tools/eval_ppl.py``)."""
         if not self.enabled:
             return
-        loss = nll_sum / num_tokens
-        ppl = math.exp(min(loss, 700.0))
-        self.writer.add_scalar("valid/loss", loss, step)
-        self.writer.add_scalar("valid/ppl", ppl, step)
+        from lm.evaluate import split_word_perplexity
+        word_ppl = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
+        for name, value in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), ("valid/word_ppl", word_ppl)]:
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
-        print(f"step {step} | valid loss {loss:.4f} | valid ppl {ppl:.2f} ({num_tokens:,} tokens)", flush=True)
+        sample = "" if nll.num_tokens == split.num_tokens else ", word ppl estimated from this sample"
+        print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {nll.perplexity:.2f} | valid word ppl "
+              f"{word_ppl:.2f} ({nll.num_tokens:,} tokens{sample})", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -184,7 +188,7 @@ def train(cfg: TrainConfig) -> int:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 if info.is_main:
                     nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id)
-                    log.valid(step, nll.nll_sum, nll.num_tokens)
+                    log.valid(step, nll, valid_split)
                 barrier()
             if step % cfg.save_every == 0 or last:
                 checkpoint.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer,

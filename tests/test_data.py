@@ -17,11 +17,13 @@ import lm.data.hub
 import lm.data.source
 import lm.data.token_cache
 from lm.config import ConfigError, SyntheticConfig, load_config
-from lm.data import DataError, global_batch, prepare_corpus, shard, window_layout
+from lm.data import DataError, LineEnds, global_batch, prepare_corpus, shard, window_layout
 from lm.data.synthetic import split_text
 from lm.tokenizer import Tokenizer
 
 README_WORDS = {"valid": 213_886, "test": 241_211}
+WIKITEXT_TOKEN_COUNT = {"valid": 217_646, "test": 245_569}
+"""WikiText-103's own word-level token counts (words + one <eos> per line), the denominators of the literature."""
 
 
 def data_cfg(cache: Path, *overrides: str):
@@ -60,8 +62,35 @@ def test_sample_counts_match_the_files(sample_corpus):
         assert split.num_words == len(data.decode().split())
         assert split.num_bytes == len(data)
         assert split.num_tokens == len(split.tokens) and split.tokens.dtype == np.uint16
+        assert split.num_line_ends == data.count(b"\n")  # the files end with a newline
         if name in README_WORDS:
             assert split.num_words == README_WORDS[name]
+            assert split.num_word_level_tokens == WIKITEXT_TOKEN_COUNT[name]
+
+
+@pytest.mark.parametrize("layout", ["wiki.{}.tokens", "wiki.{}.raw", "{}.txt"])
+def test_line_ends_count_a_missing_final_newline_in_every_layout(tmp_path, layout):
+    """words + line ends is the same with and without the trailing newline, whatever the file layout."""
+    text = "\n = Title = \n\n a b @-@ c\n\nlast line here"
+    counts = []
+    for name, body in (("bare", text), ("newline", text + "\n")):
+        d = tmp_path / name
+        d.mkdir()
+        for split in ("train", "valid", "test"):
+            (d / layout.format(split)).write_text(body * (40 if split == "train" else 1), encoding="utf-8")
+        valid = prepare_corpus(data_cfg(tmp_path / f"cache-{name}", f"data.path={d}"), splits=("valid",))
+        split = valid.split("valid")
+        counts.append((split.num_words, split.num_line_ends))
+    # 5 lines of text (two blank, the first starts the file with a newline) + the last one without a newline
+    assert counts[0] == counts[1] == (len(text.split()), 6)
+
+
+def test_line_end_counter_over_pieces():
+    counter = LineEnds()
+    for piece in ["a\nb", "", " c\n", "\n", "d"]:
+        counter.add(piece)
+    assert counter.count == 4  # three newlines and the unterminated last line "d"
+    assert LineEnds().count == 0
 
 
 def test_sample_tokens_decode_to_the_exact_text(sample_corpus):

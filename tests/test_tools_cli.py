@@ -13,6 +13,7 @@ from conftest import REPO as ROOT
 from conftest import smoke_argv
 from lm.checkpoint import load_for_inference
 from lm.data import prepare_corpus
+from lm.data.synthetic import split_text
 from lm.cli.train import main as train_main
 
 
@@ -39,11 +40,11 @@ def run_dir(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def logged_valid_ppl(run: Path) -> float:
+def logged_valid(run: Path, tag: str = "valid/ppl") -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    return events.Scalars("valid/ppl")[-1].value
+    return events.Scalars(tag)[-1].value
 
 
 # ----------------------------------------------------------------------------------------------- eval_ppl
@@ -55,11 +56,17 @@ def test_eval_ppl_matches_training_validation_and_counts_the_split(run_dir, tmp_
     (row,) = report["results"]
     assert report["step"] == 6 and row["context"] == row["stride"] == 128  # the training context by default
     # the same weights and windows as training's full validation: the same perplexity
-    assert row["token_perplexity"] == pytest.approx(logged_valid_ppl(run_dir), rel=1e-5)
+    assert row["token_perplexity"] == pytest.approx(logged_valid(run_dir), rel=1e-5)
+    assert row["word_perplexity"] == pytest.approx(logged_valid(run_dir, "valid/word_ppl"), rel=1e-5)
     cfg = load_for_inference(run_dir).cfg
     split = prepare_corpus(cfg.data, splits=("valid",)).split("valid")
-    assert row["num_tokens"] == split.num_tokens and row["num_words"] == split.num_words
-    assert row["word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / split.num_words))
+    text = split_text(cfg.data.synthetic, "valid")
+    assert row["num_tokens"] == split.num_tokens and row["num_words"] == split.num_words == len(text.split())
+    assert row["num_line_ends"] == text.count("\n") > 0 and text.endswith("\n")
+    words_and_lines = len(text.split()) + text.count("\n")
+    assert row["num_word_level_tokens"] == words_and_lines
+    assert row["word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / words_and_lines))
+    assert row["whitespace_word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / len(text.split())))
     assert row["bits_per_byte"] == pytest.approx(row["nll_sum"] / math.log(2) / split.num_bytes)
     assert f"{row['token_perplexity']:.3f}" in table
 
@@ -178,6 +185,9 @@ def test_word_and_token_counts_on_the_wikitext_sample(tmp_path, sample_dir):
     (row,) = json.loads(out.read_text())["results"]
     text = (sample_dir / "wiki.test.tokens").read_text(encoding="utf-8")
     assert row["num_words"] == len(text.split()) == 241_211  # the README's count
+    assert row["num_line_ends"] == text.count("\n") == 4_358
+    assert row["num_word_level_tokens"] == 245_569  # WikiText-103's test token count, as in the literature
+    assert row["word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / 245_569))
     assert row["num_bytes"] == len(text.encode())
     tokenizer = load_for_inference(run).tokenizer
     assert row["num_tokens"] == len(tokenizer.encode(text))  # every token of the split scored once

@@ -74,13 +74,15 @@ def default_json_path(checkpoint: Path, split: str) -> Path:
 
 
 def format_table(rows: list[SplitPerplexity]) -> str:
-    head = f"{'split':<6}{'context':>8}{'stride':>8}{'tokens':>11}{'words':>10}{'token ppl':>11}{'word ppl':>11}" \
-           f"{'bits/byte':>10}{'tok/s':>9}"
+    """The results table; ``word ppl`` is per word-level token (words + line ends, the WikiText-103 convention)."""
+    head = f"{'split':<6}{'context':>8}{'stride':>8}{'tokens':>11}{'words+eol':>11}{'token ppl':>11}" \
+           f"{'word ppl':>11}{'bits/byte':>10}{'tok/s':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.split:<6}{r.context:>8}{r.stride:>8}{r.num_tokens:>11,}{r.num_words:>10,}"
+        lines.append(f"{r.split:<6}{r.context:>8}{r.stride:>8}{r.num_tokens:>11,}{r.num_word_level_tokens:>11,}"
                      f"{r.token_perplexity:>11.3f}{r.word_perplexity:>11.3f}{r.bits_per_byte:>10.4f}"
                      f"{r.num_tokens / r.seconds:>9.0f}")
+    lines.append("word ppl = exp(NLL / (whitespace words + line ends)): the WikiText-103 convention of the literature")
     return "\n".join(lines)
 
 
@@ -117,15 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         split = tokenize_split(cfg.data, tokenizer, args.split)
         print(f"checkpoint {inference.path} (step {inference.step}, {cfg.model.attention.kind}, trained at context "
               f"{cfg.data.seq_len}) on {device}; {args.split}: {split.num_tokens:,} tokens, {split.num_words:,} "
-              f"words", file=sys.stderr)
+              f"words, {split.num_line_ends:,} lines", file=sys.stderr)
         rows = []
         for context in contexts:
             stride = args.stride or context
             start = time.perf_counter()
             nll = score_tokens(model, split.tokens, context, stride, args.batch_size, tokenizer.bos_id, device,
                                progress=not args.no_progress)
-            rows.append(split_perplexity(nll, args.split, split.num_words, split.num_bytes, context, stride,
-                                         seconds=time.perf_counter() - start))
+            rows.append(split_perplexity(nll, args.split, split.num_words, split.num_line_ends, split.num_bytes,
+                                         context, stride, seconds=time.perf_counter() - start))
     except USER_ERRORS as e:
         return report_error(e, status=2)
 

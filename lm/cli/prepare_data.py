@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer {tok.hash[:16]} vocab {tok.vocab_size} (built: {', '.join(corpus.built) or 'nothing'}; "
           f"{seconds:.1f} s)")
     for s in corpus.splits.values():
-        print(f"{s.name:5s} {s.num_tokens:>12,} tokens {s.num_words:>12,} words {s.num_bytes:>13,} bytes "
+        print(f"{s.name:5s} {s.num_tokens:>12,} tokens {s.num_words:>12,} words {s.num_line_ends:>9,} lines "
+              f"{s.num_bytes:>13,} bytes "
               f"{s.num_tokens / max(1, s.num_words):.3f} tokens/word  {s.path}")
     return 0

@@ -22,8 +22,8 @@ The SentencePiece wrapper itself is :mod:`lm.tokenizer` (checkpoints and tools l
 """
 from lm.data.batches import global_batch, shard, window_layout
 from lm.data.corpus import Corpus, prepare_corpus, resolve_sources
-from lm.data.source import SPLITS, DataError, SplitSource
+from lm.data.source import SPLITS, DataError, LineEnds, SplitSource
 from lm.data.token_cache import TokenSplit
 
-__all__ = ["DataError", "SPLITS", "SplitSource", "resolve_sources", "TokenSplit", "Corpus", "prepare_corpus",
+__all__ = ["DataError", "SPLITS", "SplitSource", "LineEnds", "resolve_sources", "TokenSplit", "Corpus", "prepare_corpus",
            "window_layout", "global_batch", "shard"]

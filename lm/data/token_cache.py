@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm.config import DataConfig
-from lm.data.source import DataError, SplitSource, sha256_file
+from lm.data.source import DataError, LineEnds, SplitSource, sha256_file
 from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir
 from lm.tokenizer import Tokenizer, encode_chunk, encode_chunk_with, init_worker
 
@@ -49,10 +49,17 @@ class TokenSplit:
     """Token ids, shape (num_tokens,), dtype uint16 or uint32, read-only."""
     num_tokens: int
     num_words: int
-    """Whitespace-delimited words of the original text (the denominator of word-level perplexity)."""
+    """Whitespace-delimited words of the original text."""
     num_bytes: int
     """UTF-8 bytes of the original text."""
     path: Path
+    num_line_ends: int
+    """Lines of the original text (:class:`lm.data.source.LineEnds`)."""
+
+    @property
+    def num_word_level_tokens(self) -> int:
+        """Words + line ends: the denominator of word-level perplexity (the WikiText-103 convention)."""
+        return self.num_words + self.num_line_ends
 
 
 def _num_proc(cfg: DataConfig) -> int:
@@ -80,6 +87,9 @@ def _check_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
         stale = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
         if stale:
             log.warning("rebuilding %s: stale cache (%s)", bin_path, stale)
+            return None
+        if "num_line_ends" not in meta:
+            log.warning("rebuilding %s: written before line ends were counted", bin_path)
             return None
         if not bin_path.is_file() or bin_path.stat().st_size != meta["num_tokens"] * dtype.itemsize:
             log.warning("rebuilding %s: token file missing or of the wrong size", bin_path)
@@ -129,12 +139,14 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
     tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
     h = hashlib.sha256()
     n_tokens = n_words = n_bytes = 0
+    line_ends = LineEnds()
     start = time.perf_counter()
     try:
         with open(tmp, "wb") as f, tqdm(total=src.num_bytes, unit="B", unit_scale=True, disable=not progress,
                                         desc=f"tokenize {src.name}") as bar:
             parallel = src.num_bytes >= PARALLEL_MIN_BYTES
-            for ids, words, nbytes in _encoded_chunks(src.chunks(), tok, dtype.name, num_proc, parallel):
+            chunks = map(line_ends.add, src.chunks())
+            for ids, words, nbytes in _encoded_chunks(chunks, tok, dtype.name, num_proc, parallel):
                 data = ids.tobytes()
                 f.write(data)
                 h.update(data)
@@ -152,7 +164,8 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
         tmp.unlink(missing_ok=True)
     meta = {"format": CACHE_FORMAT, "split": src.name, "origin": src.origin, "tokenizer_hash": tok.hash,
             "source_fingerprint": src.fingerprint, "dtype": dtype.name, "num_tokens": n_tokens,
-            "num_words": n_words, "num_bytes": n_bytes, "tokens_sha256": h.hexdigest()}
+            "num_words": n_words, "num_line_ends": line_ends.count, "num_bytes": n_bytes,
+            "tokens_sha256": h.hexdigest()}
     atomic_write_text(side_path, json.dumps(meta, indent=2))
     fsync_dir(bin_path.parent)
     seconds = time.perf_counter() - start
@@ -174,4 +187,5 @@ def prepare_split(cfg: DataConfig, tok: Tokenizer, src: SplitSource) -> tuple[To
     if meta["num_tokens"] == 0:
         raise DataError(f"{src.origin} has no tokens")
     tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
-    return TokenSplit(src.name, tokens, meta["num_tokens"], meta["num_words"], meta["num_bytes"], bin_path), built
+    return TokenSplit(src.name, tokens, meta["num_tokens"], meta["num_words"], meta["num_bytes"], bin_path,
+                      meta["num_line_ends"]), built
