@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from conftest import cpu_info, tiny_model, tiny_train_config
 from lm.config import ConfigError
@@ -77,15 +78,69 @@ def test_one_rank_four_micro_equals_two_ranks_two_micro(tmp_path):
     assert all(device == r0["collective_device"] and dtype in NCCL_DTYPES for _, device, dtype in r0["calls"])
 
 
+def mean_next_token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean NLL of predicting token t + 1 from tokens <= t, written out: logits of ``ids[:, :-1]`` scored
+    against ``ids[:, 1:]`` (the model's training objective, independent of the engine's code)."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def gradients_at_step(engine) -> dict:
+    """Make ``engine``'s optimizer record the gradients it is given (after all reductions, before clipping and
+    the update) at its next step; returns the dict they will be written into."""
+    seen, real_step = {}, engine.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in engine.module.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+    engine.optimizer.step = recording_step
+    return seen
+
+
 def test_loss_is_the_mean_token_nll_of_the_global_batch():
     cfg = tiny_train_config("micro_batch_size=4")
     engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     batch = global_batch(0)
     with torch.no_grad():
-        expected = token_nll_sum(engine.module, batch).item() / batch[:, 1:].numel()
+        expected = mean_next_token_nll(engine.module, batch).item()
     stats = engine.train_step(list(batch.split(4)), batch[:, 1:].numel(), lr=0.0)
     assert stats.loss == pytest.approx(expected, rel=1e-6)
     assert math.isfinite(stats.grad_norm) and stats.grad_norm > 0 and not stats.skipped and stats.nonfinite == ""
+
+
+def test_one_micro_batch_of_eight_equals_four_of_two():
+    """Gradient accumulation is exact: the same gradient, grad norm and update however the batch is split (the
+    loss of each micro-batch is divided by the global batch's tokens, not its own)."""
+    batch, results = global_batch(0), []
+    for micro in (8, 2):
+        cfg = tiny_train_config(f"micro_batch_size={micro}", "optim.grad_clip=0")
+        engine = TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
+        before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        grads = gradients_at_step(engine)
+        stats = engine.train_step(list(batch.split(micro)), batch[:, 1:].numel(), lr=1e-2)
+        results.append((stats, grads, {k: v - before[k] for k, v in engine.module.state_dict().items()}))
+    (one, grads_one, after_one), (four, grads_four, after_four) = results
+    assert four.grad_norm == pytest.approx(one.grad_norm, rel=1e-5) and four.loss == pytest.approx(one.loss)
+    assert grads_one.keys() == grads_four.keys() and grads_one
+    for k in grads_one:
+        torch.testing.assert_close(grads_four[k], grads_one[k], rtol=1e-5, atol=1e-7, msg=f"gradient of {k}")
+    for k in after_one:  # Adam's first update is about lr = 1e-2 per element: 1e-6 is 1e-4 of it
+        torch.testing.assert_close(after_four[k], after_one[k], rtol=1e-4, atol=1e-6, msg=f"update of {k}")
+
+
+def test_grad_norm_is_the_norm_of_the_gradient_of_the_mean_token_nll():
+    """The engine's grad norm (4 micro-batches) equals the norm of d(mean token NLL)/d(params) from one plain
+    forward of the whole batch."""
+    cfg = tiny_train_config("micro_batch_size=2")
+    model = tiny_model(config=cfg.model)
+    batch = global_batch(0)
+    reference = tiny_model(config=cfg.model)
+    reference.train()
+    mean_next_token_nll(reference, batch).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()
+                                                     if p.grad is not None])).item()
+    stats = TorchEngine(cfg, model, cpu_info()).train_step(list(batch.split(2)), batch[:, 1:].numel(), lr=1e-2)
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-5)
 
 
 def test_nonfinite_loss_skips_the_step_and_leaves_parameters_alone():
