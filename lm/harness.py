@@ -99,6 +99,8 @@ class HarnessLM(LM):
         super().__init__()
         if (path is None) == (inference is None):
             raise HarnessError("give the checkpoint as path=RUN_DIR (or a loaded inference=, not both)")
+        if isinstance(batch_size, str) and batch_size.isdigit():  # lm-eval's command line passes strings
+            batch_size = int(batch_size)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise HarnessError(f"batch_size={batch_size!r} must be a positive integer ('auto' is not supported)")
         device = resolve_device(device)
