@@ -1,0 +1,192 @@
+"""Local lm-evaluation-harness tasks over a WikiText-format text file (``wiki.*.tokens``): no hub needed.
+
+:func:`write_tasks` writes into a directory (pass it as ``--include-path``) the documents as JSONL, one task
+YAML each and the ``utils.py`` they reference:
+
+- ``<prefix>_rolling``: rolling log-likelihood of each article (``loglikelihood_rolling``), the document-level
+  perplexity of lm-eval's stock ``wikitext`` task on our own text. Metrics:
+
+  - ``word_perplexity``: ``exp(-sum ll / sum (words + line ends))``, the WikiText-103 convention of the
+    literature (words split on whitespace, one end-of-line token per line; an unterminated last line counts);
+  - ``lm_eval_word_perplexity``: the same log-likelihood over lm-eval's stock word count,
+    ``len(re.split(r"\\s+", page))``: the words plus one empty string at each end of a page that begins and ends
+    with whitespace (a WikiText page begins with a space and ends with a newline), i.e. about words + 2 per
+    page, so it reads ~1.8% x ln(ppl) higher than ``word_perplexity`` on WikiText-103;
+  - ``byte_perplexity`` and ``bits_per_byte`` over the UTF-8 bytes.
+- ``<prefix>_next_word``: multiple choice: a line's first words, then the true next word among
+  ``num_choices - 1`` distractors drawn from the text's frequent words (``acc``, ``acc_norm``).
+
+Articles start at a `` = Title = `` heading line; text before the first heading joins the first article, so the
+documents concatenate to the file's text exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """The articles of a WikiText-format text, each with its lines' newlines; ``"".join(result) == text``."""
+    docs: list[list[str]] = [[]]
+    seen_heading = False
+    for line in text.splitlines(keepends=True):
+        if _ARTICLE_HEADING.match(line.rstrip("\n")):
+            if seen_heading:
+                docs.append([])
+            seen_heading = True
+        docs[-1].append(line)
+    return ["".join(d) for d in docs if d]
+
+
+def wikitext_word_count(text: str) -> int:
+    """Words plus line ends (the WikiText-103 convention): whitespace-delimited words, plus one per line
+    (every ``"\\n"``, and a last line without one)."""
+    return len(text.split()) + text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def lm_eval_word_count(text: str) -> int:
+    """lm-eval's stock ``wikitext`` task's word count of a page."""
+    return len(re.split(r"\s+", text))
+
+
+def rolling_process_results(doc: dict, results: list[float]) -> dict[str, tuple[float, int]]:
+    """``process_results`` of the rolling task: (log-likelihood, count) pairs for the weighted aggregations."""
+    (ll,) = results
+    text = doc["text"]
+    num_bytes = len(text.encode("utf-8"))
+    return {"word_perplexity": (ll, wikitext_word_count(text)),
+            "lm_eval_word_perplexity": (ll, lm_eval_word_count(text)),
+            "byte_perplexity": (ll, num_bytes), "bits_per_byte": (ll, num_bytes)}
+
+
+def next_word_questions(text: str, num_questions: int, num_choices: int = 4, min_context_words: int = 8,
+                        seed: int = 0) -> list[dict]:
+    """Multiple-choice questions from ``text``'s paragraph lines: ``context`` (a line's leading space and first
+    words), ``choices`` (words; lm-eval prepends the space) and ``label`` (index of the true next word).
+    Deterministic for a given ``seed``; the true next word and the distractors are alphabetic words seen at
+    least 5 times in the text."""
+    rng = random.Random(seed)
+    counts = Counter(w for w in text.split() if w.isalpha())
+    pool = sorted(w for w, c in counts.items() if c >= 5)
+    lines = [line for line in text.split("\n") if len(line.split()) > min_context_words + 1
+             and not line.lstrip().startswith("=")]
+    if len(pool) < num_choices or not lines:
+        raise ValueError("the text is too short to build next-word questions")
+    questions = []
+    for line in rng.sample(lines, min(len(lines), 4 * num_questions)):
+        words = line.split()
+        cuts = [k for k in range(min_context_words, len(words)) if words[k] in counts and counts[words[k]] >= 5]
+        if not cuts:
+            continue
+        k = rng.choice(cuts)
+        answer = words[k]
+        choices = rng.sample([w for w in pool if w != answer], num_choices - 1)
+        label = rng.randrange(num_choices)
+        choices.insert(label, answer)
+        questions.append({"context": line[: len(line) - len(line.lstrip())] + " ".join(words[:k]),
+                          "choices": choices, "label": label})
+        if len(questions) == num_questions:
+            break
+    return questions
+
+
+_UTILS = '"""process_results for the local tasks (written by lm.harness_tasks)."""\n' \
+         "from lm.harness_tasks import rolling_process_results  # noqa: F401\n"
+
+
+def _rolling_yaml(name: str, data: Path) -> str:
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+process_results: !function utils.rolling_process_results
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: lm_eval_word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def _choice_yaml(name: str, data: Path) -> str:
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_tasks(text_file: str | Path, out_dir: str | Path, prefix: str = "wikitext_local",
+                num_questions: int = 200, num_choices: int = 4, seed: int = 0) -> list[str]:
+    """Write the two local tasks for ``text_file`` into ``out_dir`` (created; files of the same names are
+    replaced). Returns the task names."""
+    text_file, out_dir = Path(text_file), Path(out_dir)
+    text = text_file.read_text(encoding="utf-8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rolling, choice = f"{prefix}_rolling", f"{prefix}_next_word"
+    _write_jsonl(out_dir / f"{rolling}.jsonl", [{"text": t} for t in wikitext_articles(text)])
+    _write_jsonl(out_dir / f"{choice}.jsonl", next_word_questions(text, num_questions, num_choices, seed=seed))
+    (out_dir / f"{rolling}.yaml").write_text(_rolling_yaml(rolling, (out_dir / f"{rolling}.jsonl").resolve()))
+    (out_dir / f"{choice}.yaml").write_text(_choice_yaml(choice, (out_dir / f"{choice}.jsonl").resolve()))
+    (out_dir / "utils.py").write_text(_UTILS)
+    return [rolling, choice]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write local lm-eval tasks over a WikiText-format text file.")
+    p.add_argument("text_file", type=Path, help="e.g. wiki.test.tokens")
+    p.add_argument("out_dir", type=Path, help="directory for the task files (pass it as --include-path)")
+    p.add_argument("--prefix", default="wikitext_local", help="task names: PREFIX_rolling, PREFIX_next_word")
+    p.add_argument("--num-questions", type=int, default=200)
+    p.add_argument("--num-choices", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        names = write_tasks(args.text_file, args.out_dir, args.prefix, args.num_questions, args.num_choices,
+                            args.seed)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote tasks {', '.join(names)} to {args.out_dir} (use --include-path {args.out_dir})")
+    return 0
