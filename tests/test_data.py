@@ -293,6 +293,32 @@ def test_unreachable_hub_fails_fast_with_a_way_out(tmp_path, monkeypatch):
     assert time.monotonic() - start < 15
 
 
+def test_hub_offline_switches_datasets_to_its_cache_and_back(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    def flags():
+        return datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+
+    before = flags()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: unreachable
+    for env in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(env, raising=False)
+    with lm.data.hub.hub_offline() as offline:
+        assert offline and flags() == (True, True)
+    assert flags() == (False, False)
+    with lm.data.hub.hub_offline(offline=False) as offline:
+        assert not offline and flags() == (False, False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert lm.data.hub.offline_by_environment()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert not lm.data.hub.offline_by_environment()
+    monkeypatch.undo()
+    assert flags() == before
+
+
 def test_hub_rows_are_joined_into_the_original_lines(tmp_path):
     from datasets import Dataset, DatasetDict
 

@@ -296,7 +296,19 @@ def test_skip_next_step_leaves_parameters_and_moments_alone():
     assert not opt.overflow and not torch.equal(p.data, torch.ones(3))
 
 
-# ------------------------------------------------------------------ TF32
+# ------------------------------------------------------------------ the device and TF32 (lm/device.py)
+def test_device_names_resolve_or_say_what_to_use():
+    from lm.device import DeviceError, resolve_device
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu" and resolve_device("meta") == "meta"
+    for bad in ("gpu", "cuda:x", ""):
+        with pytest.raises(DeviceError, match="is not a device; use auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    with pytest.raises(DeviceError, match="CUDA is not available" if not torch.cuda.is_available() else
+                       f"has {torch.cuda.device_count()} CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
 def test_tf32_follows_the_config_on_cuda_and_is_a_no_op_elsewhere():
     from lm.device import set_tf32
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -1,6 +1,7 @@
-"""The Hugging Face hub as a source (``data.source=hf``): a quick reachability probe, so that an unreachable hub
-fails within seconds (offline, `datasets` uses only its local cache), and the dataset's rows joined back into
-the original lines."""
+"""The Hugging Face hub as a source (``data.source=hf``): a quick reachability probe and an offline switch, so
+that an unreachable hub fails within seconds (offline, `datasets` uses only its local cache; the evaluation
+harness loads its task data through the same switch), and the dataset's rows joined back into the original
+lines."""
 from __future__ import annotations
 
 import contextlib
@@ -36,17 +37,31 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     return bool(ok)
 
 
+def offline_by_environment() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` asks for offline use."""
+    return any(os.environ.get(name, "").upper() in ("1", "TRUE", "YES", "ON")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 @contextlib.contextmanager
-def _hub_offline():
-    """Make `datasets` use only its local cache. The offline flags are read from the environment at import time,
-    so the imported modules' copies are switched too (and restored afterwards)."""
+def hub_offline(offline: bool | None = None) -> Iterator[bool]:
+    """Within the block, `datasets` and `huggingface_hub` use only local files and their local cache when
+    ``offline`` is True, or, for None, when the environment asks for it (:func:`offline_by_environment`) or the
+    hub cannot be reached (:func:`hub_reachable`). Yields whether they are offline. Both libraries read the
+    offline flags from the environment at import time, so their module copies are switched (and restored
+    afterwards)."""
+    if offline is None:
+        offline = offline_by_environment() or not hub_reachable()
+    if not offline:
+        yield False
+        return
     import datasets.config
     import huggingface_hub.constants as hub_constants
 
     saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        yield True
     finally:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
@@ -55,17 +70,16 @@ def load_hub_dataset(cfg: DataConfig):
     """``cfg.hf_name`` / ``cfg.hf_config`` as a `datasets` DatasetDict (from the local cache when offline)."""
     from datasets import load_dataset
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "YES", "ON") or not hub_reachable()
-    try:
-        with _hub_offline() if offline else contextlib.nullcontext():
+    with hub_offline() as offline:
+        try:
             return load_dataset(cfg.hf_name, cfg.hf_config)
-    except Exception as e:  # datasets raises many types here (connection, not-cached, not-found)
-        why = ("the Hugging Face hub cannot be reached and the dataset is not in the local `datasets` cache"
-               if offline else "loading from the Hugging Face hub failed")
-        raise DataError(f"data.source=hf ({cfg.hf_name}/{cfg.hf_config}): {why} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}). Point the config at local files with "
-                        f"data.path=DIR (wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt) or use "
-                        f"data.source=synthetic") from None
+        except Exception as e:  # datasets raises many types here (connection, not-cached, not-found)
+            why = ("the Hugging Face hub cannot be reached and the dataset is not in the local `datasets` cache"
+                   if offline else "loading from the Hugging Face hub failed")
+            raise DataError(f"data.source=hf ({cfg.hf_name}/{cfg.hf_config}): {why} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}). Point the config at local files with "
+                            f"data.path=DIR (wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt) or use "
+                            f"data.source=synthetic") from None
 
 
 def hub_source(dataset_dict, cfg: DataConfig, split: str) -> SplitSource:
