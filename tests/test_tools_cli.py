@@ -208,3 +208,16 @@ def test_bench_generate_reports_constant_clipped_state_and_growing_caches(tmp_pa
     assert rows["softmax", 1500]["prefilled_tokens"] == 64  # the rest of the KV cache is repeated entries
     assert all(r["tokens_per_second"] > 0 and r["rss_bytes"] > 0 for r in rows.values())
     assert "clipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- bench_train
+def test_bench_train_builds_every_variant_and_reports_throughput(tmp_path, capsys):
+    bench = load_tool("bench_train")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--contexts", "32", "--tokens-per-step", "64", "--steps", "1", "--repeats", "1",
+                       "--layers", "1", "--d-model", "32", "--features", "8", "--vocab", "64",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["results"]] == list(bench.VARIANTS)
+    assert all(r["batch"] == 2 and r["tokens_per_s"] > 0 for r in report["results"])
+    assert "kernelized_rpe_clip128" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def build(variant: str, context: int, args, device: torch.device) -> TorchEngine
                  f"model.n_heads={args.heads}", f"model.d_ff={4 * args.d_model}", "model.dropout=0.0",
                  f"model.attention.num_features={args.features}", f"model.attention.rpe_max_distance={context}",
                  f"data.seq_len={context}", "data.source=synthetic", f"batch_size={batch}",
-                 f"micro_batch_size={batch}", f"deepspeed.precision={args.precision}", *VARIANTS[variant]]
+                 f"micro_batch_size={batch}", f"compute.precision={args.precision}", *VARIANTS[variant]]
     cfg = load_config([], overrides)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
