@@ -23,21 +23,19 @@ Conventions (where lm-eval leaves a choice to the model):
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from lm.checkpoint import Inference, load_for_inference
+from lm.data.hub import hub_offline
+from lm.device import resolve_device
 from lm.evaluate import score_tokens
 from lm.generate import Sampling, TextStream, generate
 
@@ -254,54 +252,6 @@ class HarnessLM(LM):
 
 
 # ---------------------------------------------------------------------------------------------- running
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"device={name} but CUDA is not available; use cpu")
-    return name
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds (DNS included)."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    ok: list[bool] = []
-
-    def probe() -> None:
-        with contextlib.suppress(OSError):
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-            ok.append(True)
-
-    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").upper() in ("1", "TRUE", "YES", "ON")
-
-
-@contextlib.contextmanager
-def hub_offline(offline: bool | None = None):
-    """Run with `datasets` and `huggingface_hub` offline (local files and the local cache only) when ``offline``
-    is True, or, for None, when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say so or the hub cannot be reached. Both
-    libraries read the flags from the environment at import time, so their module copies are switched too
-    (and restored afterwards)."""
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    if offline is None:
-        offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE") or not _hub_reachable()
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    if offline:
-        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield offline
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-
-
 def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = ()):
     """lm-eval's TaskManager for ``tasks``. Indexing lm-eval's thousands of built-in tasks takes ~10 s, so when
     every task is found in ``include_path`` the built-ins are left out. Unknown names are a :class:`HarnessError`
@@ -329,9 +279,9 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike]
 def run_tasks(lm: HarnessLM, tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = (),
               limit: int | float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
               offline: bool | None = None, bootstrap_iters: int = 0) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``lm`` on ``tasks`` (see :func:`hub_offline` for ``offline``). Returns
-    lm-eval's results dict (use :func:`json_safe` before writing it). ``bootstrap_iters=0`` skips lm-eval's
-    bootstrap standard errors (minutes of CPU for perplexity metrics)."""
+    """``lm_eval.simple_evaluate`` of ``lm`` on ``tasks`` (see :func:`lm.data.hub.hub_offline` for ``offline``).
+    Returns lm-eval's results dict (use :func:`json_safe` before writing it). ``bootstrap_iters=0`` skips
+    lm-eval's bootstrap standard errors (minutes of CPU for perplexity metrics)."""
     from lm_eval import simple_evaluate
 
     if not tasks:
@@ -343,8 +293,8 @@ def run_tasks(lm: HarnessLM, tasks: Sequence[str], include_path: Sequence[str | 
                                    num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
                                    batch_size=lm.batch_size, device=str(lm.device))
         except ConnectionError as e:  # raised by `datasets` while the tasks load, before any scoring
-            why = ("the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and the data are not in the "
-                   "local `datasets` cache" if is_offline else "the Hugging Face hub did not answer")
+            why = ("the Hugging Face hub is unreachable (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and the data "
+                   "are not in the local `datasets` cache" if is_offline else "the Hugging Face hub did not answer")
             raise HarnessError(f"a task's data cannot be loaded: {why} ({str(e).splitlines()[0]}); run where the "
                                f"hub is reachable once (it caches the data), or use local tasks "
                                f"(tools/harness_tasks.py, --include-path)") from None

@@ -21,13 +21,15 @@ documents concatenate to the file's text exactly.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
+
+from lm.data import DataError, LineEnds
+from lm.evaluate import word_level_tokens
+from lm.fileio import atomic_write_text
 
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -46,9 +48,11 @@ def wikitext_articles(text: str) -> list[str]:
 
 
 def wikitext_word_count(text: str) -> int:
-    """Words plus line ends (the WikiText-103 convention): whitespace-delimited words, plus one per line
-    (every ``"\\n"``, and a last line without one)."""
-    return len(text.split()) + text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+    """Words plus line ends (the WikiText-103 convention, counted as eval_ppl counts a split): whitespace-delimited
+    words, plus one per line (:class:`lm.data.LineEnds`)."""
+    line_ends = LineEnds()
+    line_ends.add(text)
+    return word_level_tokens(len(text.split()), line_ends.count)
 
 
 def lm_eval_word_count(text: str) -> int:
@@ -78,7 +82,9 @@ def next_word_questions(text: str, num_questions: int, num_choices: int = 4, min
     lines = [line for line in text.split("\n") if len(line.split()) > min_context_words + 1
              and not line.lstrip().startswith("=")]
     if len(pool) < num_choices or not lines:
-        raise ValueError("the text is too short to build next-word questions")
+        raise DataError(f"the text is too short to build next-word questions ({len(lines)} lines of more than "
+                        f"{min_context_words + 1} words, {len(pool)} words seen 5 times or more; {num_choices} "
+                        f"needed): give a longer text file")
     questions = []
     for line in rng.sample(lines, min(len(lines), 4 * num_questions)):
         words = line.split()
@@ -101,16 +107,22 @@ _UTILS = '"""process_results for the local tasks (written by lm.harness_tasks)."
          "from lm.harness_tasks import rolling_process_results  # noqa: F401\n"
 
 
-def _rolling_yaml(name: str, data: Path) -> str:
+def _task_yaml(name: str, data: Path, output_type: str, body: str) -> str:
+    """A task YAML over the JSONL file ``data`` (its ``test`` split): the shared head, then ``body``."""
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(data))}
-output_type: loglikelihood_rolling
+output_type: {output_type}
 test_split: test
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
+{body}metadata:
+  version: 1.0
+"""
+
+
+_ROLLING_BODY = """doc_to_text: ""
+doc_to_target: "{{text}}"
 process_results: !function utils.rolling_process_results
 metric_list:
   - metric: word_perplexity
@@ -125,22 +137,11 @@ metric_list:
   - metric: bits_per_byte
     aggregation: bits_per_byte
     higher_is_better: false
-metadata:
-  version: 1.0
 """
 
-
-def _choice_yaml(name: str, data: Path) -> str:
-    return f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
+_CHOICE_BODY = """doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
 metric_list:
   - metric: acc
     aggregation: mean
@@ -148,45 +149,28 @@ metric_list:
   - metric: acc_norm
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
 """
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def write_tasks(text_file: str | Path, out_dir: str | Path, prefix: str = "wikitext_local",
                 num_questions: int = 200, num_choices: int = 4, seed: int = 0) -> list[str]:
     """Write the two local tasks for ``text_file`` into ``out_dir`` (created; files of the same names are
-    replaced). Returns the task names."""
+    replaced, each atomically). Returns the task names."""
     text_file, out_dir = Path(text_file), Path(out_dir)
     text = text_file.read_text(encoding="utf-8")
-    out_dir.mkdir(parents=True, exist_ok=True)
     rolling, choice = f"{prefix}_rolling", f"{prefix}_next_word"
-    _write_jsonl(out_dir / f"{rolling}.jsonl", [{"text": t} for t in wikitext_articles(text)])
-    _write_jsonl(out_dir / f"{choice}.jsonl", next_word_questions(text, num_questions, num_choices, seed=seed))
-    (out_dir / f"{rolling}.yaml").write_text(_rolling_yaml(rolling, (out_dir / f"{rolling}.jsonl").resolve()))
-    (out_dir / f"{choice}.yaml").write_text(_choice_yaml(choice, (out_dir / f"{choice}.jsonl").resolve()))
-    (out_dir / "utils.py").write_text(_UTILS)
+    files = {f"{rolling}.jsonl": _jsonl([{"text": t} for t in wikitext_articles(text)]),
+             f"{choice}.jsonl": _jsonl(next_word_questions(text, num_questions, num_choices, seed=seed)),
+             f"{rolling}.yaml": _task_yaml(rolling, (out_dir / f"{rolling}.jsonl").resolve(), "loglikelihood_rolling",
+                                           _ROLLING_BODY),
+             f"{choice}.yaml": _task_yaml(choice, (out_dir / f"{choice}.jsonl").resolve(), "multiple_choice",
+                                          _CHOICE_BODY),
+             "utils.py": _UTILS}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        atomic_write_text(out_dir / name, content)
     return [rolling, choice]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write local lm-eval tasks over a WikiText-format text file.")
-    p.add_argument("text_file", type=Path, help="e.g. wiki.test.tokens")
-    p.add_argument("out_dir", type=Path, help="directory for the task files (pass it as --include-path)")
-    p.add_argument("--prefix", default="wikitext_local", help="task names: PREFIX_rolling, PREFIX_next_word")
-    p.add_argument("--num-questions", type=int, default=200)
-    p.add_argument("--num-choices", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        names = write_tasks(args.text_file, args.out_dir, args.prefix, args.num_questions, args.num_choices,
-                            args.seed)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote tasks {', '.join(names)} to {args.out_dir} (use --include-path {args.out_dir})")
-    return 0

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness adapter (lm/harness.py, tools/harness.py) and the local tasks (lm/harness_tasks.py).
+"""lm-evaluation-harness adapter (lm/harness.py, lm/cli/harness.py) and the local tasks (lm/harness_tasks.py,
+lm/cli/harness_tasks.py).
 
 The adapter's numbers are checked against direct scoring with the model (one sequence, one forward pass, the
 joined text tokenized as a whole) and, end to end through lm-eval, against tools/eval_ppl.py.
@@ -13,7 +14,6 @@ Conventions that differ between the rolling task and eval_ppl (see README "Evalu
 The expected value is computed from eval_ppl's ``nll_sum`` and explicit counts of the text, so the test does not
 depend on which word count eval_ppl's own ``word_perplexity`` field uses.
 """
-import importlib.util
 import json
 import math
 import re
@@ -25,32 +25,19 @@ import pytest
 import torch
 
 import lm
-from lm.checkpoint import load_for_inference
+from conftest import REPO, smoke_argv
+from lm.cli.harness import main as harness_main
+from lm.cli.harness_tasks import main as harness_tasks_main
+from lm.cli.train import main as train_main
 from lm.generate import Sampling, generate
 from lm.harness import HarnessError, HarnessLM, json_safe, run_tasks
 from lm.harness_tasks import lm_eval_word_count, wikitext_articles, wikitext_word_count, write_tasks
-from lm.train import main as train_main
 from lm_eval.api.instance import Instance
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/wikitext-103-sample"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-harness_tool = load_tool("harness")
 
 
 def train_tiny(tmp: Path, *overrides: str) -> Path:
     run = tmp / "run"
-    assert train_main([str(ROOT / "configs/smoke.yaml"), f"run_dir={run}", f"data.cache_dir={tmp / 'cache'}",
-                       "save_every=1000", "eval_every=0", "log_every=1000",
-                       "data.progress=false", *overrides]) == 0
+    assert train_main(smoke_argv(run, tmp / "cache", "save_every=1000", "log_every=1000", *overrides)) == 0
     return run
 
 
@@ -207,10 +194,8 @@ def test_registered_with_lm_eval_and_built_from_its_argument_string(synthetic_ru
 
 
 # ------------------------------------------------------------------------------------------ tasks and CLI
-def test_wikitext_articles_and_word_counts():
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
-    text = (SAMPLE / "wiki.test.tokens").read_text(encoding="utf-8")
+def test_wikitext_articles_and_word_counts(sample_dir):
+    text = (sample_dir / "wiki.test.tokens").read_text(encoding="utf-8")
     docs = wikitext_articles(text)
     assert len(docs) == 62 and "".join(docs) == text
     assert all(re.match(r"( \n)* = [^=].* = \n", d) for d in docs)
@@ -219,6 +204,7 @@ def test_wikitext_articles_and_word_counts():
     # lm-eval's stock count: every page begins with a space and ends with a newline -> two empty "words" each
     assert sum(map(lm_eval_word_count, docs)) == 241_211 + 2 * 62
     assert wikitext_word_count(" a b \n c") == wikitext_word_count(" a b \n c\n") == 5
+    assert wikitext_word_count("") == 0 and wikitext_word_count("\n\n") == 2 and wikitext_word_count("a") == 2
 
 
 def test_without_lm_eval_the_tool_says_how_to_install_it(monkeypatch, capsys, synthetic_run):
@@ -226,40 +212,78 @@ def test_without_lm_eval_the_tool_says_how_to_install_it(monkeypatch, capsys, sy
         monkeypatch.setitem(sys.modules, name, None)  # every `import lm_eval...` now fails
     monkeypatch.delitem(sys.modules, "lm.harness")
     monkeypatch.delattr(lm, "harness")
-    assert harness_tool.main([str(synthetic_run), "--tasks", "anything"]) == 2
+    assert harness_main([str(synthetic_run), "--tasks", "anything"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[eval]'" in err and "Traceback" not in err
 
 
 def test_tool_errors_are_one_line(synthetic_run, tmp_path, capsys):
-    assert harness_tool.main([str(synthetic_run), "--tasks", "x", "--include-path", str(tmp_path / "nope")]) == 2
+    assert harness_main([str(synthetic_run), "--tasks", "x", "--include-path", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
-    assert harness_tool.main([str(tmp_path), "--tasks", "x"]) == 2
+    assert harness_main([str(tmp_path), "--tasks", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert harness_tool.main([str(synthetic_run), "--tasks", "x", "--batch-size", "0"]) == 2
+    assert harness_main([str(synthetic_run), "--tasks", "x", "--batch-size", "0"]) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    assert harness_main([str(synthetic_run), "--tasks", "x", "--device", "gpu"]) == 2
+    assert "--device='gpu' is not a device" in capsys.readouterr().err
+    assert harness_main([str(synthetic_run), "--tasks", "x", "--limit", "0"]) == 2
+    assert "--limit=0 must be > 0" in capsys.readouterr().err
+    assert harness_main([str(synthetic_run), "--tasks", "sample_rolling", "--include-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown task(s): 'sample_rolling'" in err
+
+
+def test_tool_applies_the_checkpoints_tf32_setting(synthetic_run, tmp_path, monkeypatch, capsys):
+    import lm.cli.harness
+    calls = []
+    monkeypatch.setattr(lm.cli.harness, "set_tf32", lambda enabled, device: calls.append((enabled, str(device))))
+    for tf32 in ("true", "false"):  # stops at "no tasks given", after the model is loaded
+        assert harness_main([str(synthetic_run), "--tasks", ",", "--device", "cpu",
+                             f"compute.tf32={tf32}"]) == 2
+    assert calls == [(True, "cpu"), (False, "cpu")]
+
+
+def test_task_writer_tool_writes_the_tasks_and_reports_bad_input_in_one_line(tmp_path, capsys):
+    text = "".join(f" = Article {a} = \n" + "".join(f" the red fox sees a small bird near the old house number {i} "
+                                                  f"and the quiet river . \n" for i in range(12)) for a in range(3))
+    (tmp_path / "wiki.test.tokens").write_text(text, encoding="utf-8")
+    out = tmp_path / "tasks"
+    assert harness_tasks_main([str(tmp_path / "wiki.test.tokens"), str(out), "--prefix", "t",
+                               "--num-questions", "5"]) == 0
+    assert f"--include-path {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["t_next_word.jsonl", "t_next_word.yaml", "t_rolling.jsonl",
+                                                      "t_rolling.yaml", "utils.py"]
+    docs = [json.loads(line)["text"] for line in (out / "t_rolling.jsonl").read_text().splitlines()]
+    assert len(docs) == 3 and "".join(docs) == text
+    assert len((out / "t_next_word.jsonl").read_text().splitlines()) == 5
+
+    (tmp_path / "short.txt").write_text(" = A = \n a few words \n", encoding="utf-8")
+    for argv, message in [([str(tmp_path / "short.txt"), str(tmp_path / "none")], "too short"),
+                          ([str(tmp_path / "missing.txt"), str(tmp_path / "none")], "cannot write the tasks"),
+                          ([str(tmp_path / "wiki.test.tokens"), str(tmp_path / "none"), "--num-choices", "1"],
+                           "--num-choices=1 must be >= 2")]:
+        assert harness_tasks_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()  # nothing written for a request that fails
 
 
 # ------------------------------------------------------------------------------------------ WikiText sample
 @pytest.fixture(scope="module")
-def wikitext_run(tmp_path_factory) -> Path:
+def wikitext_run(tmp_path_factory, sample_dir) -> Path:
     """A tiny model trained 30 steps on the WikiText-103 sample (its tokenizer knows English)."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
     return train_tiny(tmp_path_factory.mktemp("wikitext"), "max_steps=30", "data.source=local",
-                      f"data.path={SAMPLE}", "data.tokenizer.vocab_size=512")
+                      f"data.path={sample_dir}", "data.tokenizer.vocab_size=512")
 
 
 @pytest.fixture(scope="module")
-def test_subset(tmp_path_factory) -> Path:
+def test_subset(tmp_path_factory, sample_dir) -> Path:
     """A data directory whose test split is the sample's first 5 test articles (~1/12 of it, to keep the test
     short); train is the sample's (eval_ppl locates every split)."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
     d = tmp_path_factory.mktemp("subset")
-    docs = wikitext_articles((SAMPLE / "wiki.test.tokens").read_text(encoding="utf-8"))
+    docs = wikitext_articles((sample_dir / "wiki.test.tokens").read_text(encoding="utf-8"))
     (d / "wiki.test.tokens").write_text("".join(docs[:5]), encoding="utf-8")
-    (d / "wiki.train.tokens").symlink_to(SAMPLE / "wiki.train.tokens")
+    (d / "wiki.train.tokens").symlink_to(sample_dir / "wiki.train.tokens")
     return d
 
 
@@ -269,7 +293,7 @@ def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, test_subset,
     tasks = tmp_path / "tasks"
     rolling, _ = write_tasks(test_subset / "wiki.test.tokens", tasks, prefix="sample", num_questions=10)
     out = tmp_path / "harness.json"
-    assert harness_tool.main([str(wikitext_run), "--tasks", rolling, "--include-path", str(tasks),
+    assert harness_main([str(wikitext_run), "--tasks", rolling, "--include-path", str(tasks),
                               "--output", str(out), "--batch-size", "16"]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -279,7 +303,7 @@ def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, test_subset,
     assert f"{metrics['word_perplexity,none']:.4f}" in table
 
     ppl_json = tmp_path / "eval_ppl.json"
-    subprocess.run([sys.executable, str(ROOT / "tools/eval_ppl.py"), str(wikitext_run), "--split", "test",
+    subprocess.run([sys.executable, str(REPO / "tools/eval_ppl.py"), str(wikitext_run), "--split", "test",
                     "--context", "128", "--json", str(ppl_json), "--no-progress", f"data.path={test_subset}",
                     f"data.cache_dir={tmp_path / 'cache'}"], check=True, capture_output=True)
     (row,) = json.loads(ppl_json.read_text())["results"]

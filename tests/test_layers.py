@@ -91,7 +91,16 @@ def test_the_check_reports_upward_sideways_and_unknown_imports(tmp_path):
     assert "lm.newthing is not in the layer table" in problems[2]
 
 
-@pytest.mark.parametrize("tool", ["train", "eval_ppl", "generate", "prepare_data"])
+COMMANDS = sorted(p.stem for p in (LM / "cli").glob("*.py") if p.stem not in ("__init__", "common"))
+TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.stem.startswith("bench_"))
+
+
+def test_every_command_has_a_tool_and_every_tool_a_command():
+    assert "harness" in COMMANDS and "train" in COMMANDS
+    assert TOOLS == COMMANDS, "tools/<name>.py (other than the bench_*.py scripts) and lm/cli/<name>.py go in pairs"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
 def test_command_line_tools_are_thin_entry_points(tool):
     tree = ast.parse((REPO / "tools" / f"{tool}.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], \

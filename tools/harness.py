@@ -1,79 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a trained model with EleutherAI's lm-evaluation-harness (lm-eval; `pip install -e '.[eval]'`).
-
-    python tools/harness.py RUN_DIR_OR_CHECKPOINT --tasks T1,T2 [--include-path DIR] [--limit N]
-                            [--batch-size B] [--device D] [--output FILE] [--max-length N] [key=value ...]
-
-Runs `lm_eval.simple_evaluate` with the checkpoint as model `lm-kernelized` (lm/harness.py), prints lm-eval's
-table and writes its results as JSON (default RUN_DIR/eval/harness_<checkpoint>.json). Task data come from the
-Hugging Face hub when it is reachable; otherwise (or with HF_HUB_OFFLINE=1) only local task files and the local
-`datasets` cache are used. Local tasks over WikiText-format files: `python tools/harness_tasks.py FILE DIR`,
-then `--include-path DIR`.
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""Evaluate a trained model with EleutherAI's lm-evaluation-harness: ``python tools/harness.py --help`` (the
+command line is lm/cli/harness.py)."""
 import sys
-from pathlib import Path
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.attention.method=fft")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
-    p.add_argument("--include-path", action="append", default=[], help="directory of extra task YAMLs "
-                   "(repeatable)")
-    p.add_argument("--limit", type=float, help="documents per task (< 1: a fraction); for quick checks only")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences or windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-length", type=int, help="tokens per forward pass (default: the training context)")
-    p.add_argument("--rolling-stride", type=int, help="new tokens per rolling-perplexity window (default: "
-                   "--max-length)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampled generations")
-    p.add_argument("--log-samples", action="store_true", help="include every request and response in the JSON")
-    p.add_argument("--output", type=Path, help="results JSON (default RUN_DIR/eval/harness_<checkpoint>.json)")
-    return p.parse_intermixed_args(argv)
-
-
-def default_output(checkpoint: Path) -> Path:
-    root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-    return root / "eval" / f"harness_{checkpoint.name}.json"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        from lm import harness
-    except ImportError as e:
-        if type(e).__name__ != "LMEvalMissing":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from lm.checkpoint import CheckpointError
-    from lm.config import ConfigError
-    from lm.tokenizer import TokenizerError
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
-    try:
-        model = harness.HarnessLM(args.path, args.overrides, batch_size=args.batch_size, device=args.device,
-                                  max_length=args.max_length, rolling_stride=args.rolling_stride, seed=args.seed)
-        results = harness.run_tasks(model, tasks, args.include_path, limit=limit, num_fewshot=args.num_fewshot,
-                                    log_samples=args.log_samples)
-    except (harness.HarnessError, CheckpointError, ConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(harness.format_tables(results))
-    out = args.output or default_output(model.inference.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(harness.json_safe(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
+from lm.cli.harness import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,10 @@
     eval_ppl.py       perplexity of a checkpoint on a split, sliding windows
     generate.py       sample text from a checkpoint
     prepare_data.py   tokenizer and token caches ahead of training
+    harness.py        lm-evaluation-harness tasks on a checkpoint (needs the optional lm-eval)
+    harness_tasks.py  local lm-eval tasks over a WikiText-format text file
 
-``common.py`` holds what they share: the errors reported as one line instead of a traceback, and device
-resolution. Benchmarks (``tools/bench_*.py``) are measurement scripts, not commands of the library: they stay
-whole in tools/.
+``common.py`` holds what they share: the errors reported as one line instead of a traceback, device resolution
+(:func:`lm.device.resolve_device`) and where a checkpoint's evaluation reports go. Benchmarks
+(``tools/bench_*.py``) are measurement scripts, not commands of the library: they stay whole in tools/.
 """

@@ -1,22 +1,40 @@
-"""What every command line shares: which errors are the user's to fix (reported as one ``error: ...`` line and
-an exit status, never a traceback) and how ``--device`` is resolved."""
+"""What every command line shares: its parser (help from the module docstring; a checkpoint and config
+overrides), which errors are the user's to fix (reported as one ``error: ...`` line and an exit status, never a
+traceback), how ``--device`` is resolved, and where a checkpoint's reports go."""
 from __future__ import annotations
 
+import argparse
 import sys
-
-import torch
+from pathlib import Path
 
 from lm.checkpoint import CheckpointError
 from lm.config import ConfigError
 from lm.data import DataError
+from lm.device import DeviceError, resolve_device
 from lm.tokenizer import TokenizerError
+
+__all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
+           "resolve_device", "eval_dir"]
+
+
+def command_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a command whose module docstring is ``doc``: ``--help`` shows its first line, the
+    arguments, then the whole docstring."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, override_example: str) -> None:
+    """The positional arguments of a command over a checkpoint: ``path`` and ``key=value`` config overrides."""
+    parser.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
+    parser.add_argument("overrides", nargs="*", help=f"config overrides key=value, e.g. {override_example}")
 
 
 class CommandError(ValueError):
     """A command-line request that cannot be served; the message says what to change."""
 
 
-USER_ERRORS = (CommandError, ConfigError, DataError, TokenizerError, CheckpointError)
+USER_ERRORS = (CommandError, ConfigError, DataError, TokenizerError, CheckpointError, DeviceError)
 """Errors caused by what the user gave (flags, config, data, paths). Anything else is a bug: a traceback."""
 
 
@@ -26,10 +44,8 @@ def report_error(error: BaseException, status: int) -> int:
     return status
 
 
-def resolve_device(name: str) -> str:
-    """``--device`` value -> device name: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device=cuda but CUDA is not available; use --device=cpu")
-    return name
+def eval_dir(checkpoint: Path) -> Path:
+    """Where evaluation reports of ``checkpoint`` go: ``RUN_DIR/eval`` for ``RUN_DIR/checkpoints/<name>``, else
+    ``<checkpoint>/eval``."""
+    root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+    return root / "eval"

@@ -7,8 +7,9 @@ Every token of the split is scored exactly once, each with at least ``context - 
 (stride defaults to the context: non-overlapping windows). The context defaults to the training context
 (``data.seq_len``), where the token perplexity equals the validation perplexity training logged; longer contexts
 work (RPE offsets beyond the table clamp). ``key=value`` overrides apply to the stored config, e.g.
-``data.path=DIR`` to read the split from local files. The split is always tokenized with the checkpoint's own tokenizer, never one re-derived from the
-data settings, so it cannot be scored with token ids the model was not trained on.
+``data.path=DIR`` to read the split from local files. The split is always tokenized with the checkpoint's own
+tokenizer, never one re-derived from the data settings, so it cannot be scored with token ids the model was not
+trained on.
 
 Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>.json) and, for several contexts, a PNG of
 perplexity against context length next to it.
@@ -23,15 +24,14 @@ import time
 from pathlib import Path
 
 from lm.checkpoint import load_for_inference
-from lm.cli.common import USER_ERRORS, CommandError, report_error, resolve_device
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
+                           report_error, resolve_device)
 from lm.device import set_tf32
 from lm.evaluate import SplitPerplexity, score_tokens, split_perplexity, tokenize_split
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.path=DIR")
+    p = command_parser(__doc__)
+    add_checkpoint_arguments(p, "data.path=DIR")
     p.add_argument("--split", default="valid", choices=["valid", "test"])
     group = p.add_mutually_exclusive_group()
     group.add_argument("--context", type=int, help="tokens per window, BOS included (default: data.seq_len)")
@@ -69,8 +69,7 @@ def parse_contexts(args: argparse.Namespace) -> list[int] | None:
 
 def default_json_path(checkpoint: Path, split: str) -> Path:
     """RUN_DIR/eval/<checkpoint name>_<split>.json for RUN_DIR/checkpoints/<name>, else inside the checkpoint."""
-    root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-    return root / "eval" / f"{checkpoint.name}_{split}.json"
+    return eval_dir(checkpoint) / f"{checkpoint.name}_{split}.json"
 
 
 def format_table(rows: list[SplitPerplexity]) -> str:

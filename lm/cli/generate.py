@@ -21,15 +21,14 @@ from pathlib import Path
 import torch
 
 from lm.checkpoint import load_for_inference
-from lm.cli.common import USER_ERRORS, CommandError, report_error, resolve_device
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
+                           resolve_device)
 from lm.device import set_tf32
 from lm.generate import GenerationStats, Sampling, TextStream, generate
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. model.attention.method=fft)")
+    p = command_parser(__doc__)
+    add_checkpoint_arguments(p, "model.attention.method=fft")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (default: stdin when piped, else empty)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
