@@ -61,6 +61,16 @@ def tile_shape(items: int, M: int, E: int, nfft: int, budget: int) -> tuple[int,
     return best[1]
 
 
+def _part(x: torch.Tensor, a: int, b: int, c0: int | None = None, c1: int | None = None) -> torch.Tensor:
+    """``x[a:b, c0:c1]`` without dispatching slices that take everything (each one is a kernel-free op, but
+    still a dispatch, and a tile makes many)."""
+    if a != 0 or b != x.shape[0]:
+        x = x[a:b]
+    if c0 is not None and (c0 != 0 or c1 != x.shape[1]):
+        x = x[:, c0:c1]
+    return x
+
+
 class _Tiles:
     """Zero-padded buffers for one tile shape. Only ``[..., :N]`` is ever written, so the tail stays zero and
     a transform needs no padding copy."""
@@ -68,11 +78,14 @@ class _Tiles:
     def __init__(self, n: int, nfft: int, shape: tuple[int, int, int], dtype, device, count: int):
         self.n, self.nfft, self.shape = n, nfft, shape
         self.pads = [torch.zeros(*shape, nfft, dtype=dtype, device=device) for _ in range(count)]
+        self.heads = [pad[..., :n] for pad in self.pads]  # the written part, one view for all tiles
 
     def spectrum(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """rfft of the zero-padded outer products ``a (p, mc, N) x b (p, ec, N)`` -> ``(p, mc, ec, F)``."""
-        pad = self.pads[i][: a.shape[0], : a.shape[1], : b.shape[1]]
-        torch.mul(a[:, :, None, :], b[:, None, :, :], out=pad[..., : self.n])
+        """rfft of the zero-padded outer products ``a (p, mc, 1, N) x b (p, 1, ec, N)`` -> ``(p, mc, ec, F)``."""
+        p, mc, ec = a.shape[0], a.shape[1], b.shape[2]
+        full = (p, mc, ec) == self.shape
+        pad = self.pads[i] if full else self.pads[i][:p, :mc, :ec]
+        torch.mul(a, b, out=self.heads[i] if full else pad[..., : self.n])
         return torch.fft.rfft(pad)
 
     def inverse(self, spec: torch.Tensor) -> torch.Tensor:
@@ -120,15 +133,17 @@ def fft_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tens
     B, H, N, M = q.shape
     E, P = v.shape[-1] + 1, B * H
     nfft, shape, workers = _plan(P, M, E, N, fft_dtype, q.device, workers)
-    rf = _weight_spectrum(r, B, nfft, fft_dtype)
+    rf = _weight_spectrum(r, B, nfft, fft_dtype)[:, None, None]  # (P, 1, 1, F)
     qt, kt, ut = _items(q, fft_dtype), _items(k, fft_dtype), _items(v, fft_dtype, ones_column=True)
     y = torch.zeros(P, E, N, dtype=fft_dtype, device=q.device)
+    q4, k4, u4 = qt[:, :, None], kt[:, :, None], ut[:, None]  # (P, M, 1, N), (P, M, 1, N), (P, 1, E, N)
 
     def run(start: int, stop: int) -> None:
         ws = _Tiles(N, nfft, shape, fft_dtype, q.device, 1)
         for a, b, m0, m1, e0, e1 in ws.blocks(start, stop, M, E):
-            s = ws.inverse(ws.spectrum(0, kt[a:b, m0:m1], ut[a:b, e0:e1]).mul_(rf[a:b, None, None]))
-            y[a:b, e0:e1] += s.mul_(qt[a:b, m0:m1, None]).sum(1)
+            spec = ws.spectrum(0, _part(k4, a, b, m0, m1), _part(u4, a, b).narrow(2, e0, e1 - e0))
+            s = ws.inverse(spec.mul_(_part(rf, a, b)))
+            _part(y, a, b, e0, e1).add_(s.mul_(_part(q4, a, b, m0, m1)).sum(1))
 
     run_items(run, P, workers)
     return y.view(B, H, E, N).transpose(-1, -2)
@@ -145,26 +160,29 @@ def fft_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Ten
     B, H, N, M = q.shape
     E, P = v.shape[-1] + 1, B * H
     nfft, shape, workers = _plan(P, M, E, N, fft_dtype, q.device, workers)
-    rf = _weight_spectrum(r, B, nfft, fft_dtype)
+    rf = _weight_spectrum(r, B, nfft, fft_dtype)[:, None, None]  # (P, 1, 1, F)
     rf_conj = rf.conj().resolve_conj()
     qt, kt, gt = _items(q, fft_dtype), _items(k, fft_dtype), _items(g, fft_dtype)
     ut = _items(v, fft_dtype, ones_column=True)
     dq, dk = torch.zeros_like(qt), torch.zeros_like(kt)
     du = torch.zeros_like(ut)
     acc = torch.zeros(P, rf.shape[-1], dtype=rf.dtype, device=q.device) if need_dr else None
+    q4, k4, u4, g4 = qt[:, :, None], kt[:, :, None], ut[:, None], gt[:, None]
 
     def run(start: int, stop: int) -> None:
         ws = _Tiles(N, nfft, shape, fft_dtype, q.device, 2)
         for a, b, m0, m1, e0, e1 in ws.blocks(start, stop, M, E):
-            xf = ws.spectrum(0, kt[a:b, m0:m1], ut[a:b, e0:e1])  # (p, mc, ec, F)
-            s = ws.inverse(xf * rf[a:b, None, None])
-            dq[a:b, m0:m1] += s.mul_(gt[a:b, None, e0:e1]).sum(2)
-            dsf = ws.spectrum(1, qt[a:b, m0:m1], gt[a:b, e0:e1])
+            kk, qq = _part(k4, a, b, m0, m1), _part(q4, a, b, m0, m1)  # (p, mc, 1, N)
+            uu, gg = _part(u4, a, b).narrow(2, e0, e1 - e0), _part(g4, a, b).narrow(2, e0, e1 - e0)  # (p, 1, ec, N)
+            xf = ws.spectrum(0, kk, uu)  # (p, mc, ec, F)
+            s = ws.inverse(xf * _part(rf, a, b))
+            _part(dq, a, b, m0, m1).add_(s.mul_(gg).sum(2))
+            dsf = ws.spectrum(1, qq, gg)
             if need_dr:
-                acc[a:b] += xf.conj_physical_().mul_(dsf).sum((1, 2))
-            dx = ws.inverse(dsf.mul_(rf_conj[a:b, None, None]))
-            dk[a:b, m0:m1] += (dx * ut[a:b, None, e0:e1]).sum(2)
-            du[a:b, e0:e1] += dx.mul_(kt[a:b, m0:m1, None]).sum(1)
+                _part(acc, a, b).add_(xf.conj_physical_().mul_(dsf).sum((1, 2)))
+            dx = ws.inverse(dsf.mul_(_part(rf_conj, a, b)))
+            _part(dk, a, b, m0, m1).add_((dx * uu).sum(2))
+            _part(du, a, b, e0, e1).add_(dx.mul_(kk).sum(1))
 
     run_items(run, P, workers)
     dr = torch.fft.irfft(acc.view(B, H, -1).sum(0), n=nfft)[..., :N] if need_dr else None
