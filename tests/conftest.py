@@ -54,31 +54,10 @@ def bias_kind(kind, span, L, H=2, seed=1):
 
 
 def lm_bias(kind, N, H=2, seed=1):
-    """``(H, N)`` float32 biases of the families the FFT precision policy is judged on (``t`` = offset)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(N, dtype=torch.float64)
-    noise = (torch.rand(H, N, generator=g, dtype=torch.float64) - 0.5)
-    b = {
-        "flat": lambda: torch.zeros(N, dtype=torch.float64),
-        "init": lambda: 0.04 * noise,  # ~ 0.02 randn, as at initialisation
-        "decay_0.25log": lambda: -0.25 * torch.log1p(t),
-        "decay_0.5log": lambda: -0.5 * torch.log1p(t),
-        "decay_1log": lambda: -torch.log1p(t),
-        "decay_1.5log": lambda: -1.5 * torch.log1p(t),
-        "decay_0.01t": lambda: -0.01 * t,  # 164 nats at 16k (41 at 4k)
-        "decay_0.001t": lambda: -0.001 * t,
-        "noisy_decay": lambda: -torch.log1p(t) + 6 * noise,  # -log(1+t) + U[-3, 3]
-        "random_6": lambda: 6 * noise,
-        "random_15": lambda: 15 * noise,
-        "rising_1": lambda: t / (N - 1),
-        "rising_3": lambda: 3 * t / (N - 1),
-        "rising_6": lambda: 6 * t / (N - 1),
-        "spiky_15": lambda: torch.where(torch.rand(H, N, generator=g) < 0.02, 0.0, -15.0).double(),
-    }[kind]()
-    b = b.expand(H, N).clone()
-    if kind == "spiky_15":
-        b[:, 0] = 0.0
-    return b.float().contiguous()
+    """``(H, N)`` float32 biases of the families the FFT precision policy is judged on
+    (``lm.ops.reference.bias_family``)."""
+    from lm.ops.reference import bias_family
+    return bias_family(kind, N, H, seed)
 
 
 # ----------------------------------------------------------------------------- counting inside the custom op

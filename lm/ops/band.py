@@ -58,11 +58,24 @@ class BandLayout:
         return torch.where(self.causal, w, torch.zeros((), dtype=c.dtype, device=c.device)).transpose(0, 1)
 
     def fold_weight_grad(self, dw: torch.Tensor) -> torch.Tensor:
-        """Gradient ``(nw, H, T, T)`` of :meth:`weights` -> gradient ``(H, L)`` of ``c`` (a masked scatter-add)."""
-        H = dw.shape[1]
-        masked = torch.where(self.causal[:, None], dw, torch.zeros((), dtype=dw.dtype, device=dw.device))
-        dc = torch.zeros(H, self.L, dtype=dw.dtype, device=dw.device)
-        return dc.index_add_(1, self.offset_index.flatten(), masked.transpose(0, 1).flatten(1))
+        """Gradient ``(nw, H, T, T)`` of :meth:`weights` -> gradient ``(H, L)`` of ``c``: sums along the diagonals
+        (a fixed-order reduction, so deterministic on every device; no scatter)."""
+        nw, H, T, _ = dw.shape
+        # Skew: with columns flipped and each row padded by T, row a of the flat array read with stride 2T - 1
+        # lines diagonal d = a - w up in column d + T - 1.
+        x = torch.nn.functional.pad(dw.flip(-1), (0, T)).flatten(-2)[..., : T * (2 * T - 1)]
+        diag = x.view(nw, H, T, 2 * T - 1).sum(-2)  # (nw, H, 2T - 1): offsets j T + d, d = -(T-1)..T-1
+        # Piece j covers offsets jT - (T-1) .. jT + T - 1: its lower half tiles [jT - (T-1), jT], the upper half
+        # overlaps the next piece's lower half.
+        lower = diag[..., :T]  # offsets jT - (T-1) .. jT
+        upper = torch.nn.functional.pad(diag[..., T:], (0, 1))  # offsets jT + 1 .. jT + T (last is padding)
+        lin = (lower.transpose(0, 1).flatten(1)
+               + torch.nn.functional.pad(upper.transpose(0, 1).flatten(1), (T, 0))[:, : nw * T])
+        lin = lin[:, T - 1:]  # offsets 0 .. nw T - T: the acausal part of piece 0 is dropped
+        tail = upper[-1, :, : T - 1]  # offsets (nw - 1) T + 1 .. nw T - 1
+        lin = torch.cat([lin, tail], dim=-1)  # (H, nw T): offsets 0 .. nw T - 1
+        L = self.L
+        return torch.cat([lin[:, : L - 1], lin[:, L - 1:].sum(-1, keepdim=True)], dim=-1)
 
     def blocks(self, x: torch.Tensor, front: int = 0, ones_column: bool = False) -> torch.Tensor:
         """``(B, H, N, C)`` -> block-major ``(front + nb, B, H, T, C (+1))``: ``front`` zero blocks, zero rows
