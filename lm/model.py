@@ -81,6 +81,11 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def _refresh_after_load(module: "Transformer", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: new RPE tables, new FFT precision policy (a function, so models pickle)."""
+    module.refresh_precision_policy()
+
+
 class Transformer(nn.Module):
     """Decoder-only LM: ``forward(ids (B, N) long) -> logits (B, N, vocab_size) float32``.
 
@@ -93,7 +98,8 @@ class Transformer(nn.Module):
     ``fft_fp32_max_len`` from its RPE table (one host read for all layers). Training calls it once per optimizer
     step, ``load_state_dict`` calls it itself; in eager mode ``forward`` also calls it when the RPE parameters
     changed since the last refresh (their version counters say so, without reading values), so a hand-written
-    loop stays accurate. Under ``torch.compile`` that check is skipped: refresh explicitly after each step.
+    loop with a torch optimizer stays accurate. Writes through ``param.data`` (as DeepSpeed's ZeRO does) do not
+    move version counters, and under ``torch.compile`` the check is skipped: refresh explicitly after each step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -113,7 +119,7 @@ class Transformer(nn.Module):
         rpes = [build_rpe(cfg) for _ in range(1 if shared else cfg.n_layers)]
         self.rpe = nn.ModuleList(r for r in rpes if r is not None)
         self._policy_versions = self._rpe_versions()  # the default policy fits the zero tables of construction
-        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_precision_policy())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def rpe_tables(self, n: int | None = None) -> list[torch.Tensor | None]:
         """Each layer's RPE table for a sequence of ``n`` tokens (``None``: the full table); None without RPE."""

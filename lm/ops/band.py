@@ -22,7 +22,7 @@ __all__ = ["BLOCK", "BandLayout", "band_forward", "band_backward", "band_budget"
 
 BLOCK = 64
 """Rows per block ``T``. Per position the band costs ``(nw * T) (M + E)`` with ``nw * T ~ L + T``, so small
-blocks waste less; below 64 the matrices get too small to run fast."""
+blocks waste less of their window; very small ones make the batched matmuls inefficient."""
 
 BAND_WORKSPACE_CPU = 2**21
 """Elements of one score piece ``(G, B, H, T, T)`` on CPU: 8 MiB in float32, so the few pieces of a step stay

@@ -39,11 +39,11 @@ __all__ = ["METHODS", "kernelized_attention", "choose_method"]
 METHODS = ("auto", "dense", "fft", "band", "prefix")
 
 # Crossovers of method="auto" on CPU (measured: README, "The op"): dense up to these lengths, then band while
-# L + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * log2(N) (band costs ~N (L + T), the FFT ~N log2 N), else FFT.
-DENSE_MAX_N_NO_RPE = 255
-DENSE_MAX_N = 512
-BAND_COST_PER_LOG2N = 120
-BAND_OVERHEAD = 256
+# L + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * log2(N) (band costs ~N (L + 64), the FFT ~N log2 N), else FFT.
+DENSE_MAX_N_NO_RPE = 160
+DENSE_MAX_N = 256
+BAND_COST_PER_LOG2N = 150
+BAND_OVERHEAD = 64
 # The same on GPUs: ESTIMATES until measured on one (the dense form's matmuls run far closer to peak there).
 CUDA_DENSE_MAX_N_NO_RPE = 512
 CUDA_DENSE_MAX_N = 1024
