@@ -8,6 +8,11 @@
 The RPE modules live in the model (they may be shared by all layers); layers receive their table,
 ``(H, L)`` / ``(L,)`` or ``None``, as the second argument of ``forward``. Each layer exposes its pieces
 (``features`` / ``qkv``, ``merge``) so that ``lm.decoding`` runs the same maths recurrently.
+
+Precision policy of the FFT method: a kernelized layer holds ``fft_fp32_max_len``, a plain int (the longest
+sequence whose far field may use a float32 FFT for the layer's current RPE table). ``Transformer.
+refresh_precision_policy`` sets it from the tables outside the hot path; ``forward`` only compares it with the
+sequence length, so it reads no tensor values.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from torch import nn
 
 from lm.config import ModelConfig
 from lm.ops import kernelized_attention
-from lm.ops.feature_maps import (elu_features, nprf_features, positive_random_features, random_projection,
-                                 relu_features)
+from lm.ops.feature_maps import (elu_features, no_autocast, nprf_features, positive_random_features,
+                                 random_projection, relu_features)
+from lm.ops.precision import MAX_LENGTH
 from lm.rpe import dense_causal_bias, relative_bias
 
 __all__ = ["KernelizedAttention", "SoftmaxAttention", "build_attention"]
@@ -61,7 +67,11 @@ class KernelizedAttention(_Attention):
     ``num_features`` random features from the buffer ``projection`` ``(M, head_dim)`` (one per layer, shared
     by its heads), saved in the state_dict so that a checkpoint reproduces its features; or ``elu`` / ``relu``
     (``head_dim`` features, no randomness). Features and the op run in float32 or better whatever the
-    parameter dtype.
+    parameter dtype and the autocast state (the q/k/v projection itself follows autocast).
+
+    ``fft_fp32_max_len`` (int): precision policy of the FFT method, see the module docstring. The default
+    suits a zero RPE table (float32 at any length); ``cpu_threads``: the op's CPU worker threads
+    (``lm.ops.CPUThreads``; 0 = ``torch.get_num_threads()``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -70,6 +80,8 @@ class KernelizedAttention(_Attention):
         self.feature_map = a.feature_map
         self.orthogonal = a.orthogonal
         self.method = a.method
+        self.fft_fp32_max_len = MAX_LENGTH
+        self.cpu_threads = 0
         if self.feature_map in ("nprf", "prf"):
             self.register_buffer("projection", random_projection(a.num_features, self.head_dim,
                                                                  orthogonal=a.orthogonal))
@@ -88,16 +100,17 @@ class KernelizedAttention(_Attention):
         all float32 (float64 when the parameters are float64)."""
         q, k, v = self.qkv(x)
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q, k, v = q.to(ct), k.to(ct), v.to(ct)
-        if self.feature_map == "nprf":
-            w = self.projection.to(ct)
-            return nprf_features(q, w, stabilise=True), nprf_features(k, w, stabilise=False), v
-        if self.feature_map == "prf":
-            w, s = self.projection.to(ct), self.head_dim ** -0.25
-            return (positive_random_features(q * s, w, stabilise=True),
-                    positive_random_features(k * s, w, stabilise=False), v)
-        fmap = elu_features if self.feature_map == "elu" else relu_features
-        return fmap(q), fmap(k), v
+        with no_autocast(x.device):
+            q, k, v = q.to(ct), k.to(ct), v.to(ct)
+            if self.feature_map == "nprf":
+                w = self.projection.to(ct)
+                return nprf_features(q, w, stabilise=True), nprf_features(k, w, stabilise=False), v
+            if self.feature_map == "prf":
+                w, s = self.projection.to(ct), self.head_dim ** -0.25
+                return (positive_random_features(q * s, w, stabilise=True),
+                        positive_random_features(k * s, w, stabilise=False), v)
+            fmap = elu_features if self.feature_map == "elu" else relu_features
+            return fmap(q), fmap(k), v
 
     def attend(self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                rpe_table: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +120,9 @@ class KernelizedAttention(_Attention):
         method = self.method
         if rpe_table is None and method == "band":
             method = "prefix"
-        return kernelized_attention(phi_q, phi_k, v, rpe_table, method=method)
+        fft_dtype = torch.float32 if phi_q.shape[-2] <= self.fft_fp32_max_len else torch.float64
+        return kernelized_attention(phi_q, phi_k, v, rpe_table, method=method, fft_dtype=fft_dtype,
+                                    cpu_threads=self.cpu_threads)
 
     def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``."""

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lm.attention import build_attention
+from lm.attention import KernelizedAttention, build_attention
 from lm.config import ModelConfig
+from lm.ops.precision import far_field_risk, updated_policy
 from lm.rpe import BucketedRPE, PerOffsetRPE
 
 __all__ = ["Transformer", "Block", "sinusoidal_positions", "INIT_STD"]
@@ -80,6 +81,11 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def _refresh_after_load(module: "Transformer", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: new RPE tables, new FFT precision policy (a function, so models pickle)."""
+    module.refresh_precision_policy()
+
+
 class Transformer(nn.Module):
     """Decoder-only LM: ``forward(ids (B, N) long) -> logits (B, N, vocab_size) float32``.
 
@@ -87,6 +93,13 @@ class Transformer(nn.Module):
     RNG; call :meth:`init_weights` for the GPT-2 initialisation. Set ``activation_checkpointing = True`` to
     recompute each block in backward (training only). Parameters may be cast to bf16/fp16: the attention op
     upcasts internally and logits are returned in float32.
+
+    FFT precision policy: :meth:`refresh_precision_policy` derives each kernelized layer's
+    ``fft_fp32_max_len`` from its RPE table (one host read for all layers). Training calls it once per optimizer
+    step, ``load_state_dict`` calls it itself; in eager mode ``forward`` also calls it when the RPE parameters
+    changed since the last refresh (their version counters say so, without reading values), so a hand-written
+    loop with a torch optimizer stays accurate. Writes through ``param.data`` (as DeepSpeed's ZeRO does) do not
+    move version counters, and under ``torch.compile`` the check is skipped: refresh explicitly after each step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -105,6 +118,8 @@ class Transformer(nn.Module):
         shared = cfg.attention.rpe_shared
         rpes = [build_rpe(cfg) for _ in range(1 if shared else cfg.n_layers)]
         self.rpe = nn.ModuleList(r for r in rpes if r is not None)
+        self._policy_versions = self._rpe_versions()  # the default policy fits the zero tables of construction
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def rpe_tables(self, n: int | None = None) -> list[torch.Tensor | None]:
         """Each layer's RPE table for a sequence of ``n`` tokens (``None``: the full table); None without RPE."""
@@ -112,6 +127,27 @@ class Transformer(nn.Module):
             return [None] * len(self.blocks)
         tables = [r.full_table() if n is None else r.table(n) for r in self.rpe]
         return tables * len(self.blocks) if len(tables) == 1 else tables
+
+    def _rpe_versions(self) -> tuple | None:
+        """Version counters and devices of the RPE parameters: they change with every in-place update."""
+        try:
+            return tuple((p._version, p.device, p.data_ptr()) for p in self.rpe.parameters())
+        except RuntimeError:  # inference tensors have no version counter: treat the policy as always stale
+            return None
+
+    @torch.no_grad()
+    def refresh_precision_policy(self) -> None:
+        """Set every kernelized layer's ``fft_fp32_max_len`` from its current RPE table (see
+        ``lm.ops.precision``): one device-to-host copy for all layers. A no-op on the ``meta`` device."""
+        layers = [b.attn for b in self.blocks if isinstance(b.attn, KernelizedAttention)]
+        tables = [t for t in self.rpe_tables() if t is not None] if layers else []
+        if tables and tables[0].device.type != "meta":
+            unique = [r.full_table() for r in self.rpe]
+            rows = torch.stack([far_field_risk(t) for t in unique]).tolist()  # the one host read
+            rows = rows * len(layers) if len(rows) == 1 else rows
+            for attn, risks in zip(layers, rows):
+                attn.fft_fp32_max_len = updated_policy(attn.fft_fp32_max_len, risks)
+        self._policy_versions = self._rpe_versions()
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -132,6 +168,7 @@ class Transformer(nn.Module):
         for r in self.rpe:
             r.reset_parameters()
         self.redraw_features(generator)
+        self.refresh_precision_policy()
 
     @torch.no_grad()
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
@@ -157,6 +194,8 @@ class Transformer(nn.Module):
         if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"Transformer.forward expects token ids of shape (B, N) and dtype long, got "
                              f"{tuple(ids.shape)} {ids.dtype}")
+        if not torch.compiler.is_compiling() and self._rpe_versions() != self._policy_versions:
+            self.refresh_precision_policy()  # eager only: the RPE changed since the last refresh
         x = self.embed(ids)
         if ids.shape[1] == 0:
             return self.head(x)

@@ -94,10 +94,12 @@ class BucketedRPE(_ClippedRPE):
         self.num_heads = num_heads
         shape = (num_buckets,) if num_heads is None else (num_heads, num_buckets)
         self.bias = nn.Parameter(torch.zeros(shape))
-        buckets = t5_causal_buckets(torch.arange(max_distance + 1), num_buckets, max_distance)
+        # Config arithmetic on the host (also when the model is built on another device, e.g. meta).
+        buckets = t5_causal_buckets(torch.arange(max_distance + 1, device="cpu"), num_buckets, max_distance)
         last = int(torch.nonzero(buckets == num_buckets - 1)[0])
         # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("bucket_of_offset", buckets[: last + 1], persistent=False)
+        self.register_buffer("bucket_of_offset", buckets[: last + 1].to(torch.get_default_device()),
+                             persistent=False)
 
     @property
     def table_len(self) -> int:

@@ -170,6 +170,7 @@ def train(cfg: TrainConfig) -> int:
         while step < min(stop_at, cfg.max_steps):
             if cfg.model.attention.redraw_every and step and step % cfg.model.attention.redraw_every == 0:
                 engine.module.redraw_features(torch.Generator().manual_seed(step_seed(cfg.seed, step)))
+            engine.module.refresh_precision_policy()  # FFT precision from the current RPE: one host read per step
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
             batch = global_batch(train_split, cfg.data.seq_len, cfg.batch_size, step, cfg.seed)
             micro = shard(batch, info.rank, info.world_size, cfg.micro_batch_size)

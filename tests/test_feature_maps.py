@@ -150,3 +150,45 @@ def test_key_features_do_not_depend_on_other_keys():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="agree on d"):
         positive_random_features(torch.randn(3, 8), torch.randn(4, 6), stabilise=False)
+
+
+@pytest.mark.parametrize("fmap", ["prf", "nprf"])
+def test_feature_maps_run_in_float32_under_bf16_autocast(fmap):
+    """Autocast would run x @ w.T in bf16 (phi off by up to ~2e-2); the feature maps switch it off."""
+    torch.manual_seed(11)
+    x, w = torch.randn(2, 3, 200, 16), random_projection(64, 16, generator=_gen(11))
+    fn = positive_random_features if fmap == "prf" else nprf_features
+    scale = 0.5 if fmap == "prf" else 1.0  # PRF inputs as the layer scales them (|x| ~ 1)
+    ref = fn(x.double() * scale, w.double(), stabilise=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(x * scale, w, stabilise=True)
+    assert got.dtype == torch.float32
+    assert ((got.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max() < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", ["nprf", "prf", "elu"])
+def test_kernelized_layer_features_are_float32_under_bf16_autocast(feature_map):
+    """The layer's q/k/v projection follows autocast (bf16); the features computed from it do not."""
+    from lm.attention import KernelizedAttention
+    from lm.config import AttentionConfig, ModelConfig
+    cfg = ModelConfig(vocab_size=10, n_layers=1, d_model=32, n_heads=2, d_ff=64,
+                      attention=AttentionConfig(feature_map=feature_map, num_features=32, kind="kernelized",
+                                                rpe="none"))
+    torch.manual_seed(12)
+    attn = KernelizedAttention(cfg)
+    x = torch.randn(2, 50, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn.qkv(x)
+        phi_q, phi_k, v32 = attn.features(x)
+    assert q.dtype == torch.bfloat16 and phi_q.dtype == phi_k.dtype == v32.dtype == torch.float32
+    qd, kd = q.double(), k.double()
+    if feature_map == "nprf":
+        w = attn.projection.double()
+        want = nprf_features(qd, w, stabilise=True), nprf_features(kd, w, stabilise=False)
+    elif feature_map == "prf":
+        w, s = attn.projection.double(), 16 ** -0.25
+        want = positive_random_features(qd * s, w, stabilise=True), positive_random_features(kd * s, w, stabilise=False)
+    else:
+        want = elu_features(qd), elu_features(kd)
+    for got, ref in zip((phi_q, phi_k), want):
+        assert ((got.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max() < 1e-5

@@ -1,13 +1,16 @@
 """Numerics of lm.ops.kernelized_attention: wide biases (15 nats accurate; 30 and 80 nats finite and bounded),
-the float32/float64 FFT switch, low-precision dtypes, autocast, and one long-sequence accuracy check."""
+the float32/float64 FFT switch, low-precision dtypes, autocast, and one long-sequence accuracy check.
+(The FFT precision policy over bias families: tests/test_ops_precision.py.)"""
 import math
 
 import pytest
 import torch
 
 from lm.ops import kernelized_attention
-from lm.ops.kernelized import FP32_FFT_MAX_BIAS_RANGE, fft_precision
+from lm.ops.precision import FP32_MAX_RISK, auto_fft_dtype, far_field_risk
 from lm.ops.reference import kernelized_attention_reference, kernelized_attention_reference_rows
+
+from conftest import bias_kind, worst_relative
 
 H = 2
 
@@ -16,31 +19,6 @@ def inputs(N, M=16, D=8, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(1, H, N, M, generator=g).to(dtype), torch.rand(1, H, N, M, generator=g).to(dtype),
             torch.randn(1, H, N, D, generator=g).to(dtype))
-
-
-def bias_kind(kind, span, L, seed=1):
-    """(H, L) float32 biases whose values span ``span`` nats."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(L, dtype=torch.float64)
-    if kind == "random":
-        b = (torch.rand(H, L, generator=g, dtype=torch.float64) - 0.5) * span
-    elif kind == "rising":  # far offsets weigh most: the hardest case for FFT round-off
-        b = (t / max(L - 1, 1) * span).expand(H, L)
-    elif kind == "decaying":
-        b = (-span * torch.log1p(t) / math.log(L)).expand(H, L)
-    elif kind == "spiky":
-        b = torch.where(torch.rand(H, L, generator=g) < 0.02, 0.0, -span).double()
-        b[:, 0] = 0.0
-    elif kind == "clipped":  # short learned band, then one constant for all far offsets
-        b = torch.full((H, L), -span, dtype=torch.float64)
-        b[:, :32] = torch.linspace(0, -span / 2, 32, dtype=torch.float64)
-    else:
-        raise ValueError(kind)
-    return b.float().contiguous()
-
-
-def worst_relative(out, ref):
-    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
 KINDS = ["random", "rising", "decaying", "spiky", "clipped"]
@@ -56,12 +34,23 @@ def test_15_nat_biases_accurate_in_float32(kind, method, N, L):
     assert worst_relative(out, kernelized_attention_reference(q, k, v, bias)) <= 1e-4
 
 
+def span_at_risk(kind, N, risk):
+    """The span (nats) at which ``bias_kind(kind, span, N)`` has the far-field ``risk`` (bisection)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if far_field_risk(bias_kind(kind, mid, N), [N]).item() < risk else (lo, mid)
+    return lo
+
+
 @pytest.mark.parametrize("kind", ["random", "rising", "spiky"])
-def test_float32_fft_just_below_its_bias_range_threshold(kind):
+def test_float32_fft_just_below_its_risk_threshold(kind):
+    """Biases of the shapes hardest for the FFT, scaled to just below the float32 threshold, choose float32
+    and stay within 1e-4."""
     N = 4096
     q, k, v = inputs(N)
-    bias = bias_kind(kind, FP32_FFT_MAX_BIAS_RANGE * 0.999, N)
-    assert fft_precision(bias - bias.amax(-1, keepdim=True), torch.float32) == torch.float32
+    bias = bias_kind(kind, span_at_risk(kind, N, FP32_MAX_RISK * 0.999), N)
+    assert auto_fft_dtype(bias, N, k, v) == torch.float32
     out = kernelized_attention(q, k, v, bias, method="fft")
     rows = torch.cat([torch.arange(0, 300), torch.arange(N - 300, N),
                       torch.randint(300, N - 300, (200,), generator=torch.Generator().manual_seed(2))])
@@ -69,10 +58,16 @@ def test_float32_fft_just_below_its_bias_range_threshold(kind):
 
 
 def test_fft_precision_switch():
-    assert fft_precision(torch.tensor([[0.0, -FP32_FFT_MAX_BIAS_RANGE]]), torch.float32) == torch.float32
-    assert fft_precision(torch.tensor([[0.0, -FP32_FFT_MAX_BIAS_RANGE - 0.1]]), torch.float32) == torch.float64
-    assert fft_precision(None, torch.float32) == torch.float32
-    assert fft_precision(torch.zeros(1, 3), torch.float64) == torch.float64
+    """float32 exactly while the far-field risk is at most FP32_MAX_RISK (rising biases cross it as they steepen)."""
+    N = 4096
+    spans = torch.linspace(0.5, 8.0, 76)
+    risks = torch.cat([far_field_risk(bias_kind("rising", float(s), N), [N]) for s in spans])
+    assert risks.min() < FP32_MAX_RISK < risks.max() and bool((risks.diff() > 0).all())
+    for s, r in zip(spans, risks):
+        expected = torch.float32 if r <= FP32_MAX_RISK else torch.float64
+        assert auto_fft_dtype(bias_kind("rising", float(s), N), N) == expected
+    assert auto_fft_dtype(None, N) == torch.float32
+    assert auto_fft_dtype(torch.zeros(2, 3), 10) == torch.float32  # no far field at all
 
 
 @pytest.mark.parametrize("span", [30.0, 80.0, 200.0])

@@ -7,24 +7,9 @@ from lm.ops import kernelized_attention
 from lm.ops.kernelized import choose_method
 from lm.ops.reference import kernelized_attention_reference, kernelized_attention_reference_rows
 
+from conftest import bias_of, worst_relative
+from conftest import op_inputs as inputs
 
-def inputs(B, H, N, M, D, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, H, N, M, generator=g, dtype=dtype)
-    k = torch.rand(B, H, N, M, generator=g, dtype=dtype)
-    v = torch.randn(B, H, N, D, generator=g, dtype=dtype)
-    return q, k, v
-
-
-def bias_of(shape, dtype=torch.float64, scale=1.0, seed=1):
-    if shape is None:
-        return None
-    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def worst_relative(out, ref):
-    """Worst per-position relative error |out_i - ref_i| / |ref_i| (norms over D)."""
-    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
 SIZES = [(1, 1), (2, 3), (7, 3), (7, 7), (63, 10), (63, 63), (63, 100), (500, 17), (500, 500), (500, 700)]
@@ -93,8 +78,18 @@ def test_no_leakage_from_the_future(method):
 
 
 @pytest.mark.parametrize("n, num_offsets, expected", [
-    (100, None, "dense"), (8192, None, "prefix"), (100, 100, "dense"), (512, 512, "dense"), (512, 64, "band"),
-    (8192, 257, "band"), (16384, 1024, "band"), (8192, 8192, "fft"), (1024, 1024, "fft"), (65536, 4096, "fft"),
+    (100, None, "dense"), (8192, None, "prefix"), (100, 100, "dense"), (256, 256, "dense"), (512, 512, "band"),
+    (512, 64, "band"), (8192, 257, "band"), (16384, 1024, "band"), (8192, 8192, "fft"), (1024, 1024, "band"),
+    (2048, 2048, "fft"), (65536, 4096, "fft"),
 ])
 def test_auto_choice(n, num_offsets, expected):
+    """The CPU crossovers measured in README ("The op")."""
     assert choose_method(n, num_offsets) == expected
+    assert choose_method(n, num_offsets, "cpu") == expected
+
+
+@pytest.mark.parametrize("n, num_offsets, expected", [(512, None, "dense"), (1024, 1024, "dense"),
+                                                      (2048, 2048, "fft"), (8192, 257, "band")])
+def test_auto_choice_on_gpus_uses_its_own_estimates(n, num_offsets, expected):
+    assert choose_method(n, num_offsets, "cuda") == expected
+    assert choose_method(n, num_offsets, torch.device("meta")) == expected

@@ -1,19 +1,25 @@
 """Benchmark causal kernelized attention (forward + backward): time and peak memory against SDPA.
 
     python tools/bench_attention.py                        # N = 1k..64k, every case, CPU, 2 threads
-    python tools/bench_attention.py --n 4096 16384 --cases fft band sdpa --threads 2
-    python tools/bench_attention.py --device cuda
+    python tools/bench_attention.py --n 4096 16384 --cases fft band sdpa --bias decay --rounds 3
+    python tools/bench_attention.py --device cuda          # GPU: SDPA flash (bf16), each op case also in float64
 
 Cases: ``fft`` / ``band`` (clipped RPE, L = --band-l) / ``prefix`` (no RPE) / ``dense`` = lm.ops.kernelized_attention
-with that method forced; ``sdpa`` = torch scaled_dot_product_attention(is_causal=True) on q, k, v of shape
-(B, H, N, D); ``reference`` = the dense float64 reference; ``materialised`` = the FFT as the paper describes it
-(phi_k (x) v materialised for the whole sequence and transformed at once, plain autograd).
+with that method forced, its FFT precision chosen as the model does (lm.ops.precision policy from the bias, passed
+explicitly: no host read in the timed call); ``fft_far64`` = ``fft`` with the far field forced to float64 (what
+rising biases cost); ``sdpa`` = torch scaled_dot_product_attention(is_causal=True) on q, k, v of shape
+(B, H, N, D): float32 on CPU, bfloat16 with the flash backend on CUDA; ``reference`` = the dense float64
+reference; ``materialised`` = the FFT as the paper describes it (phi_k (x) v materialised for the whole sequence
+and transformed at once, plain autograd). ``--fp64`` adds each op case run on float64 inputs (suffix ``@fp64``);
+``--baseline-src DIR`` adds each op case run with the ``lm`` package of another checkout (suffix ``@base``; e.g.
+a ``git worktree`` of an older commit), so old and new code are measured in the same interleaved rounds.
 
 Every case runs in a fresh subprocess, so peak memory is clean: on CPU the peak resident set (VmHWM, reset via
 /proc/self/clear_refs) minus the resident set once the inputs exist; on CUDA max_memory_allocated minus the
-memory allocated by the inputs. Time is the best of --repeats forward + backward runs after one warm-up (the
-warm-up is skipped when a single run takes longer than 20 s). Prints a table with the ratio to SDPA at the
-same N, and writes results.json and plot.png under --out.
+memory allocated by the inputs. Cases are interleaved: ``--rounds`` passes over all cases at one N, so a machine
+whose load changes biases them alike; each process times --repeats forward + backward runs after one warm-up
+(skipped when a run takes over 20 s), and the best over all rounds is kept. Prints a table with the ratio to
+SDPA at the same N, and writes results.json and plot.png under --out.
 """
 from __future__ import annotations
 
@@ -25,10 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("fft", "band", "prefix", "dense", "sdpa", "reference", "materialised")
+CASES = ("fft", "fft_far64", "band", "prefix", "dense", "sdpa", "reference", "materialised")
+OP_CASES = ("fft", "fft_far64", "band", "prefix", "dense")
 BIASES = {
     "init": "zero-mean, 0.02 * randn per offset (as at initialisation; spans ~0.2 nats)",
-    "wide": "uniform in [-7.5, 7.5] per offset (spans 15 nats: float64 FFT)",
+    "decay": "-0.5 log(1 + t) (a locality prior as LMs learn; float32 FFT)",
+    "wide": "uniform in [-7.5, 7.5] per offset (spans 15 nats; i.i.d.: float64 FFT far field)",
 }
 
 
@@ -37,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                    help="sequence lengths")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="what to run")
+    p.add_argument("--fp64", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run every op case on float64 inputs (default: on for CUDA, off for CPU)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="a checkout whose lm package is benchmarked too (op cases, suffix @base)")
     p.add_argument("--bias", default="init", choices=sorted(BIASES), help="RPE bias for fft/band/dense/materialised")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -45,12 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64, help="D")
     p.add_argument("--features", type=int, default=16, help="M")
     p.add_argument("--band-l", type=int, default=257, help="L of the clipped RPE for the band case")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per process")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved passes over all cases at each N")
     p.add_argument("--dense-max-n", type=int, default=8192, help="largest N for the dense method")
     p.add_argument("--reference-max-n", type=int, default=2048, help="largest N for the float64 reference")
     p.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="skip cases whose estimated memory exceeds this (materialised FFT, dense, reference)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before it is abandoned")
+    p.add_argument("--cpu-threads", type=int, default=0, help="the op's cpu_threads (0: --threads)")
     p.add_argument("--out", type=Path, default=Path("bench_results/attention"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -74,7 +88,7 @@ def _reset_peak_rss() -> None:
 def _materialised_fft(phi_q, phi_k, v, bias):
     """The paper's FFT: phi_k (x) [v, 1] for the whole sequence, one rfft/irfft, plain autograd."""
     import torch
-    from lm.ops.toeplitz import fft_size
+    from lm.ops.fft import fft_size
     n = v.shape[2]
     nfft = fft_size(2 * n - 1)
     offsets = torch.arange(n, device=v.device).clamp(max=bias.shape[-1] - 1)
@@ -87,29 +101,47 @@ def _materialised_fft(phi_q, phi_k, v, bias):
     return y[..., :-1] / y[..., -1:]
 
 
+def make_bias(kind: str, H: int, L: int, g):
+    import torch
+    if kind == "init":
+        return 0.02 * torch.randn(H, L, generator=g)
+    if kind == "decay":
+        return (-0.5 * torch.log1p(torch.arange(L, dtype=torch.float64))).float().expand(H, L).contiguous()
+    return (torch.rand(H, L, generator=g) - 0.5) * 15.0
+
+
 def run_case(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
+    import inspect
     from lm.ops import kernelized_attention
-    from lm.ops.kernelized import fft_precision
     from lm.ops.reference import kernelized_attention_reference
+    new_api = "fft_dtype" in inspect.signature(kernelized_attention).parameters  # else an older checkout
 
     torch.set_num_threads(spec["threads"])
     dev = torch.device(spec["device"])
-    B, H, N, D, M, case = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"], spec["case"]
+    B, H, N, D, M = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"]
+    case, fp64 = spec["case"].split("@")[0], spec["case"].endswith("@fp64")
     g = torch.Generator().manual_seed(0)
-    dtype = torch.float64 if case == "reference" else torch.float32
+    dtype = torch.float64 if case == "reference" or fp64 else torch.float32
     L = spec["band_l"] if case == "band" else N
-    if spec["bias"] == "init":
-        bias = 0.02 * torch.randn(H, L, generator=g)
-    else:
-        bias = (torch.rand(H, L, generator=g) - 0.5) * 15.0
+    bias = make_bias(spec["bias"], H, L, g)
+    precision = None
+    if case in ("fft", "fft_far64") and new_api:  # the model's policy, decided outside the timed call
+        from lm.ops.precision import fp32_max_lengths
+        precision = torch.float32 if N <= fp32_max_lengths([bias])[0] and case == "fft" else torch.float64
     bias = bias.to(dev, dtype).requires_grad_()
     if case == "sdpa":
-        ins = [torch.randn(B, H, N, D, generator=g).to(dev).requires_grad_() for _ in range(3)]
+        sdpa_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        ins = [torch.randn(B, H, N, D, generator=g).to(dev, sdpa_dtype).requires_grad_() for _ in range(3)]
 
         def fn():
-            return F.scaled_dot_product_attention(*ins, is_causal=True)
+            if dev.type != "cuda":
+                return F.scaled_dot_product_attention(*ins, is_causal=True)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*ins, is_causal=True)
+        grad = torch.randn(B, H, N, D, generator=g).to(dev, sdpa_dtype)
     else:
         ins = [torch.rand(B, H, N, M, generator=g).to(dev, dtype).requires_grad_(),
                torch.rand(B, H, N, M, generator=g).to(dev, dtype).requires_grad_(),
@@ -122,16 +154,19 @@ def run_case(spec: dict) -> dict:
                 return _materialised_fft(*ins, bias)
         else:
             rpe = None if case == "prefix" else bias
+            method = "fft" if case == "fft_far64" else case
+            threads, fft_dtype = spec["cpu_threads"], precision
+
+            kw = dict(fft_dtype=fft_dtype, cpu_threads=threads) if new_api else {}
 
             def fn():
-                return kernelized_attention(*ins, rpe, method=case)
-    grad = torch.randn(B, H, N, D, generator=g).to(dev, dtype)
-    precision = None
-    if case in ("fft", "materialised"):
-        with torch.no_grad():
-            precision = str(fft_precision(bias[:, :N] - bias[:, :N].amax(-1, keepdim=True), dtype)).split(".")[-1]
-        if case == "materialised":
-            precision = str(dtype).split(".")[-1]
+                return kernelized_attention(*ins, rpe, method=method, **kw)
+        grad = torch.randn(B, H, N, D, generator=g).to(dev, dtype)
+    if case == "materialised":
+        precision = dtype
+    if fp64 and precision is not None:
+        precision = torch.float64
+    precision = None if precision is None else str(precision).split(".")[-1]
 
     def once() -> float:
         for x in ins + [bias]:
@@ -177,8 +212,10 @@ def skip_reason(case: str, n: int, a: argparse.Namespace) -> str | None:
     return None
 
 
-def run_in_subprocess(spec: dict, timeout: float) -> dict:
+def run_in_subprocess(spec: dict, timeout: float, source: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    if source is not None:  # import lm from that checkout, leave its files alone
+        env.update(PYTHONPATH=str(source.resolve()), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -200,30 +237,50 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
     a.out.mkdir(parents=True, exist_ok=True)
+    cases = sorted(a.cases, key=lambda c: c != "sdpa")  # SDPA first: the others are ratios to it
+    if a.fp64 or (a.fp64 is None and a.device.startswith("cuda")):
+        cases += [f"{c}@fp64" for c in a.cases if c in OP_CASES]
+    if a.baseline_src:
+        if not (a.baseline_src / "lm" / "ops").is_dir():
+            raise SystemExit(f"--baseline-src {a.baseline_src}: no lm/ops package there")
+        cases += [f"{c}@base" for c in a.cases if c in OP_CASES and c != "fft_far64"]
+    sdpa = "bfloat16, flash backend" if a.device.startswith("cuda") else "float32"
     print(f"B={a.batch} H={a.heads} D={a.head_dim} M={a.features} band L={a.band_l} device={a.device} "
-          f"threads={a.threads}; bias '{a.bias}': {BIASES[a.bias]}; forward + backward, best of {a.repeats}")
+          f"threads={a.threads}; bias '{a.bias}': {BIASES[a.bias]}; SDPA {sdpa}; forward + backward, best of "
+          f"{a.rounds} interleaved round(s) x {a.repeats}")
     rows = []
-    header = f"{'N':>6} {'case':<13} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  fft"
+    header = f"{'N':>6} {'case':<18} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  fft"
     print(header)
     print("-" * len(header))
     for n in a.n:
+        results = {c: [] for c in cases}
+        specs = {c: dict(case=c, n=n, device=a.device, threads=a.threads, batch=a.batch, heads=a.heads,
+                         head_dim=a.head_dim, features=a.features, band_l=a.band_l, repeats=a.repeats, bias=a.bias,
+                         cpu_threads=a.cpu_threads) for c in cases}
+        for _ in range(a.rounds):
+            for c in cases:
+                if results[c] and "skipped" in results[c][-1]:
+                    continue
+                reason = skip_reason(c.split("@")[0], n, a)
+                source = a.baseline_src if c.endswith("@base") else None
+                results[c].append({"skipped": reason} if reason else run_in_subprocess(specs[c], a.timeout, source))
         sdpa_time = None
-        for case in sorted(a.cases, key=lambda c: c != "sdpa"):  # SDPA first: the others are ratios to it
-            spec = dict(case=case, n=n, device=a.device, threads=a.threads, batch=a.batch, heads=a.heads,
-                        head_dim=a.head_dim, features=a.features, band_l=a.band_l, repeats=a.repeats, bias=a.bias)
-            reason = skip_reason(case, n, a)
-            res = {"skipped": reason} if reason else run_in_subprocess(spec, a.timeout)
-            row = dict(spec, **res)
-            if case == "sdpa" and "time_s" in res:
+        for c in cases:
+            done = [r for r in results[c] if "time_s" in r]
+            res = ({"time_s": min(r["time_s"] for r in done), "times_s": [r["time_s"] for r in done],
+                    "peak_mem_bytes": max(r["peak_mem_bytes"] for r in done), "fft_precision": done[0]["fft_precision"]}
+                   if done else results[c][-1])
+            row = dict(specs[c], **res)
+            if c == "sdpa" and "time_s" in res:
                 sdpa_time = res["time_s"]
             if "time_s" in res and sdpa_time:
                 row["ratio_to_sdpa"] = res["time_s"] / sdpa_time
             rows.append(row)
             if "skipped" in res:
-                print(f"{n:>6} {case:<13} skipped: {res['skipped']}")
+                print(f"{n:>6} {c:<18} skipped: {res['skipped']}")
             else:
                 ratio = f"{row['ratio_to_sdpa']:.3f}" if "ratio_to_sdpa" in row else "-"
-                print(f"{n:>6} {case:<13} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
+                print(f"{n:>6} {c:<18} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
                       f"  {res['fft_precision'] or ''}", flush=True)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                                      "bias": BIASES[a.bias], "rows": rows}, indent=1))
@@ -238,7 +295,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for case in CASES:
+    for case in dict.fromkeys(r["case"] for r in rows):
         pts = [r for r in rows if r["case"] == case and "time_s" in r]
         if not pts:
             continue

@@ -2,6 +2,7 @@
 """Training throughput (tokens/s) of softmax vs kernelized attention with RPE, same small model, one run.
 
     python tools/bench_train.py [--contexts 512,4096] [--tokens-per-step 4096] [--steps 3] [--repeats 3]
+    python tools/bench_train.py --device cuda --precision bf16
 
 Every variant trains through the same code path as tools/train.py (the plain-torch engine: forward, backward,
 AdamW step) on random token ids, with the same number of tokens per step at every context (batch =
@@ -9,7 +10,7 @@ tokens_per_step / context). Variants are measured round-robin, ``--repeats`` tim
 so a machine whose load changes during the run biases them all alike; the ``vs softmax`` column is the ratio to
 softmax at the same context in this run. Variants: ``softmax`` (SDPA + the same per-offset RPE as a bias),
 ``kernelized_rpe`` (per-offset RPE over the whole context: the FFT path at long context) and
-``kernelized_rpe_clip128`` (RPE clipped at offset 128: the band path).
+``kernelized_rpe_clip128`` (RPE clipped at offset 128: the band path). Prints a table and writes JSON (--json).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,8 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", default="bench_results/train.json", help="where to write the results")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda given but torch.cuda.is_available() is False")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
         print(f"{r['context']:>8} {r['variant']:<24} {r['batch']:>5} {r['sec_per_step']:>8.3f} "
               f"{r['tokens_per_s']:>10,.0f} {ratio:>10}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "threads": threads, "args": vars(args), "results": results}, f, indent=1)
     return 0

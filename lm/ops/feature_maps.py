@@ -16,6 +16,7 @@ NPRF (``|k| = 1``) it lies in ``[-|w| - 1/2, |w| - 1/2]``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +27,13 @@ __all__ = ["random_projection", "positive_random_features", "nprf_features", "el
 
 RELU_EPS = 1e-6
 """Added to relu features so that a query whose features are all zero still has a positive normaliser."""
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for ``device`` (a no-op context for devices without autocast, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def random_projection(num_features: int, dim: int, *, orthogonal: bool = True,
@@ -62,23 +70,26 @@ def positive_random_features(x: torch.Tensor, w: torch.Tensor, *, stabilise: boo
     ``phi(x)_m = exp(w_m.x - |x|^2 / 2 - s(x)) / sqrt(M)`` with ``x`` ``(..., N, d)``, ``w`` ``(M, d)``, result
     ``(..., N, M)``. ``stabilise=True`` (queries) sets ``s(x) = max_m w_m.x - |x|^2/2``, a per-row constant
     that cancels exactly in normalised attention; ``stabilise=False`` (keys) sets ``s = 0`` (see the module
-    docstring for why keys must not be stabilised per row). Computed in ``x``'s dtype; pass float32 or better.
+    docstring for why keys must not be stabilised per row). Computed in ``x``'s dtype whatever the autocast
+    state (under bf16 autocast ``x @ w.T`` would otherwise round the exponent); pass float32 or better.
     """
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"positive_random_features: x (..., N, d) and w (M, d) must agree on d; "
                          f"got x {tuple(x.shape)}, w {tuple(w.shape)}")
-    w = w.to(x.dtype)
-    logits = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
-    if stabilise:
-        logits = logits - logits.amax(-1, keepdim=True).detach()
-    return torch.exp(logits) * (w.shape[0] ** -0.5)
+    with no_autocast(x.device):
+        w = w.to(x.dtype)
+        logits = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+        if stabilise:
+            logits = logits - logits.amax(-1, keepdim=True).detach()
+        return torch.exp(logits) * (w.shape[0] ** -0.5)
 
 
 def nprf_features(x: torch.Tensor, w: torch.Tensor, *, stabilise: bool) -> torch.Tensor:
     """NPRF (Luo et al. 2021): L2-normalise ``x`` then positive random features, so the kernel is
     ``exp(q.k / (|q| |k|))`` and every exponent is bounded by ``|w_m| + 1/2``. Shapes as
     :func:`positive_random_features`."""
-    return positive_random_features(F.normalize(x, dim=-1), w, stabilise=stabilise)
+    with no_autocast(x.device):
+        return positive_random_features(F.normalize(x, dim=-1), w, stabilise=stabilise)
 
 
 def elu_features(x: torch.Tensor) -> torch.Tensor:

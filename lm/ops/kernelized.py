@@ -1,61 +1,77 @@
-"""Causal kernelized attention with relative positional encoding: validation, method choice, autograd.
+"""Causal kernelized attention with relative positional encoding: validation, method choice, the custom op.
 
 ``kernelized_attention(phi_q, phi_k, v, rpe_bias=None, method="auto")`` computes, per batch and head,
 
     out_i = sum_{j<=i} c(i-j) (phi_q_i . phi_k_j) v_j / sum_{j<=i} c(i-j) (phi_q_i . phi_k_j),
     c(t) = exp(rpe_bias[min(t, L-1)])    (c = 1 when rpe_bias is None).
 
-Numerator and normaliser come out of one pass over ``u = [v, 1]``. The convolution itself lives in
-``toeplitz.py``; here the bias is turned into weights (``max`` subtracted per head: it cancels in the ratio and
-keeps every weight <= 1), a method is picked, and custom ``autograd.Function`` s recompute in backward so
-that only O(B H N (M + D)) is kept between forward and backward.
+Numerator and normaliser come out of one pass over ``u = [v, 1]``. Here the bias becomes weights (``max``
+subtracted per head: it cancels in the ratio and keeps every weight <= 1) by ordinary differentiable torch,
+a method is picked from the shapes, and the mixing runs in the custom op ``lm::kernelized_mix``:
+
+- ``band`` / ``prefix``: exact band + prefix sums (``band.py``) with the weights ``(H, L)`` (``(H, 1)`` of
+  ones for ``prefix``);
+- ``fft``: the same band for offsets ``< NEAR_BAND`` plus a constant ``mu`` (the smallest far weight) for all
+  farther offsets, and an FFT (``fft.py``) of the far residual ``c(t) - mu >= 0`` (``precision.py`` explains
+  why this keeps a float32 FFT accurate); the FFT runs in ``fft_dtype``;
+- ``dense``: plain differentiable torch (``dense.py``).
+
+The custom op saves only its inputs, the output and the normaliser; its backward (``lm::kernelized_mix_backward``,
+also a custom op) recomputes. Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces the
+op without graph breaks; nothing in the op reads tensor values on the host.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from lm.ops import toeplitz
+from lm.ops.band import band_backward, band_budget, band_forward
+from lm.ops.dense import dense_attention
+from lm.ops.feature_maps import no_autocast
+from lm.ops.fft import fft_backward, fft_forward
+from lm.ops.precision import NEAR_BAND, auto_fft_dtype
+from lm.ops.threads import CPUThreads
+
+__all__ = ["METHODS", "kernelized_attention", "choose_method"]
 
 METHODS = ("auto", "dense", "fft", "band", "prefix")
 
-# Crossovers for method="auto", measured (CPU, 1 thread, B=1, H=8, M=16, D=64, forward + backward, ms):
-#   no RPE:  N=256 dense 5 / prefix 4;  N=512 dense 43 / prefix 16                -> dense below 256.
-#   L = N:   N=512 dense 64 / band 95 / fft 132;  N=1024 dense 715 / fft 418        -> dense up to 512.
-#   L = N/4: N=256 dense 14 / band 11;  N=512 dense 67 / band 49                    -> band when L <= N/4.
-#   band vs fft: N=1024 L=256 173/423, L=1024 488/418;  N=2048 L=512 553/760, L=2048 1392/563;
-#   N=16384 (H=1) L=257 band 0.29 s / fft 1.07 s. Band costs ~N (T + L) with T = 256, the FFT ~N log2 N:
-#   band wins while L + 256 <= ~120 log2 N (N=1024: L <= 944; 16384: L <= 1424; 65536: L <= 1664).
-DENSE_MAX_N_NO_RPE = 255
-DENSE_MAX_N = 512
-BAND_COST_PER_LOG2N = 120
-# The FFT path recomputes its first ceil(N / 32) rows exactly (see _attend).
-EXACT_HEAD_FRACTION_INV = 32
-# float32 FFT only when the weights span at most this many nats (bias max - min over the offsets used), else
-# float64. Worst per-position relative error of the fp32 FFT rows (>= N/32), N = 16384, M = 16, uniform
-# features, v ~ N(0, 1), against float64 (checked near the threshold by tests/test_ops_numerics.py):
-#   range 0: 4.8e-6; 3 nats: random 4.6e-6, rising 2.8e-5, decaying 2.1e-6, spiky 4.7e-6;
-#   4 nats: rising 5.5e-5; 5 nats: rising 1.4e-4 (fails 1e-4). float64 FFT: <= 2e-7 up to 15 nats.
-# float64 costs ~2x (fwd+bwd N=16384, 1 thread: 0.36x vs 0.74x of SDPA).
-FP32_FFT_MAX_BIAS_RANGE = 3.0
+# Crossovers of method="auto" on CPU (measured: README, "The op"): dense up to these lengths, then band while
+# L + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * log2(N) (band costs ~N (L + 64), the FFT ~N log2 N), else FFT.
+DENSE_MAX_N_NO_RPE = 160
+DENSE_MAX_N = 256
+BAND_COST_PER_LOG2N = 150
+BAND_OVERHEAD = 64
+# The same on GPUs: ESTIMATES until measured on one (the dense form's matmuls run far closer to peak there).
+CUDA_DENSE_MAX_N_NO_RPE = 512
+CUDA_DENSE_MAX_N = 1024
+# FFT round-off bound used for the normaliser floor (see _floor), in units of the FFT dtype's eps.
+FLOOR_EPS = 32
 
 
 def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
-                         rpe_bias: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
+                         rpe_bias: torch.Tensor | None = None, method: str = "auto", *,
+                         fft_dtype: torch.dtype | None = None, cpu_threads: int = 0) -> torch.Tensor:
     """Causal kernelized attention with optional RPE.
 
     phi_q, phi_k: ``(B, H, N, M)`` non-negative features; v: ``(B, H, N, D)``; rpe_bias: ``None``, ``(H, L)`` or
     ``(L,)`` (shared by heads) log-weights for offsets ``0..L-1``, offsets ``>= L-1`` use the last one.
     method: ``auto`` | ``dense`` (O(N^2)) | ``fft`` (O(N log N), any L) | ``band`` (O(N L), clipped RPE) |
-    ``prefix`` (O(N), only without RPE). All are exact; ``auto`` picks the fastest.
+    ``prefix`` (O(N), only without RPE). All are exact; ``auto`` picks the fastest for the shapes and device.
+    fft_dtype: precision of the FFT method's far field: ``torch.float32`` / ``torch.float64``, or ``None`` to
+    decide from the bias values (``lm.ops.precision``; one host read per call, so not under ``torch.compile``;
+    the model passes the dtype its precision policy chose). float64 inputs always use float64.
+    cpu_threads: worker threads over (batch, head) on CPU (``lm.ops.threads.CPUThreads``): 0 =
+    ``torch.get_num_threads()``, 1 = none.
     Returns ``(B, H, N, D)`` in ``v``'s dtype; computed in float32 (float64 for float64 inputs), never under
     autocast. Differentiable in all four inputs.
     """
-    _validate(phi_q, phi_k, v, rpe_bias, method)
+    _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads)
     B, H, N, M = phi_q.shape
     compute = torch.float64 if torch.float64 in (phi_q.dtype, phi_k.dtype, v.dtype) else torch.float32
-    with torch.autocast(device_type=v.device.type, enabled=False):
+    with no_autocast(v.device):
         q, k, val = phi_q.to(compute), phi_k.to(compute), v.to(compute)
         bias = None
         if rpe_bias is not None:
@@ -63,59 +79,66 @@ def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
             bias = bias.expand(H, -1) if bias.dim() == 1 else bias
             bias = bias[:, :N]  # offsets never exceed N - 1; a longer bias gets zero gradient there
             bias = bias - bias.amax(-1, keepdim=True).detach()
-        out = _attend(q, k, val, bias, method)
+        if method == "auto":
+            method = choose_method(N, None if bias is None else bias.shape[-1], v.device)
+        if method == "dense":
+            return dense_attention(q, k, val, bias).to(v.dtype)
+        if method in ("band", "prefix"):
+            c = torch.ones(H, 1, dtype=compute, device=v.device) if bias is None else bias.exp()
+            out, _ = torch.ops.lm.kernelized_mix(q, k, val, c, None, compute, 0, cpu_threads)
+            return out.to(v.dtype)
+        if compute == torch.float64:
+            fft_dtype = torch.float64
+        elif fft_dtype is None:
+            if torch.compiler.is_compiling() or v.device.type == "meta":
+                raise RuntimeError(
+                    "kernelized_attention(method='fft', fft_dtype=None) decides the FFT precision by reading "
+                    "rpe_bias on the host, which torch.compile(fullgraph=True) and the meta device cannot do; "
+                    "pass fft_dtype=torch.float32 or torch.float64 (the model passes its precision policy's "
+                    "choice: lm.ops.precision, Transformer.refresh_precision_policy)")
+            fft_dtype = auto_fft_dtype(bias, N, k, val)
+        c_band, r = _near_far(bias, H, N, compute, v.device)
+        out, _ = torch.ops.lm.kernelized_mix(q, k, val, c_band, r, fft_dtype, min(NEAR_BAND, N), cpu_threads)
     return out.to(v.dtype)
 
 
-def _attend(q, k, v, bias, method: str) -> torch.Tensor:
-    """Dispatch on validated inputs in the compute dtype; ``bias`` is ``(H, min(L, N))`` with max 0, or None."""
-    B, H, N, M = q.shape
-    if method == "auto":
-        method = choose_method(N, None if bias is None else bias.shape[-1])
-    if method == "dense":
-        return _dense(q, k, v, bias)
-    if method in ("band", "prefix"):
-        c = torch.ones(H, 1, dtype=q.dtype, device=q.device) if bias is None else bias.exp()
-        return _BandAttention.apply(q, k, v, c)
-    offsets = torch.arange(N, device=q.device)
-    c = (torch.ones(H, N, dtype=q.dtype, device=q.device) if bias is None
-         else bias[:, offsets.clamp(max=bias.shape[-1] - 1)].exp())
-    out = _FFTAttention.apply(q, k, v, c, fft_precision(bias, q.dtype))
-    # FFT round-off is absolute, ~eps * (the largest partial sum, i.e. late positions); the first rows have the
-    # smallest normalisers, so they are recomputed exactly (they only see keys < head). Rows >= N / 32 then
-    # have relative error ~32x smaller than the worst row would (see FP32_FFT_MAX_BIAS_RANGE).
-    head = -(-N // EXACT_HEAD_FRACTION_INV)
-    if head >= N:
-        return out
-    exact = _attend(q[:, :, :head], k[:, :, :head], v[:, :, :head],
-                    None if bias is None else bias[:, :head], "auto")
-    return torch.cat([exact, out[:, :, head:]], dim=2)
-
-
-def choose_method(n: int, num_offsets: int | None) -> str:
-    """The fastest exact method for sequence length ``n`` and ``num_offsets = min(L, n)`` (None: no RPE)."""
+def choose_method(n: int, num_offsets: int | None, device: torch.device | str = "cpu") -> str:
+    """The fastest exact method for length ``n`` and ``num_offsets = min(L, n)`` (None: no RPE) on ``device``
+    (CPU crossovers measured; other devices use :data:`CUDA_DENSE_MAX_N` etc., estimates until measured)."""
+    cpu = torch.device(device).type == "cpu"
     if num_offsets is None:
-        return "dense" if n <= DENSE_MAX_N_NO_RPE else "prefix"
-    if n <= DENSE_MAX_N and 4 * num_offsets > n:
+        return "dense" if n <= (DENSE_MAX_N_NO_RPE if cpu else CUDA_DENSE_MAX_N_NO_RPE) else "prefix"
+    if n <= (DENSE_MAX_N if cpu else CUDA_DENSE_MAX_N) and 4 * num_offsets > n:
         return "dense"
-    if num_offsets + 256 <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
+    if num_offsets + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
         return "band"
     return "fft"
 
 
-def fft_precision(bias: torch.Tensor | None, compute: torch.dtype) -> torch.dtype:
-    """float32 FFT when the (max-subtracted) bias spans at most FP32_FFT_MAX_BIAS_RANGE nats, else float64."""
-    if compute == torch.float64:
-        return torch.float64
-    if bias is None:
-        return torch.float32
-    spread = float(-bias.detach().min())  # max is 0 after the subtraction
-    return torch.float32 if spread <= FP32_FFT_MAX_BIAS_RANGE else torch.float64
+def _near_far(bias: torch.Tensor | None, H: int, N: int, dtype, device):
+    """Weights of the FFT method: ``c_band (H, K + 1)`` = exact weights of offsets ``< K`` and the smallest far
+    weight ``mu`` (band form: offsets ``>= K`` weigh ``mu``), and the far residual ``r (H, N)`` = ``c - mu >= 0``
+    on offsets ``>= K``, 0 below (None when ``N <= K``). All parts are non-negative, so nothing cancels between
+    the exact band and the FFT. Differentiable in ``bias``."""
+    offsets = torch.arange(N, device=device)
+    c = (torch.ones(H, N, dtype=dtype, device=device) if bias is None
+         else bias[:, offsets.clamp(max=bias.shape[-1] - 1)].exp())
+    K = NEAR_BAND
+    if N <= K:
+        return c, None
+    far = c[:, K:]
+    mu = far.amin(-1, keepdim=True)
+    r = torch.cat([torch.zeros(H, K, dtype=dtype, device=device), far - mu], dim=-1)
+    return torch.cat([c[:, :K], mu], dim=-1), r
 
 
-def _validate(phi_q, phi_k, v, rpe_bias, method) -> None:
+def _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
+    if fft_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"fft_dtype={fft_dtype}: use torch.float32, torch.float64 or None (decide from the bias)")
+    if not isinstance(cpu_threads, int) or cpu_threads < 0:
+        raise ValueError(f"cpu_threads={cpu_threads!r}: use 0 (torch.get_num_threads()) or a positive count")
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     named = [(n, x) for n, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v), ("rpe_bias", rpe_bias))
              if x is not None or n != "rpe_bias"]
@@ -146,98 +169,98 @@ def _validate(phi_q, phi_k, v, rpe_bias, method) -> None:
                              "use method='band' or 'fft' (or 'auto') with an RPE")
 
 
-def _safe_normaliser(den: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rel: float) -> torch.Tensor:
-    """``den`` floored at ``rel * q_i . sum_j k_j`` (+ tiny): round-off can push a tiny normaliser to <= 0.
+# ------------------------------------------------------------------------------------------- the custom op
 
-    ``q_i . sum_j k_j`` bounds the FFT round-off (which spreads over all positions) since every weight <= 1;
-    exact methods pass ``rel = 0`` (only an all-underflowed normaliser needs the floor, and then the numerator
-    is 0 too). Returns the floored normaliser; where the floor acted, ``den`` gets no gradient.
-    """
-    tiny = torch.finfo(den.dtype).tiny
-    if rel == 0:
-        return den.clamp_min(tiny)
-    scale = (q * k.sum(2, keepdim=True)).sum(-1).to(den.dtype)
-    return torch.maximum(den, scale * rel + tiny)
-
-
-def _dense(q, k, v, bias):
-    """O(N^2) masked form through ordinary autograd (used for short sequences)."""
-    n = q.shape[-2]
-    i = torch.arange(n, device=q.device)
-    offset = i[:, None] - i[None, :]
-    causal = offset >= 0
-    if bias is None:
-        weights = causal.to(q.dtype)
-    else:
-        weights = torch.where(causal, bias[:, offset.clamp(0, bias.shape[-1] - 1)].exp(),
-                              torch.zeros((), dtype=q.dtype, device=q.device))
-    a = (q @ k.transpose(-1, -2)) * weights  # (B, H, N, N)
-    den = _safe_normaliser(a.sum(-1), q, k, 0.0)
-    return (a @ v) / den.unsqueeze(-1)
+def _floor(q: torch.Tensor, k: torch.Tensor, far_field: bool, fft_dtype: torch.dtype, near: int) -> torch.Tensor:
+    """Lower bound ``(B, H, N)`` for the normaliser: round-off can push a tiny one to <= 0. On rows that take
+    the FFT far field (``>= near``), ``FLOOR_EPS * eps * q_i . sum_j k_j`` (that bounds the FFT's round-off,
+    every |weight| being <= 1); exact rows need only ``tiny`` (then an all-underflowed normaliser has a zero
+    numerator too)."""
+    tiny = torch.finfo(q.dtype).tiny
+    floor = torch.full(q.shape[:-1], tiny, dtype=q.dtype, device=q.device)
+    if far_field:
+        scale = (q[:, :, near:] * k.sum(2, keepdim=True)).sum(-1)
+        floor[:, :, near:] += scale * (FLOOR_EPS * torch.finfo(fft_dtype).eps)
+    return floor
 
 
-class _MixingAttention(torch.autograd.Function):
-    """Shared forward/backward around a Toeplitz mixer ``Y = mix(q, k, v, c)`` (over ``[v, 1]``, so
-    ``Y (B, H, N, D + 1)``): out = Y[..., :D] / Y[..., D]. Saves only inputs, out and the normaliser."""
-
-    @staticmethod
-    def _mix(q, k, v, c, extra):
-        raise NotImplementedError
-
-    @staticmethod
-    def _mix_backward(q, k, v, c, g, extra, need_dc: bool):
-        """-> (dq, dk, dv, dc or None) for the gradient ``g (B, H, N, D + 1)`` of ``Y``."""
-        raise NotImplementedError
-
-    @staticmethod
-    def _floor(extra) -> float:
-        return 0.0
-
-    @classmethod
-    def forward(cls, ctx, q, k, v, c, extra=None):
-        y = cls._mix(q, k, v, c, extra)
-        den = y[..., -1]
-        floored = _safe_normaliser(den, q, k, cls._floor(extra))
-        out = (y[..., :-1] / floored.unsqueeze(-1)).to(v.dtype)
-        ctx.save_for_backward(q, k, v, c, out, floored, floored > den)
-        ctx.extra = extra
-        return out
-
-    @classmethod
-    def backward(cls, ctx, grad_out):
-        q, k, v, c, out, den, clamped = ctx.saved_tensors
-        # d out / d Y: [1 / den] for the numerator columns, -out / den for the normaliser column.
-        g = torch.empty(*out.shape[:-1], out.shape[-1] + 1, dtype=den.dtype, device=out.device)
-        g_num = torch.div(grad_out, den.unsqueeze(-1), out=g[..., :-1])
-        g[..., -1] = -torch.einsum("bhnd,bhnd->bhn", g_num, out.to(den.dtype)).masked_fill_(clamped, 0)
-        need_dc = ctx.needs_input_grad[3]
-        dq, dk, dv, dc = cls._mix_backward(q, k, v, c, g, ctx.extra, need_dc)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc.to(c.dtype) if need_dc else None, None)
+def _mix_impl(q, k, v, c_band, r, fft_dtype, near, cpu_threads):
+    """Forward of the custom op: ``(out (B, H, N, D), normaliser (B, H, N))`` in ``q``'s dtype."""
+    y = band_forward(q, k, v, c_band, band_budget(q.device))
+    if r is not None:
+        workers = CPUThreads(cpu_threads).resolve(q.shape[0] * q.shape[1])
+        wide = torch.promote_types(q.dtype, fft_dtype)
+        y_far = fft_forward(q, k, v, r, fft_dtype, workers)
+        y = y.to(wide)
+        y[:, :, near:] += y_far[:, :, near:]  # rows < near have no offset >= near: only round-off there
+    den = torch.maximum(y[..., -1], _floor(q, k, r is not None, fft_dtype, near).to(y.dtype))
+    out = y[..., :-1] / den.unsqueeze(-1)
+    return out.to(q.dtype), den.to(q.dtype)
 
 
-class _FFTAttention(_MixingAttention):
-    """Masked causal Toeplitz convolution by FFT; ``extra`` is the FFT dtype."""
+def _mix_backward_impl(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc, need_dr):
+    """Backward of the custom op: ``(dq, dk, dv, dc_band, dr)``; an empty tensor where no gradient is needed."""
+    clamped = den <= _floor(q, k, r is not None, fft_dtype, near)  # where the floor acted, den gets no gradient
+    B, H, N, D = out.shape
+    g = torch.empty(B, H, N, D + 1, dtype=q.dtype, device=q.device)  # d out / d [numerator, normaliser]
+    g_num = torch.div(grad_out.to(q.dtype), den.unsqueeze(-1), out=g[..., :-1])
+    g[..., -1] = -(g_num * out).sum(-1).masked_fill_(clamped, 0)
+    dq, dk, dv, dc = band_backward(q, k, v, c_band, g, band_budget(q.device), need_dc)
+    dr = None
+    if r is not None:
+        workers = CPUThreads(cpu_threads).resolve(B * H)
+        g[:, :, :near] = 0  # the far field was not added to rows < near
+        dq2, dk2, dv2, dr = fft_backward(q, k, v, r, g, fft_dtype, need_dr, workers)
+        dq, dk, dv = dq + dq2.to(q.dtype), dk + dk2.to(q.dtype), dv + dv2.to(q.dtype)
+        dr = dr.to(q.dtype) if need_dr else None
+    return dq, dk, dv, dc if dc is not None else q.new_empty(0), dr if dr is not None else q.new_empty(0)
 
-    @staticmethod
-    def _mix(q, k, v, c, fft_dtype):
-        return toeplitz.fft_forward(q, k, v, c, fft_dtype)
 
-    @staticmethod
-    def _mix_backward(q, k, v, c, g, fft_dtype, need_dc):
-        return toeplitz.fft_backward(q, k, v, c, g, fft_dtype, need_dc)
-
-    @staticmethod
-    def _floor(fft_dtype) -> float:
-        return 32 * torch.finfo(fft_dtype).eps
+@torch.library.custom_op("lm::kernelized_mix", mutates_args=())
+def _mix_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor, r: Optional[torch.Tensor],
+            fft_dtype: torch.dtype, near: int, cpu_threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band (weights ``c_band (H, L)``) plus optional FFT far field (weights ``r (H, N)``, added to rows
+    ``>= near``) mixing of ``[v, 1]``, normalised: ``(out (B, H, N, D), normaliser (B, H, N))``."""
+    return _mix_impl(q, k, v, c_band, r, fft_dtype, near, cpu_threads)
 
 
-class _BandAttention(_MixingAttention):
-    """Exact band of offsets < L-1 by blocked matmuls plus a prefix-sum state for the clipped rest."""
+@_mix_op.register_fake
+def _mix_fake(q, k, v, c_band, r, fft_dtype, near, cpu_threads):
+    return v.new_empty(v.shape), v.new_empty(v.shape[:-1])
 
-    @staticmethod
-    def _mix(q, k, v, c, extra):
-        return toeplitz.band_forward(q, k, v, c)
 
-    @staticmethod
-    def _mix_backward(q, k, v, c, g, extra, need_dc):
-        return toeplitz.band_backward(q, k, v, c, g)
+@torch.library.custom_op("lm::kernelized_mix_backward", mutates_args=())
+def _mix_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor,
+                     r: Optional[torch.Tensor], out: torch.Tensor, den: torch.Tensor, grad_out: torch.Tensor,
+                     fft_dtype: torch.dtype, near: int, cpu_threads: int, need_dc: bool, need_dr: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``lm::kernelized_mix`` by recomputation: ``(dq, dk, dv, dc_band, dr)`` (empty when not
+    needed)."""
+    return _mix_backward_impl(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
+                              need_dr)
+
+
+@_mix_backward_op.register_fake
+def _mix_backward_fake(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc, need_dr):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            c_band.new_empty(c_band.shape) if need_dc else q.new_empty(0),
+            r.new_empty(r.shape) if (need_dr and r is not None) else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, c_band, r, fft_dtype, near, cpu_threads = inputs
+    out, den = output
+    ctx.save_for_backward(q, k, v, c_band, r, out, den)
+    ctx.settings = (fft_dtype, near, cpu_threads)
+    ctx.mark_non_differentiable(den)
+
+
+def _backward(ctx, grad_out, _grad_den):
+    q, k, v, c_band, r, out, den = ctx.saved_tensors
+    need_dc, need_dr = ctx.needs_input_grad[3], r is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dc, dr = torch.ops.lm.kernelized_mix_backward(q, k, v, c_band, r, out, den, grad_out,
+                                                              *ctx.settings, need_dc, need_dr)
+    return dq, dk, dv, dc if need_dc else None, dr if need_dr else None, None, None, None
+
+
+_mix_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,10 +1,46 @@
-"""O(N^2) dense float64 reference for causal kernelized attention with RPE (tests and benchmarks only).
+"""O(N^2) dense float64 reference for causal kernelized attention with RPE, and the RPE bias families the FFT
+precision policy is judged on (tests and benchmarks only).
 
 Written as the formula reads, so that it is obviously right: it materialises the (N, N) weight matrix.
 """
 from __future__ import annotations
 
 import torch
+
+BIAS_FAMILIES = ("flat", "init", "decay_0.25log", "decay_0.5log", "decay_1log", "decay_1.5log", "decay_0.01t",
+                 "decay_0.001t", "noisy_decay", "random_3", "random_6", "random_15", "rising_1", "rising_3",
+                 "rising_6", "rising_15", "spiky_5", "spiky_15")
+
+
+def bias_family(kind: str, n: int, num_heads: int = 2, seed: int = 1) -> torch.Tensor:
+    """``(num_heads, n)`` float32 RPE biases of shape ``kind`` (``t`` = offset, ``U`` = uniform noise in
+    [-0.5, 0.5] per head and offset): flat (0); init (0.04 U, as at initialisation); decay_<a>log (-a log(1+t));
+    decay_<a>t (-a t); noisy_decay (-log(1+t) + 6 U); random_<s> (s U: i.i.d., spans s nats); rising_<s>
+    (s t / (n-1)); spiky_<s> (0 at t = 0 and at 2% of offsets, -s elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float64)
+    noise = torch.rand(num_heads, n, generator=g, dtype=torch.float64) - 0.5
+    name, _, arg = kind.rpartition("_")
+    if kind == "flat":
+        b = torch.zeros(n, dtype=torch.float64)
+    elif kind == "init":
+        b = 0.04 * noise
+    elif kind == "noisy_decay":
+        b = -torch.log1p(t) + 6 * noise
+    elif name == "decay" and arg.endswith("log"):
+        b = -float(arg[:-3]) * torch.log1p(t)
+    elif name == "decay" and arg.endswith("t"):
+        b = -float(arg[:-1]) * t
+    elif name == "random":
+        b = float(arg) * noise
+    elif name == "rising":
+        b = float(arg) * t / max(n - 1, 1)
+    elif name == "spiky":
+        b = torch.where(torch.rand(num_heads, n, generator=g) < 0.02, 0.0, -float(arg)).double()
+        b[:, 0] = 0.0
+    else:
+        raise ValueError(f"unknown bias family {kind!r}; choose from {BIAS_FAMILIES}")
+    return b.expand(num_heads, n).float().contiguous()
 
 
 def rpe_weights(rpe_bias: torch.Tensor | None, num_heads: int, n: int, dtype=torch.float64) -> torch.Tensor:
