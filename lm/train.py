@@ -87,12 +87,14 @@ class RunLog:
     def valid(self, step: int, nll_sum: float, num_tokens: int) -> None:
         if not self.enabled:
             return
+        from lm.evaluate import format_perplexity
         loss = nll_sum / num_tokens
         ppl = math.exp(min(loss, 700.0))
         self.writer.add_scalar("valid/loss", loss, step)
         self.writer.add_scalar("valid/ppl", ppl, step)
         self.writer.flush()
-        print(f"step {step} | valid loss {loss:.4f} | valid ppl {ppl:.2f} ({num_tokens:,} tokens)", flush=True)
+        shown = format_perplexity(ppl if loss < 700.0 else math.inf, decimals=2)
+        print(f"step {step} | valid loss {loss:.4f} | valid ppl {shown} ({num_tokens:,} tokens)", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
