@@ -135,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         contexts = parse_contexts(args)
         device = resolve_device(args.device)
-        if args.json is not None:
-            check_writable(args.json, "--json")
         if args.plot is not None:
             check_writable(args.plot, "--plot")
         inference = load_for_inference(args.path, args.overrides, device=device)
