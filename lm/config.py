@@ -248,18 +248,22 @@ class DivergenceConfig:
     """Stop after this many bad steps in a row. A bad step has a non-finite loss or gradients, or a loss spike;
     it is skipped (weights and optimizer state untouched) and no checkpoint is written until a good step."""
     spike_factor: float = 1.5
-    """A step whose loss exceeds spike_factor x the median loss of the last spike_window good steps is a spike
-    (a bad step), and a run whose final loss exceeds spike_factor x its first step's loss fails. 0 = off."""
+    """A step whose loss exceeds spike_factor x the median loss of the last spike_window good steps is a loss
+    spike, a bad step. 0 = off (only non-finite steps are bad)."""
     spike_window: int = 20
     """Good steps whose median is the spike rule's reference (fewer while the run is younger than that; the rule
     is armed from the first good step)."""
+    final_loss_factor: float = 1.5
+    """A run whose final loss (median of the last spike_window good steps) exceeds final_loss_factor x its first
+    step's loss fails (exit status 1) even if no step was bad. 0 = off."""
 
     def __post_init__(self) -> None:
         _positive("divergence.max_bad_steps", self.max_bad_steps)
         _positive("divergence.spike_window", self.spike_window)
-        if not (self.spike_factor == 0 or (math.isfinite(self.spike_factor) and self.spike_factor > 1)):
-            raise ConfigError(f"divergence.spike_factor={self.spike_factor!r} must be 0 (off) or a number > 1, "
-                              f"e.g. 2")
+        for key in ("spike_factor", "final_loss_factor"):
+            value = getattr(self, key)
+            if not (value == 0 or (math.isfinite(value) and value > 1)):
+                raise ConfigError(f"divergence.{key}={value!r} must be 0 (off) or a number > 1, e.g. 1.5")
 
 
 @dataclass

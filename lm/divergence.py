@@ -12,8 +12,8 @@ optimizer state stay as they were, so they never enter the reference either.
 
 A run **diverged** when ``max_bad_steps`` steps in a row were bad: the weights after the last applied update
 failed on that many different batches. A run also fails when it ends with its typical loss (the median of the
-last ``spike_window`` good steps) above ``spike_factor`` x its first step's loss: the run learned nothing and went
-up without any single step tripping the spike rule.
+last ``spike_window`` good steps) above ``final_loss_factor`` x its first step's loss: it went up without any
+single step tripping the spike rule (or with the rule off).
 
 :func:`replay` applies the same rule to a recorded loss curve (e.g. ``steps.jsonl``); since a skipped step leaves
 the weights alone, replaying a run's own losses gives the verdicts the run took.
@@ -125,10 +125,10 @@ class DivergenceMonitor:
         return statistics.median(self.good) if self.good else None
 
     def ended_far_above_start(self) -> bool:
-        """The run's typical loss is above ``spike_factor`` x its first step's loss (never when the rule is off)."""
+        """The run's typical loss is above ``final_loss_factor`` x its first step's loss (never when that is 0)."""
         typical = self.typical_loss()
-        return bool(self.cfg.spike_factor and typical is not None and self.first_loss is not None
-                    and typical > self.cfg.spike_factor * self.first_loss)
+        return bool(self.cfg.final_loss_factor and typical is not None and self.first_loss is not None
+                    and typical > self.cfg.final_loss_factor * self.first_loss)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps so that a resumed run takes the same decisions (JSON-serialisable)."""

@@ -276,8 +276,9 @@ def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: Dive
     """Why the run stops and how to go on (rank 0 also sets the diverged checkpoint aside), in one line."""
     if not info.is_main:
         return "training stopped (rank 0 says why and which checkpoint to resume from)"
-    retry = (f"run the same command with a lower learning rate, e.g. optim.lr={cfg.optim.lr / 2:.3g} (now "
-             f"{cfg.optim.lr:g}; a longer optim.warmup_steps helps too)")
+    lower = f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 2:.3g} (now {cfg.optim.lr:g}; a longer " \
+            f"optim.warmup_steps helps too)"
+    retry = f"run the same command with {lower}"
     if monitor.diverged or monitor.bad_in_a_row:
         good, renamed = (checkpoint.set_aside_diverged(run_dir, monitor.last_good_step) if monitor.diverged
                          else (checkpoint.newest_intact(run_dir, "training"), None))
@@ -292,13 +293,12 @@ def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: Dive
     else:
         good = checkpoint.newest_intact(run_dir, "training")
         what = (f"the run ended with a training loss of {monitor.typical_loss():.4g} (median of the last "
-                f"{len(monitor.good)} good steps), above divergence.spike_factor={cfg.divergence.spike_factor:g} x "
-                f"its first step's {monitor.first_loss:.4g}: it diverged without a single step tripping the spike "
-                f"rule. ")
+                f"{len(monitor.good)} good steps), above divergence.final_loss_factor={cfg.divergence.final_loss_factor:g}"
+                f" x its first step's {monitor.first_loss:.4g}: it diverged without a run of bad steps. ")
     if good is not None and (monitor.diverged or monitor.bad_in_a_row):
         what += f"Last good checkpoint: {good} (step {checkpoint.checkpoint_step(good)}); to resume from it, {retry}."
     elif good is not None:
-        what += f"Its checkpoints hold the diverged weights; start again in a new run_dir and {retry}."
+        what += f"Its checkpoints hold the diverged weights: start again with another run_dir and {lower}."
     else:
         what += f"No checkpoint was written before that; to start again, {retry}."
     spike = cfg.divergence.spike_factor

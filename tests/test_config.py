@@ -128,6 +128,7 @@ def test_batch_divisibility_is_checked_in_the_config():
     ("divergence.spike_factor=1", "divergence.spike_factor=1.0 must be 0 (off) or a number > 1"),
     ("divergence.spike_factor=-2", "divergence.spike_factor=-2.0 must be 0 (off) or a number > 1"),
     ("divergence.spike_factor=nan", "divergence.spike_factor=nan must be 0 (off) or a number > 1"),
+    ("divergence.final_loss_factor=0.5", "divergence.final_loss_factor=0.5 must be 0 (off) or a number > 1"),
 ])
 def test_every_optimiser_schedule_and_divergence_field_is_validated(override, needle):
     with pytest.raises(ConfigError) as e:

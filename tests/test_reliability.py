@@ -115,7 +115,7 @@ def test_a_run_ending_far_above_its_first_loss_fails(run, cache_dir, capsys):
     assert main(smoke_argv(run, cache_dir, "max_steps=8", "save_every=2")) == 1
     message = capsys.readouterr().err
     assert "the run ended with a training loss of" in message and "its first step's 0.5" in message
-    assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2", "divergence.spike_factor=0")) == 0
+    assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2", "divergence.final_loss_factor=0")) == 0
 
 
 # ------------------------------------------------------------------ one trainer per run directory
