@@ -5,8 +5,8 @@ Layout of a run directory::
 
     RUN/checkpoints/step_00001000/
         model.pt        consolidated fp32 weights (state_dict), what tools load
-        meta.json       step, tokenizer hash, engine kind, counters, and the size of every other file and the
-                        sha256 of model.pt (written last)
+        meta.json       step, tokenizer hash, engine kind, counters, and the size and sha256 of every other
+                        file (written last)
         config.yaml     the resolved config the run trained with
         tokenizer/      the tokenizer, so a checkpoint directory is self-contained
         optimizer.pt    (plain-torch engine) or deepspeed/ (DeepSpeed engine): state for exact resume
@@ -14,9 +14,9 @@ Layout of a run directory::
 A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete, so a
 crash while saving leaves the previous checkpoints intact; names starting with ``.`` are never read, and the
 debris of a crash (``.tmp-*``, ``.pruned-*``, ``.old-*``) is cleared by :func:`clean_debris` when the next run
-starts. A checkpoint is **intact** when its meta.json reads and every file it lists has the recorded size (and
-model.pt its sha256, when it is about to be loaded); checkpoints written before meta.json listed files count as
-intact when their ``.pt`` files are complete zip archives. Tools given a run directory use the newest intact
+starts. A checkpoint is **intact** when its meta.json reads and every file it needs lists has the recorded size
+and sha256 (torch.load does not notice a changed byte in tensor data); checkpoints written before meta.json listed
+files count as intact when their ``.pt`` files are complete zip archives. Tools given a run directory use the newest intact
 checkpoint and warn about each newer damaged one; a damaged checkpoint named explicitly is an error.
 ``step_N.diverged`` holds the weights a diverged run stopped at (see :func:`set_aside_diverged`); it is never
 picked from a run directory, but can be named explicitly.
@@ -98,13 +98,14 @@ def _complete_zip(path: Path) -> bool:
         return False
 
 
-def damage(checkpoint: str | Path, purpose: str = "inference", verify_weights: bool = True) -> Optional[str]:
+def damage(checkpoint: str | Path, purpose: str = "inference", verify_hashes: bool = True) -> Optional[str]:
     """What makes ``checkpoint`` unusable for ``purpose`` (``"inference"``: weights, config, tokenizer;
     ``"training"``: also the optimizer / DeepSpeed state), in a few words; None when it is intact.
 
-    Cheap: reads meta.json and compares the size of every file it lists (sha256 of model.pt too, when
-    ``verify_weights``: one read of the file that is about to be loaded anyway). Checkpoints written before
-    meta.json listed its files: the ``.pt`` files must be complete zip archives (a truncated one is not).
+    Reads meta.json and compares the size of every file the purpose needs (a stat each), then, when
+    ``verify_hashes``, their sha256 (one read of files that are about to be loaded anyway, at ~1.5 GB/s).
+    Checkpoints written before meta.json listed its files: the ``.pt`` files must be complete zip archives (a
+    truncated one is not).
     """
     checkpoint = Path(checkpoint)
     if not (checkpoint / META).is_file():
@@ -120,17 +121,17 @@ def damage(checkpoint: str | Path, purpose: str = "inference", verify_weights: b
     training = purpose == "training"
     files = meta.get("files")
     if isinstance(files, dict):
-        for rel, size in sorted(files.items()):
-            if rel.startswith(_TRAINING_ONLY) and not training:
-                continue
+        needed = sorted(rel for rel in files if training or not rel.startswith(_TRAINING_ONLY))
+        for rel in needed:
             path = checkpoint / rel
             if not path.is_file():
                 return f"{rel} is missing"
-            if path.stat().st_size != size:
-                return f"{rel} is {path.stat().st_size:,} bytes but {size:,} were written"
-        want = meta.get("sha256", {}).get(WEIGHTS)
-        if verify_weights and want and _sha256(checkpoint / WEIGHTS) != want:
-            return f"{WEIGHTS} does not match the sha256 recorded when it was written"
+            if path.stat().st_size != files[rel]:
+                return f"{rel} is {path.stat().st_size:,} bytes but {files[rel]:,} were written"
+        hashes = meta.get("sha256", {}) if verify_hashes else {}
+        for rel in needed:
+            if rel in hashes and _sha256(checkpoint / rel) != hashes[rel]:
+                return f"{rel} does not match the sha256 recorded when it was written (its bytes changed)"
         return None
     # written before meta.json listed files
     needed = [checkpoint / WEIGHTS]
@@ -262,10 +263,11 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         fsync_tree(tmp)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
                 "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg),
-                "files": files, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)}}
+                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
+                "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
             old = root / f".old-{final.name}"
@@ -310,7 +312,12 @@ def load_training_state(checkpoint: Path, engine: Engine, tokenizer_hash: str) -
                                   f"; resume with the model settings of that run, or use another run_dir")
         for k, v in state.items():
             own[k].copy_(v)
-    engine.load_state(checkpoint)
+    try:
+        engine.load_state(checkpoint)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # damage its sizes did not show
+        raise CheckpointError(f"cannot load the optimizer state of {checkpoint} ({str(e).splitlines()[0]}): the "
+                              f"checkpoint is damaged; rename it (e.g. to {checkpoint.name}.damaged) to resume from "
+                              f"the one before") from None
     return meta
 
 

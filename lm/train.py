@@ -273,35 +273,36 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
 
 
 def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: DivergenceMonitor) -> str:
-    """Why the run stops and how to go on (rank 0 also sets the diverged checkpoint aside), in one line."""
+    """Why the run stops and how to go on, in one line; rank 0 also sets aside the checkpoint of weights that
+    diverged."""
     if not info.is_main:
         return "training stopped (rank 0 says why and which checkpoint to resume from)"
-    lower = f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 2:.3g} (now {cfg.optim.lr:g}; a longer " \
-            f"optim.warmup_steps helps too)"
-    retry = f"run the same command with {lower}"
-    if monitor.diverged or monitor.bad_in_a_row:
-        good, renamed = (checkpoint.set_aside_diverged(run_dir, monitor.last_good_step) if monitor.diverged
-                         else (checkpoint.newest_intact(run_dir, "training"), None))
-        what = (f"training diverged at step {monitor.streak[-1][0]}: {monitor.bad_in_a_row} bad steps in a row "
-                f"(divergence.max_bad_steps={cfg.divergence.max_bad_steps}); " if monitor.diverged else
-                f"the run reached step {monitor.streak[-1][0]} in a streak of bad steps, so its last checkpoint "
-                f"was not written: ")
-        what += f"{monitor.streak_summary()}; the bad steps were skipped. "
-        if renamed is not None:
-            what += (f"The weights of step {monitor.last_good_step} failed on all of them, so its checkpoint was "
-                     f"renamed {renamed.name}. ")
+    lower = (f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 2:.3g} (now {cfg.optim.lr:g}; a longer "
+             f"optim.warmup_steps helps too)")
+    if not monitor.bad_in_a_row:  # the run ended far above its first loss
+        return (f"the run ended with a training loss of {monitor.typical_loss():.4g} (median of the last "
+                f"{len(monitor.good)} good steps), above divergence.final_loss_factor="
+                f"{cfg.divergence.final_loss_factor:g} x its first step's {monitor.first_loss:.4g}: it diverged "
+                f"without a run of bad steps. Its checkpoints hold the diverged weights: start again with another "
+                f"run_dir and {lower}.")
+    last = monitor.streak[-1][0]
+    if monitor.diverged:
+        good, renamed = checkpoint.set_aside_diverged(run_dir, monitor.last_good_step)
+        what = (f"training diverged at step {last}: {monitor.bad_in_a_row} bad steps in a row "
+                f"(divergence.max_bad_steps={cfg.divergence.max_bad_steps}); ")
     else:
-        good = checkpoint.newest_intact(run_dir, "training")
-        what = (f"the run ended with a training loss of {monitor.typical_loss():.4g} (median of the last "
-                f"{len(monitor.good)} good steps), above divergence.final_loss_factor={cfg.divergence.final_loss_factor:g}"
-                f" x its first step's {monitor.first_loss:.4g}: it diverged without a run of bad steps. ")
-    if good is not None and (monitor.diverged or monitor.bad_in_a_row):
-        what += f"Last good checkpoint: {good} (step {checkpoint.checkpoint_step(good)}); to resume from it, {retry}."
-    elif good is not None:
-        what += f"Its checkpoints hold the diverged weights: start again with another run_dir and {lower}."
+        good, renamed = checkpoint.newest_intact(run_dir, "training"), None
+        what = f"the run reached step {last} in a streak of bad steps, so its last checkpoint was not written: "
+    what += f"{monitor.streak_summary()}; the bad steps were skipped. "
+    if renamed is not None:
+        what += (f"The weights of step {monitor.last_good_step} failed on all of them, so its checkpoint was renamed "
+                 f"{renamed.name}. ")
+    if good is not None:
+        what += (f"Last good checkpoint: {good} (step {checkpoint.checkpoint_step(good)}); to resume from it, run the "
+                 f"same command with {lower}.")
     else:
-        what += f"No checkpoint was written before that; to start again, {retry}."
-    spike = cfg.divergence.spike_factor
-    if spike and any(reason == "spike" for _, reason in monitor.streak):
-        what += (f" If these were not a divergence, raise divergence.spike_factor (now {spike:g}) or set it to 0.")
+        what += f"No checkpoint was written before that; to start again, run the same command with {lower}."
+    if cfg.divergence.spike_factor and any(reason == "spike" for _, reason in monitor.streak):
+        what += (f" If these were not a divergence, raise divergence.spike_factor (now "
+                 f"{cfg.divergence.spike_factor:g}) or set it to 0.")
     return what

@@ -107,6 +107,15 @@ def test_nonfinite_steps_are_never_checkpointed_and_the_stop_is_an_error(tmp_pat
     assert [r["bad"] for r in read_steps(run / "steps.jsonl")] == ["", "loss", "loss", "loss"]
 
 
+def test_a_run_that_ends_inside_a_streak_of_bad_steps_fails_without_checkpointing_them(tmp_path, cache_dir, capsys):
+    run = tmp_path / "run"  # lr 1 spikes from step 4 on (see the divergence test); the run ends at step 5
+    assert main(smoke_argv(run, cache_dir, "max_steps=5", "optim.lr=1", "optim.warmup_steps=20", "save_every=1")) == 1
+    message = capsys.readouterr().err
+    assert "the run reached step 5 in a streak of bad steps, so its last checkpoint was not written" in message
+    assert f"Last good checkpoint: {ckpt(run, 3)} (step 3)" in message
+    assert [checkpoint.checkpoint_step(c) for c in checkpoint.list_checkpoints(run)] == [2, 3]
+
+
 def test_a_run_ending_far_above_its_first_loss_fails(run, cache_dir, capsys):
     meta_path = ckpt(run, 6) / checkpoint.META
     meta = json.loads(meta_path.read_text())
@@ -187,12 +196,18 @@ def test_a_second_trainer_on_a_run_directory_is_refused_and_a_killed_ones_lock_t
 
 
 # ------------------------------------------------------------------ damaged checkpoints
+def flip_a_byte(path):
+    """Change one byte in the middle (tensor data: torch.load would read it without complaint)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 DAMAGES = {
     "truncated model.pt": lambda c: truncate(c / "model.pt"),
     "missing model.pt": lambda c: (c / "model.pt").unlink(),
     "truncated meta.json": lambda c: truncate(c / "meta.json"),
-    "flipped byte in model.pt": lambda c: c.joinpath("model.pt").write_bytes(
-        (lambda b: b[:-100] + bytes([b[-100] ^ 1]) + b[-99:])(c.joinpath("model.pt").read_bytes())),
+    "changed byte in model.pt": lambda c: flip_a_byte(c / "model.pt"),
     "no meta.json": lambda c: (c / "meta.json").unlink(),
     "truncated tokenizer": lambda c: truncate(c / "tokenizer" / "tokenizer.model"),
 }
@@ -255,11 +270,14 @@ def test_deepspeed_state_is_part_of_what_a_resume_checks(run):
     assert damage(c) is None
 
 
-@pytest.mark.parametrize("how", ["truncated model.pt", "truncated optimizer.pt", "no meta.json"])
+@pytest.mark.parametrize("how", ["truncated model.pt", "truncated optimizer.pt", "changed byte in optimizer.pt",
+                                 "no meta.json"])
 def test_resume_falls_back_to_the_newest_intact_checkpoint(run, cache_dir, how, capsys):
     c = ckpt(run, 6)
     if how == "truncated optimizer.pt":
         truncate(c / "optimizer.pt")
+    elif how == "changed byte in optimizer.pt":
+        flip_a_byte(c / "optimizer.pt")
     else:
         DAMAGES[how](c)
     assert main(smoke_argv(run, cache_dir, "max_steps=8", "save_every=2", "keep_checkpoints=3")) == 0
@@ -295,10 +313,10 @@ def test_resuming_with_weights_of_another_shape_is_a_one_line_error(run, cache_d
 
 def test_a_damaged_checkpoint_tokenizer_is_not_advised_to_be_rebuilt(run):
     c = ckpt(run, 6)
-    (c / "tokenizer" / "tokenizer.model").write_bytes(b"not a model")
     meta = json.loads((c / checkpoint.META).read_text())
-    meta["files"]["tokenizer/tokenizer.model"] = len(b"not a model")
+    del meta["files"], meta["sha256"]  # written before checkpoints listed their files: only loading finds out
     (c / checkpoint.META).write_text(json.dumps(meta))
+    (c / "tokenizer" / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(CheckpointError) as e:
         load_for_inference(c)
     assert "it cannot be rebuilt" in str(e.value) and "delete" not in str(e.value)
