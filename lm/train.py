@@ -157,6 +157,8 @@ def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLo
             step = -1 if found is None else checkpoint.checkpoint_step(found)
         except (ConfigError, CheckpointError) as e:
             error = e
+        except OSError as e:  # e.g. a run_dir that cannot be created
+            error = ConfigError(f"run_dir={run_dir} cannot be used: {e}; choose another run_dir")
     outcome = broadcast(torch.tensor([error is None, step], dtype=torch.int64)).tolist()
     if error is not None:
         raise error
