@@ -38,8 +38,14 @@ LOCK = "train.lock"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (it diverged, or ended far above its first loss); the message says why, which
-    checkpoint is the last good one, and how to resume from it."""
+    """Training cannot go on; the message says why, which checkpoint is the last good one, and how to resume from
+    it. ``kind``: "diverged" (max_bad_steps bad steps in a row), "bad_streak_at_end" (the run reached its last step
+    in a streak of bad steps) or "ended_far_above_start" (divergence.final_loss_factor); ``step``: the last step
+    trained."""
+
+    def __init__(self, message: str, kind: str, step: int):
+        super().__init__(message)
+        self.kind, self.step = kind, step
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -254,7 +260,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
             if stats.bad and info.is_main:
                 print(monitor.last_event, flush=True)
             if monitor.diverged:
-                raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor))
+                raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), "diverged", step)
             log.train(step, stats, batch[:, 1:].numel())
             last = step == min(stop_at, cfg.max_steps)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
@@ -267,7 +273,8 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
                 checkpoint.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer, monitor.state_dict(),
                                            cfg.keep_checkpoints)
         if monitor.bad_in_a_row or monitor.ended_far_above_start():
-            raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor))
+            kind = "bad_streak_at_end" if monitor.bad_in_a_row else "ended_far_above_start"
+            raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), kind, step)
     finally:
         steps.close()
         log.close()

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, smoke_argv
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, damage, find_checkpoint, load_for_inference
 from lm.cli import eval_ppl, generate
 from lm.cli.train import main
+from lm.config import load_config
 from lm.fileio import LockHeld, OwnerLock
 from lm.steplog import read_steps
+from lm.train import TrainingStopped, train
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +123,13 @@ def test_a_run_ending_far_above_its_first_loss_fails(run, cache_dir, capsys):
     meta = json.loads(meta_path.read_text())
     meta["counters"]["first_loss"] = 0.5  # as if the run had started far lower than it ends
     meta_path.write_text(json.dumps(meta))
-    assert main(smoke_argv(run, cache_dir, "max_steps=8", "save_every=2")) == 1
-    message = capsys.readouterr().err
+    with pytest.raises(TrainingStopped) as stopped:  # what an in-process caller (e.g. a study) sees
+        train(load_config([SMOKE_CONFIG], smoke_argv(run, cache_dir, "max_steps=8", "save_every=2")[1:]))
+    assert stopped.value.kind == "ended_far_above_start" and stopped.value.step == 8
+    message = str(stopped.value)
     assert "the run ended with a training loss of" in message and "its first step's 0.5" in message
+    assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2")) == 1  # the same command again fails
+    assert "the run ended with a training loss of" in capsys.readouterr().err
     assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2", "divergence.final_loss_factor=0")) == 0
 
 
