@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -174,7 +175,6 @@ def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLo
 
 
 def _report_takeover(lock: OwnerLock, previous: Optional[dict]) -> None:
-    import socket
     if not lock.enforced:
         print(f"warning: the file system of {lock.path} does not support locks: a second trainer on this run "
               f"directory would not be refused", flush=True)
