@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -25,8 +27,21 @@ def _choice(name: str, value, allowed: Sequence) -> None:
 
 
 def _positive(name: str, value) -> None:
-    if value is None or value <= 0:
+    if value is None or not value > 0:  # written so that nan fails too
         raise ConfigError(f"{name}={value!r} must be > 0")
+
+
+def _in_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+              hint: str = "") -> None:
+    """``value`` is a finite number in the interval from ``low`` to ``high`` (open at the ends asked for)."""
+    ok = (value is not None and math.isfinite(value) and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        if math.isinf(high):
+            wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name}={value!r} must be {wanted}{hint}")
 
 
 @dataclass
@@ -210,10 +225,45 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        _positive("optim.lr", self.lr)
-        _choice("optim.schedule", self.schedule, ["cosine", "constant"])
+        inf = math.inf
+        _in_range("optim.lr", self.lr, 0.0, inf, low_open=True, high_open=True, hint=", e.g. 3e-4")
+        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                  hint=" (the cosine ends at lr x min_lr_ratio; below 0 the update would climb the loss)")
         if self.warmup_steps < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0")
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _choice("optim.schedule", self.schedule, ["cosine", "constant"])
+        _in_range("optim.weight_decay", self.weight_decay, 0.0, inf, high_open=True)
+        _in_range("optim.beta1", self.beta1, 0.0, 1.0, high_open=True, hint=", e.g. 0.9")
+        _in_range("optim.beta2", self.beta2, 0.0, 1.0, high_open=True, hint=", e.g. 0.98")
+        _in_range("optim.eps", self.eps, 0.0, inf, low_open=True, high_open=True, hint=", e.g. 1e-8")
+        _in_range("optim.grad_clip", self.grad_clip, 0.0, inf, high_open=True, hint=" (0 disables clipping)")
+
+
+@dataclass
+class DivergenceConfig:
+    """When a step is bad (skipped) and when a run stops for divergence (see README, "What happens when things go
+    wrong")."""
+
+    max_bad_steps: int = 5
+    """Stop after this many bad steps in a row. A bad step has a non-finite loss or gradients, or a loss spike;
+    it is skipped (weights and optimizer state untouched) and no checkpoint is written until a good step."""
+    spike_factor: float = 1.5
+    """A step whose loss exceeds spike_factor x the median loss of the last spike_window good steps is a loss
+    spike, a bad step. 0 = off (only non-finite steps are bad)."""
+    spike_window: int = 20
+    """Good steps whose median is the spike rule's reference (fewer while the run is younger than that; the rule
+    is armed from the first good step)."""
+    final_loss_factor: float = 1.5
+    """A run whose final loss (median of the last spike_window good steps) exceeds final_loss_factor x its first
+    step's loss fails (exit status 1) even if no step was bad. 0 = off."""
+
+    def __post_init__(self) -> None:
+        _positive("divergence.max_bad_steps", self.max_bad_steps)
+        _positive("divergence.spike_window", self.spike_window)
+        for key in ("spike_factor", "final_loss_factor"):
+            value = getattr(self, key)
+            if not (value == 0 or (math.isfinite(value) and value > 1)):
+                raise ConfigError(f"divergence.{key}={value!r} must be 0 (off) or a number > 1, e.g. 1.5")
 
 
 @dataclass
@@ -270,8 +320,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = True
     """Continue from the newest checkpoint in run_dir when there is one."""
-    max_nonfinite_steps: int = 5
-    """Stop after this many consecutive steps with non-finite loss or gradients."""
     device: str = "auto"
     """auto | cpu | cuda."""
     engine: str = "auto"
@@ -281,12 +329,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
-        for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints",
-                  "max_nonfinite_steps"):
+        for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints"):
             _positive(k, getattr(self, k))
         self.gradient_accumulation_steps(world_size=1)  # the world size is known only at start; checked again then
         _choice("device", self.device, ["auto", "cpu", "cuda"])
@@ -319,9 +367,16 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
 MOVED_KEYS = {
     "deepspeed.precision": "compute.precision",
     "deepspeed.activation_checkpointing": "compute.activation_checkpointing",
+    "max_nonfinite_steps": "divergence.max_bad_steps",
 }
 """Keys that moved (old -> new). Given by a user (YAML file or override) an old key is an error that names the new
 one; in a config stored by an older version (a checkpoint's meta.json or config.yaml) it is moved silently."""
+
+_WHY_MOVED = {
+    "deepspeed.precision": "it applies to both engines, not only DeepSpeed",
+    "deepspeed.activation_checkpointing": "it applies to both engines, not only DeepSpeed",
+    "max_nonfinite_steps": "loss spikes count as bad steps too",
+}
 
 
 def _dotted_keys(tree, prefix: str = "") -> list[str]:
@@ -335,12 +390,14 @@ def _dotted_keys(tree, prefix: str = "") -> list[str]:
 
 
 def _refuse_moved(keys: Sequence[str], where: str = "", value_of=None) -> None:
+    moved = []
     for key in keys:
         if key in MOVED_KEYS:
             new = MOVED_KEYS[key]
             hint = f"{new}={value_of(key)}" if value_of else new
-            raise ConfigError(f"{where}{key} was renamed {new} (it applies to both engines, not only DeepSpeed): "
-                              f"use {hint}")
+            moved.append(f"{key} was renamed {new} ({_WHY_MOVED[key]}): use {hint}")
+    if moved:
+        raise ConfigError(where + "; ".join(moved))
 
 
 def migrate_stored(d: dict) -> dict:
@@ -389,14 +446,34 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         path = Path(f)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = _load_yaml_mapping(path)
         try:
-            loaded = OmegaConf.load(path)
             _refuse_moved(_dotted_keys(OmegaConf.to_container(loaded)), where=f"{path}: ")
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None)
             raise ConfigError(f"{path}: bad config key {key!r}: {str(e).splitlines()[0]}") from None
     return _finish(merged, overrides)
+
+
+def _load_yaml_mapping(path: Path) -> DictConfig:
+    """The YAML file at ``path`` as a DictConfig; a one-line ConfigError for a syntax error (with its line and
+    column), an unreadable file, or a top level that is not a mapping of keys."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (e.g. 'optim:' then '  lr: 3e-4'), "
+                          f"not a {type(OmegaConf.to_container(loaded)).__name__}")
+    return loaded
 
 
 def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -415,11 +492,7 @@ def load_stored_config(path: str | Path, overrides: Sequence[str] = ()) -> Train
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        stored = OmegaConf.to_container(OmegaConf.load(path))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    return config_from_dict(stored, overrides)
+    return config_from_dict(OmegaConf.to_container(_load_yaml_mapping(path)), overrides)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -8,9 +8,15 @@ Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_t
 counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
 micro-batches and ranks, so the update is the gradient of the mean token NLL of the global batch, independent of
 how the batch is split. (DeepSpeed averages gradients over ranks, so its loss is multiplied by ``world_size``.)
+
+Skipped steps: a step whose loss or gradients are non-finite, or whose loss exceeds the ``loss_limit`` the
+caller passes (a loss spike, see :mod:`lm.divergence`), leaves the parameters and the optimizer state untouched,
+whichever engine and DeepSpeed optimizer runs it (:class:`GuardedAdamW` is told to skip; DeepSpeed's own ZeRO /
+bf16 / fp16 optimizers skip a step whose gradients are non-finite, so a spike's last backward is given a NaN loss).
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,13 @@ class StepStats:
     """True when the parameters were left unchanged."""
     nonfinite: str
     """"" when all was finite, else what went non-finite: "loss" or "gradients"."""
+    spike: bool = False
+    """The loss was finite but above the step's ``loss_limit``, so the step was skipped."""
+
+    @property
+    def bad(self) -> str:
+        """Why the step counts as bad: "loss" / "gradients" (non-finite), "spike", or "" for a good step."""
+        return self.nonfinite or ("spike" if self.spike else "")
 
 
 def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -131,8 +144,11 @@ class Engine:
         self.cfg, self.info = cfg, info
         set_tf32(cfg.compute.tf32, info.device)
 
-    def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float) -> StepStats:
-        """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``."""
+    def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float,
+                   loss_limit: float = math.inf) -> StepStats:
+        """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``,
+        skipped when the step's loss is non-finite or above ``loss_limit`` (the same on every rank), or its
+        gradients are non-finite."""
         raise NotImplementedError
 
     def save_state(self, directory: Path) -> None:
@@ -176,7 +192,7 @@ class TorchEngine(Engine):
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.compute.precision == "bf16" else nullcontext())
 
-    def train_step(self, micro_batches, global_tokens, lr):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf):
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         nll = []
@@ -194,13 +210,14 @@ class TorchEngine(Engine):
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         _set_lr(self.optimizer, lr)
-        if loss_bad:  # the guard itself only sees gradients
+        spike = not loss_bad and loss_sum / global_tokens > loss_limit
+        if loss_bad or spike:  # the guard itself only sees gradients
             self.optimizer.skip_next_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         skipped = self.optimizer.overflow
-        nonfinite = "loss" if loss_bad else ("gradients" if skipped else "")
-        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
+        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not spike else "")
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite, spike)
 
     def save_state(self, directory):
         if self.info.is_main:
@@ -244,7 +261,7 @@ class DeepSpeedEngine(Engine):
         if basic is not None:
             _set_lr(basic, lr)
 
-    def train_step(self, micro_batches, global_tokens, lr):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf):
         engine = self.engine
         engine.train()
         if len(micro_batches) != engine.gradient_accumulation_steps():
@@ -252,28 +269,38 @@ class DeepSpeedEngine(Engine):
                              f"{engine.gradient_accumulation_steps()}")
         self._set_lr(lr)
         skipped_before = engine.skipped_steps
+        guarded = isinstance(engine.optimizer, GuardedAdamW)  # stage 0, fp32: gradients are reduced in .grad
         nll = []
         for i, mb in enumerate(micro_batches):
             loss = token_nll_sum(engine, mb.to(self.info.device))
             nll.append(loss.detach())
-            engine.backward(loss * (self.info.world_size / global_tokens), scale_wrt_gas=False)
+            scale = self.info.world_size / global_tokens
+            if i == len(micro_batches) - 1:  # the step's loss is known before its last backward
+                loss_sum, loss_bad = self._global_loss(nll)
+                spike = not loss_bad and loss_sum / global_tokens > loss_limit
+                if spike and not guarded:  # DeepSpeed's own optimizers skip a step whose gradients are non-finite
+                    scale = math.nan
+            engine.backward(loss * scale, scale_wrt_gas=False)
             if i < len(micro_batches) - 1:
                 engine.step()
-        loss_sum, loss_bad = self._global_loss(nll)
         grad_norm = None
-        if isinstance(engine.optimizer, GuardedAdamW):  # stage 0, fp32: gradients are reduced in .grad
+        if guarded:
             grads = [p.grad.float() for p in self.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if loss_bad:  # DeepSpeed steps this optimizer itself and counts the step skipped if it sets overflow
+            if loss_bad or spike:  # DeepSpeed steps this optimizer itself and counts the step skipped on overflow
                 engine.optimizer.skip_next_step()
+        scaler = _LossScaleState(engine.optimizer) if spike and not guarded else None
         engine.step()
+        if scaler is not None:
+            scaler.restore()  # a forced skip is not an fp16 overflow: the loss scale stays as it was
+            grad_norm = math.nan  # unknown: the gradients were made non-finite on purpose
         if grad_norm is None:
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         skipped = engine.skipped_steps > skipped_before
-        fp16_overflow = skipped and not loss_bad and self.cfg.compute.precision == "fp16"
-        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not fp16_overflow else "")
-        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite)
+        fp16_overflow = skipped and not loss_bad and not spike and self.cfg.compute.precision == "fp16"
+        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not spike and not fp16_overflow else "")
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite, spike)
 
     def save_state(self, directory):
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
@@ -295,6 +322,20 @@ class DeepSpeedEngine(Engine):
             full: Optional[torch.Tensor] = safe_get_full_fp32_param(params[name]) if name in params else None
             out[name] = (full if full is not None else value).detach().float().cpu().clone()
         return out
+
+
+class _LossScaleState:
+    """A copy of the loss-scaler state of a DeepSpeed optimizer (ZeRO keeps it in ``loss_scaler``, the fp16
+    optimizer in ``loss_scale_config``), to undo what a deliberately skipped step did to it."""
+
+    def __init__(self, optimizer):
+        self.saved = [(obj, dict(vars(obj))) for obj in (getattr(optimizer, name, None)
+                                                          for name in ("loss_scaler", "loss_scale_config"))
+                      if obj is not None and hasattr(obj, "__dict__")]
+
+    def restore(self) -> None:
+        for obj, state in self.saved:
+            obj.__dict__.update(state)
 
 
 def build_engine(cfg: TrainConfig, model: nn.Module, info: DistInfo) -> Engine:

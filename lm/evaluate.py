@@ -32,6 +32,14 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf
 
 
+def format_perplexity(ppl: float, decimals: int = 3) -> str:
+    """A perplexity for a table or a log line: fixed-point up to 1e6, then ``1.234e+07``; ``inf`` for a diverged
+    model (never a 300-digit number)."""
+    if not math.isfinite(ppl):
+        return str(ppl)
+    return f"{ppl:.{decimals}f}" if ppl < 1e6 else f"{ppl:.3e}"
+
+
 @dataclass(frozen=True)
 class NLL:
     """Summed negative log-likelihood (nats) of ``num_tokens`` scored tokens."""

@@ -42,8 +42,7 @@ class Tokenizer:
         self.newline_id = self._sp.piece_to_id(NEWLINE)
         self._space_mark_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
         if self.newline_id == self._sp.unk_id() or self._sp.unk_id() in self._space_mark_ids:
-            raise TokenizerError("not an lm tokenizer: it lacks the newline symbol or byte fallback; "
-                                 "delete it (or its cache directory) so that it is retrained")
+            raise TokenizerError("not an lm tokenizer: it lacks the newline symbol or byte fallback")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -133,14 +132,14 @@ class Tokenizer:
         try:
             meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         except ValueError as e:
-            raise TokenizerError(f"{meta_file} is corrupt ({e}); delete {model.parent} to rebuild") from None
+            raise TokenizerError(f"{meta_file} is corrupt ({e})") from None
         try:
             tok = cls(proto, meta)
         except RuntimeError as e:
-            raise TokenizerError(f"{model} is not a valid SentencePiece model ({e}); delete it to rebuild") from None
+            raise TokenizerError(f"{model} is not a valid SentencePiece model ({e})") from None
         if meta.get("hash", tok.hash) != tok.hash:
             raise TokenizerError(f"{model} does not match the hash in {meta_file} (corrupt or half-written "
-                                 f"tokenizer); delete {model.parent} to rebuild")
+                                 f"tokenizer)")
         return tok
 
     # ------------------------------------------------------------------ training

@@ -5,11 +5,18 @@ Everything that decides the numbers of a step is a pure function of (config, ste
 (:func:`lm.data.global_batch`), the learning rate (:func:`lm.schedule.lr_at`), the dropout RNG and the random
 features (both seeded from ``seed`` and ``step``). So a resumed run repeats the uninterrupted one exactly, given
 the weights and optimizer state of its checkpoint.
+
+What can go wrong, and what the loop does about it (README, "What happens when things go wrong"): bad steps
+(non-finite, or a loss spike: :mod:`lm.divergence`) are skipped, no checkpoint is written while the run is in a
+streak of them, and a run that diverges stops naming its last good checkpoint; one trainer at a time holds the
+run directory (:class:`lm.fileio.OwnerLock` on ``RUN/train.lock``); every step is recorded in ``RUN/steps.jsonl``
+(:mod:`lm.steplog`).
 """
 from __future__ import annotations
 
 import math
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,15 +24,29 @@ from typing import Optional
 import torch
 
 from lm import checkpoint
+from lm.checkpoint import CheckpointError
 from lm.config import ConfigError, TrainConfig, as_dict, to_yaml
 from lm.data import global_batch, prepare_corpus, shard
-from lm.distributed import DistInfo, barrier, init_distributed
+from lm.distributed import DistInfo, barrier, broadcast, init_distributed
+from lm.divergence import DivergenceMonitor
 from lm.engine import Engine, build_engine
+from lm.fileio import LockHeld, OwnerLock, describe_holder
 from lm.schedule import lr_at
+from lm.steplog import StepLog
+
+LOCK = "train.lock"
+"""The run directory's lock file (never delete it while a trainer may run)."""
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and where."""
+    """Training cannot go on; the message says why, which checkpoint is the last good one, and how to resume from
+    it. ``kind``: "diverged" (max_bad_steps bad steps in a row), "bad_streak_at_end" (the run reached its last step
+    in a streak of bad steps) or "ended_far_above_start" (divergence.final_loss_factor); ``step``: the last step
+    trained."""
+
+    def __init__(self, message: str, kind: str, step: int):
+        super().__init__(message)
+        self.kind, self.step = kind, step
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -75,14 +96,15 @@ class RunLog:
         loss, token perplexity and word perplexity (WikiText-103 convention, as ``tools/eval_ppl.py``)."""
         if not self.enabled:
             return
-        from lm.evaluate import split_word_perplexity
+        from lm.evaluate import format_perplexity, split_word_perplexity
         word_ppl = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
         for name, value in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), ("valid/word_ppl", word_ppl)]:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
         sample = "" if nll.num_tokens == split.num_tokens else ", word ppl estimated from this sample"
-        print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {nll.perplexity:.2f} | valid word ppl "
-              f"{word_ppl:.2f} ({nll.num_tokens:,} tokens{sample})", flush=True)
+        print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {format_perplexity(nll.perplexity, decimals=2)} | "
+              f"valid word ppl {format_perplexity(word_ppl, decimals=2)} ({nll.num_tokens:,} tokens{sample})",
+              flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -104,22 +126,70 @@ def validate(engine: Engine, cfg: TrainConfig, valid_tokens, bos_id: int):
 
 
 def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
-    found = checkpoint.list_checkpoints(run_dir)
+    found = checkpoint.checkpoint_dirs(run_dir)
     if found and not cfg.resume:
         raise ConfigError(f"run_dir={run_dir} already holds checkpoints (newest {found[-1].name}); pass resume=true "
                           f"to continue it, or choose another run_dir (nothing was overwritten)")
     if not found:
         return None
-    stored = checkpoint.read_meta(found[-1])["config"]
+    resume_from = checkpoint.newest_intact(run_dir, "training")  # warns about newer damaged ones
+    if resume_from is None:
+        raise CheckpointError(f"no checkpoint of {run_dir} is intact (see the warnings above); restore one, or "
+                              f"choose another run_dir")
+    stored = checkpoint.read_meta(resume_from)["config"]
     mine = as_dict(cfg)
-    movable = ("num_proc", "cache_dir", "path")  # may differ between machines without changing the data
+    movable = ("num_proc", "cache_dir", "path", "progress")  # machine or display settings: the data is the same
     for section in ("model", "data"):
         diff = [d for d in _diff(stored[section], mine[section], section) if d.split(":")[0].split(".")[-1]
                 not in movable]
         if diff:
-            raise ConfigError(f"resuming {found[-1]} with a different {section} config: {diff}; use the same "
+            raise ConfigError(f"resuming {resume_from} with a different {section} config: {diff}; use the same "
                               f"settings or another run_dir")
-    return found[-1]
+    return resume_from
+
+
+def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLock) -> Optional[Path]:
+    """Rank 0 locks the run directory, clears the debris of crashes and picks the checkpoint to resume from;
+    every rank learns the outcome (a refusal is an error on every rank)."""
+    error, step = None, -1
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                previous = lock.acquire()
+            except LockHeld as e:
+                raise ConfigError(f"run_dir={run_dir} is in use by {describe_holder(e.holder)}: two trainers on "
+                                  f"one run directory would overwrite each other's checkpoints; wait for it to end, "
+                                  f"stop it, or choose another run_dir") from None
+            _report_takeover(lock, previous)
+            checkpoint.clean_debris(run_dir)
+            found = _resume_point(cfg, run_dir)
+            step = -1 if found is None else checkpoint.checkpoint_step(found)
+        except (ConfigError, CheckpointError) as e:
+            error = e
+        except OSError as e:  # e.g. a run_dir that cannot be created
+            error = ConfigError(f"run_dir={run_dir} cannot be used: {e}; choose another run_dir")
+    outcome = broadcast(torch.tensor([error is None, step], dtype=torch.int64)).tolist()
+    if error is not None:
+        raise error
+    if not outcome[0]:
+        raise ConfigError(f"rank 0 could not start the run in run_dir={run_dir} (its error message says why)")
+    return None if outcome[1] < 0 else run_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(outcome[1])
+
+
+def _report_takeover(lock: OwnerLock, previous: Optional[dict]) -> None:
+    if not lock.enforced:
+        print(f"warning: the file system of {lock.path} does not support locks: a second trainer on this run "
+              f"directory would not be refused", flush=True)
+    if not previous:
+        return
+    holder = describe_holder(previous)
+    if previous.get("host") in (None, socket.gethostname()):
+        print(f"note: taking over {lock.path} from {holder}, which ended without releasing it", flush=True)
+    else:
+        print(f"warning: taking over {lock.path} from {holder} on another host, which did not release it: if "
+              f"that run still goes on (on a file system whose locks other hosts cannot see), stop one of them",
+              flush=True)
 
 
 def _diff(a: dict, b: dict, prefix: str) -> list[str]:
@@ -133,12 +203,21 @@ def _diff(a: dict, b: dict, prefix: str) -> list[str]:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Train according to ``cfg``; returns the number of the last step trained."""
+    """Train according to ``cfg``; returns the number of the last step trained. Raises :class:`TrainingStopped`
+    when the run diverges or ends far above its first loss (the message names the last good checkpoint)."""
+    info = init_distributed(cfg)
+    lock = OwnerLock(Path(cfg.run_dir) / LOCK)
+    try:
+        return _train(cfg, info, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
     from lm.model import Transformer
 
-    info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
-    resume_from = _resume_point(cfg, run_dir)
+    resume_from = _take_run_dir(cfg, run_dir, info, lock)
     barrier()  # every rank has looked at the run directory before rank 0 writes into it
     corpus = prepare_corpus(cfg.data, run_dir)
     if cfg.model.vocab_size == 0:
@@ -155,15 +234,17 @@ def train(cfg: TrainConfig) -> int:
     model.init_weights()
     model.activation_checkpointing = cfg.compute.activation_checkpointing
     engine = build_engine(cfg, model, info)
-    start, bad_in_a_row = 0, 0
+    start, counters = 0, {}
     if resume_from is not None:
         meta = checkpoint.load_training_state(resume_from, engine, corpus.tokenizer.hash)
-        start, bad_in_a_row = meta["step"], meta["counters"].get("nonfinite_in_a_row", 0)
+        start, counters = meta["step"], meta["counters"]
         if info.is_main:
             print(f"resumed from {resume_from} at step {start}", flush=True)
 
     train_split, valid_split = corpus.split("train"), corpus.split("valid")
     log = RunLog(run_dir, info, cfg, start)
+    steps = StepLog(run_dir, start, enabled=info.is_main)
+    monitor = DivergenceMonitor(cfg.divergence, counters, start, first_loss_guess=math.log(cfg.model.vocab_size))
     stop_at = cfg.stop_at or cfg.max_steps
     step = start
     try:
@@ -174,16 +255,16 @@ def train(cfg: TrainConfig) -> int:
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
             batch = global_batch(train_split, cfg.data.seq_len, cfg.batch_size, step, cfg.seed)
             micro = shard(batch, info.rank, info.world_size, cfg.micro_batch_size)
+            limit = monitor.loss_limit()
             stats = engine.train_step(micro, global_tokens=batch[:, 1:].numel(),
-                                      lr=lr_at(step, cfg.optim, cfg.max_steps))
+                                      lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit)
             step += 1
-            bad_in_a_row = bad_in_a_row + 1 if stats.nonfinite else 0
-            if bad_in_a_row >= cfg.max_nonfinite_steps:
-                raise TrainingStopped(
-                    f"stopped at step {step}: {bad_in_a_row} steps in a row had non-finite {stats.nonfinite} "
-                    f"(loss {stats.loss}, grad norm {stats.grad_norm}); those steps were skipped. Lower optim.lr, "
-                    f"raise optim.warmup_steps, or use compute.precision=bf16/fp32, and resume from the last "
-                    f"checkpoint")
+            monitor.record(step, stats.loss, stats.bad, limit)
+            steps.write(step, stats, limit, monitor.bad_in_a_row)
+            if stats.bad and info.is_main:
+                print(monitor.last_event, flush=True)
+            if monitor.diverged:
+                raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), "diverged", step)
             log.train(step, stats, batch[:, 1:].numel())
             last = step == min(stop_at, cfg.max_steps)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
@@ -191,9 +272,50 @@ def train(cfg: TrainConfig) -> int:
                     nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id)
                     log.valid(step, nll, valid_split)
                 barrier()
-            if step % cfg.save_every == 0 or last:
-                checkpoint.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer,
-                                           {"nonfinite_in_a_row": bad_in_a_row}, cfg.keep_checkpoints)
+            if (step % cfg.save_every == 0 or last) and not monitor.bad_in_a_row:  # never in a bad streak
+                steps.sync()
+                checkpoint.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer, monitor.state_dict(),
+                                           cfg.keep_checkpoints)
+        if monitor.bad_in_a_row or monitor.ended_far_above_start():
+            kind = "bad_streak_at_end" if monitor.bad_in_a_row else "ended_far_above_start"
+            raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), kind, step)
     finally:
+        steps.close()
         log.close()
     return step
+
+
+def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: DivergenceMonitor) -> str:
+    """Why the run stops and how to go on, in one line; rank 0 also sets aside the checkpoint of weights that
+    diverged."""
+    if not info.is_main:
+        return "training stopped (rank 0 says why and which checkpoint to resume from)"
+    lower = (f"a lower learning rate, e.g. optim.lr={cfg.optim.lr / 2:.3g} (now {cfg.optim.lr:g}; a longer "
+             f"optim.warmup_steps helps too)")
+    if not monitor.bad_in_a_row:  # the run ended far above its first loss
+        return (f"the run ended with a training loss of {monitor.typical_loss():.4g} (median of the last "
+                f"{len(monitor.good)} good steps), above divergence.final_loss_factor="
+                f"{cfg.divergence.final_loss_factor:g} x its first step's {monitor.first_loss:.4g}: it diverged "
+                f"without a run of bad steps. Its checkpoints hold the diverged weights: start again with another "
+                f"run_dir and {lower}.")
+    last = monitor.streak[-1][0]
+    if monitor.diverged:
+        good, renamed = checkpoint.set_aside_diverged(run_dir, monitor.last_good_step)
+        what = (f"training diverged at step {last}: {monitor.bad_in_a_row} bad steps in a row "
+                f"(divergence.max_bad_steps={cfg.divergence.max_bad_steps}); ")
+    else:
+        good, renamed = checkpoint.newest_intact(run_dir, "training"), None
+        what = f"the run reached step {last} in a streak of bad steps, so its last checkpoint was not written: "
+    what += f"{monitor.streak_summary()}; the bad steps were skipped. "
+    if renamed is not None:
+        what += (f"The weights of step {monitor.last_good_step} failed on all of them, so its checkpoint was renamed "
+                 f"{renamed.name}. ")
+    if good is not None:
+        what += (f"Last good checkpoint: {good} (step {checkpoint.checkpoint_step(good)}); to resume from it, run the "
+                 f"same command with {lower}.")
+    else:
+        what += f"No checkpoint was written before that; to start again, run the same command with {lower}."
+    if cfg.divergence.spike_factor and any(reason == "spike" for _, reason in monitor.streak):
+        what += (f" If these were not a divergence, raise divergence.spike_factor (now "
+                 f"{cfg.divergence.spike_factor:g}) or set it to 0.")
+    return what

@@ -107,6 +107,7 @@ def _as_written_before_compute_existed(checkpoint_dir):
 
     import yaml
     meta = json.loads((checkpoint_dir / checkpoint.META).read_text())
+    meta.pop("files"), meta.pop("sha256")  # nor did meta.json list the checkpoint's files then
     for stored in (meta["config"], yaml.safe_load((checkpoint_dir / "config.yaml").read_text())):
         compute = stored.pop("compute")
         stored["deepspeed"].update(precision=compute["precision"],

@@ -102,3 +102,67 @@ def test_batch_divisibility_is_checked_in_the_config():
     assert [cfg.gradient_accumulation_steps(w) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
     with pytest.raises(ConfigError, match="batch_size=24 must be a multiple of micro_batch_size x ranks = 4 x 4"):
         cfg.gradient_accumulation_steps(4)
+
+
+# ------------------------------------------------------------------ every optimiser, schedule and divergence field
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number > 0"),
+    ("optim.lr=0", "optim.lr=0.0 must be a finite number > 0"),
+    ("optim.min_lr_ratio=-3", "optim.min_lr_ratio=-3.0 must be a number in [0, 1]"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must be a number in [0, 1]"),
+    ("optim.beta1=1", "optim.beta1=1.0 must be a number in [0, 1)"),
+    ("optim.beta1=-0.1", "optim.beta1=-0.1 must be a number in [0, 1)"),
+    ("optim.beta2=1.0", "optim.beta2=1.0 must be a number in [0, 1)"),
+    ("optim.beta2=nan", "optim.beta2=nan must be a number in [0, 1)"),
+    ("optim.eps=0", "optim.eps=0.0 must be a finite number > 0"),
+    ("optim.eps=-1e-8", "optim.eps=-1e-08 must be a finite number > 0"),
+    ("optim.weight_decay=-0.01", "optim.weight_decay=-0.01 must be a finite number >= 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan must be a finite number >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be a finite number >= 0"),
+    ("optim.grad_clip=inf", "optim.grad_clip=inf must be a finite number >= 0"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+    ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
+    ("divergence.max_bad_steps=0", "divergence.max_bad_steps=0 must be > 0"),
+    ("divergence.spike_window=0", "divergence.spike_window=0 must be > 0"),
+    ("divergence.spike_factor=1", "divergence.spike_factor=1.0 must be 0 (off) or a number > 1"),
+    ("divergence.spike_factor=-2", "divergence.spike_factor=-2.0 must be 0 (off) or a number > 1"),
+    ("divergence.spike_factor=nan", "divergence.spike_factor=nan must be 0 (off) or a number > 1"),
+    ("divergence.final_loss_factor=0.5", "divergence.final_loss_factor=0.5 must be 0 (off) or a number > 1"),
+])
+def test_every_optimiser_schedule_and_divergence_field_is_validated(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = load_config([], ["optim.min_lr_ratio=0", "optim.beta1=0", "optim.weight_decay=0", "optim.grad_clip=0",
+                           "divergence.spike_factor=0", "optim.min_lr_ratio=1"])
+    assert cfg.optim.min_lr_ratio == 1 and cfg.divergence.spike_factor == 0
+
+
+def test_max_nonfinite_steps_moved_to_divergence_max_bad_steps(tmp_path):
+    with pytest.raises(ConfigError, match=r"max_nonfinite_steps was renamed divergence\.max_bad_steps .*: use "
+                                          r"divergence\.max_bad_steps=3"):
+        load_config([], ["max_nonfinite_steps=3"])
+    old = as_dict(load_config())
+    del old["divergence"]
+    old["max_nonfinite_steps"] = 7  # a config stored before the divergence section existed
+    assert config_from_dict(old).divergence.max_bad_steps == 7
+    assert load_stored_config(OLD_CHECKPOINT / "config.yaml").divergence.max_bad_steps == 5
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  d_model: [64\n", "YAML syntax error at line 3, column 1"),
+    ("optim: {lr: 1e-3\n", "YAML syntax error at line 2"),
+    ("model:\n\td_model: 64\n", "YAML syntax error at line 2"),
+    ("- optim.lr=1e-3\n- max_steps=10\n", "the top level must be a mapping of keys"),
+])
+@pytest.mark.parametrize("loader", [load_config, load_stored_config], ids=["training config", "stored config"])
+def test_yaml_errors_are_one_line_config_errors(tmp_path, text, needle, loader):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        loader([f]) if loader is load_config else loader(f)
+    assert needle in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value)

@@ -64,7 +64,7 @@ def test_load_errors(tok, tmp_path):
         Tokenizer.load(tmp_path / "missing")
     d = tok.save(tmp_path / "t")
     (d / "tokenizer.model").write_bytes(b"not a model")
-    with pytest.raises(TokenizerError, match="delete"):
+    with pytest.raises(TokenizerError, match="not a valid SentencePiece model"):
         Tokenizer.load(d)
     d2 = tok.save(tmp_path / "t2")
     (d2 / "tokenizer.json").write_text('{"hash": "0000"}')

@@ -82,21 +82,50 @@ def test_eval_ppl_context_curve_writes_json_and_plot(run_dir, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-def test_eval_ppl_default_json_goes_into_the_run_directory(run_dir):
-    assert eval_ppl.main([str(run_dir / "checkpoints" / "step_00000006"), "--context", "32", "--no-progress"]) == 0
-    report = json.loads((run_dir / "eval" / "step_00000006_valid.json").read_text())
-    assert report["results"][0]["context"] == 32
+def test_eval_ppl_default_json_goes_into_the_run_directory_named_by_context(run_dir):
+    checkpoint_dir = run_dir / "checkpoints" / "step_00000006"
+    assert eval_ppl.main([str(checkpoint_dir), "--context", "32", "--no-progress"]) == 0
+    assert eval_ppl.main([str(checkpoint_dir), "--context", "48", "--stride", "16", "--no-progress"]) == 0
+    first = json.loads((run_dir / "eval" / "step_00000006_valid_ctx32.json").read_text())
+    second = json.loads((run_dir / "eval" / "step_00000006_valid_ctx48_stride16.json").read_text())
+    assert first["results"][0]["context"] == 32 and second["results"][0]["context"] == 48  # neither overwritten
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--stride", "200"], "--stride=200"),
+    (["--stride", "0"], "--stride=0 must be >= 1"),
+    (["--stride", "-5"], "--stride=-5 must be >= 1"),
+    (["--batch-size", "0"], "--batch-size=0 must be >= 1"),
+    (["--batch-size", "-2", "--context", "64"], "--batch-size=-2 must be >= 1"),
     (["--contexts", "64,abc"], "comma-separated"),
     (["--context", "0"], ">= 1"),
     (["model.nlayers=3"], "model.nlayers"),
 ])
 def test_eval_ppl_bad_requests_are_clear_errors(run_dir, extra, message, capsys):
     assert eval_ppl.main([str(run_dir), "--no-progress", *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_ppl_unwritable_json_fails_before_the_work(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target, message in [(blocker / "out.json", "cannot be written"), (tmp_path, "is a directory")]:
+        assert eval_ppl.main([str(run_dir), "--json", str(target), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "tokens" not in err  # refused before the split was read and scored
+
+
+def test_eval_table_keeps_columns_apart_and_prints_huge_perplexities_short():
+    from lm.evaluate import SplitPerplexity
+    big = SplitPerplexity("test", 4096, 64, 1.0, 245_566, 217_646, 1_000_000, 123_456_789.0, math.exp(700), 1.5, 2.0)
+    diverged = SplitPerplexity("test", 4096, 64, 1.0, 245_566, 217_646, 1_000_000, math.inf, math.inf, 99.0, 2.0)
+    small = SplitPerplexity("valid", 128, 128, 1.0, 10, 9, 30, 12.3456, 45.6789, 1.2345, 2.0)
+    from lm.cli.eval_ppl import format_table
+    table = format_table([small, big, diverged]).splitlines()
+    assert table[2].split() == ["valid", "128", "128", "10", "9", "12.346", "45.679", "1.2345", "5"]
+    assert table[3].split()[5:7] == ["1.235e+08", "1.014e+304"] and table[4].split()[5:7] == ["inf", "inf"]
+    assert max(map(len, table)) < 100  # a 304-digit number would not fit
 
 
 def test_eval_ppl_scores_with_the_checkpoints_tokenizer_whatever_the_data_settings_say(run_dir, tmp_path):

@@ -11,14 +11,17 @@ work (RPE offsets beyond the table clamp). ``key=value`` overrides apply to the 
 tokenizer, never one re-derived from the data settings, so it cannot be scored with token ids the model was not
 trained on.
 
-Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>.json) and, for several contexts, a PNG of
-perplexity against context length next to it.
+Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>_ctx<contexts>[_stride<S>].json, so that
+evaluations at other contexts never overwrite each other) and, for several contexts, a PNG of perplexity against
+context length next to it. Given a run directory it scores the newest intact checkpoint (warning about newer
+damaged ones); a damaged checkpoint named explicitly is an error.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,8 @@ from lm.checkpoint import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
 from lm.device import set_tf32
-from lm.evaluate import SplitPerplexity, score_tokens, split_perplexity, tokenize_split
+from lm.evaluate import SplitPerplexity, format_perplexity, score_tokens, split_perplexity, tokenize_split
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser(__doc__)
@@ -46,7 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parse_contexts(args: argparse.Namespace) -> list[int] | None:
-    """Contexts asked for (None = the training context), validated against the stride."""
+    """Contexts asked for (None = the training context), validated with the stride and the batch size."""
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.stride is not None and args.stride < 1:
+        raise CommandError(f"--stride={args.stride} must be >= 1 (new tokens scored per window)")
     if args.contexts is not None:
         try:
             contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
@@ -60,29 +68,48 @@ def parse_contexts(args: argparse.Namespace) -> list[int] | None:
         return None
     if min(contexts) < 1:
         raise CommandError(f"contexts must be >= 1, got {contexts}")
-    if args.stride is not None and not 1 <= args.stride <= min(contexts):
+    if args.stride is not None and args.stride > min(contexts):
         raise CommandError(f"--stride={args.stride} must be in [1, smallest context={min(contexts)}]")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size={args.batch_size} must be >= 1")
     return contexts
 
 
-def default_json_path(checkpoint: Path, split: str) -> Path:
-    """RUN_DIR/eval/<checkpoint name>_<split>.json for RUN_DIR/checkpoints/<name>, else inside the checkpoint."""
-    return eval_dir(checkpoint) / f"{checkpoint.name}_{split}.json"
+def default_json_path(checkpoint: Path, split: str, contexts: list[int], stride: int | None = None) -> Path:
+    """RUN_DIR/eval/<checkpoint name>_<split>_ctx<c1-c2-...>[_stride<S>].json for RUN_DIR/checkpoints/<name>, else
+    the same name inside the checkpoint."""
+    name = f"{checkpoint.name}_{split}_ctx{'-'.join(map(str, contexts))}{f'_stride{stride}' if stride else ''}"
+    return eval_dir(checkpoint) / f"{name}.json"
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """A CommandError now, before the work, if ``path`` could not be written (creating its folders is allowed)."""
+    if path.is_dir():
+        raise CommandError(f"{flag}={path} is a directory; give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise CommandError(f"{flag}={path} is not writable; give another path")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag}={path} cannot be written ({parent} is not a writable directory); give another "
+                           f"path")
 
 
 def format_table(rows: list[SplitPerplexity]) -> str:
-    """The results table; ``word ppl`` is per word-level token (words + line ends, the WikiText-103 convention)."""
-    head = f"{'split':<6}{'context':>8}{'stride':>8}{'tokens':>11}{'words+eol':>11}{'token ppl':>11}" \
-           f"{'word ppl':>11}{'bits/byte':>10}{'tok/s':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.split:<6}{r.context:>8}{r.stride:>8}{r.num_tokens:>11,}{r.num_word_level_tokens:>11,}"
-                     f"{r.token_perplexity:>11.3f}{r.word_perplexity:>11.3f}{r.bits_per_byte:>10.4f}"
-                     f"{r.num_tokens / r.seconds:>9.0f}")
-    lines.append("word ppl = exp(NLL / (whitespace words + line ends)): the WikiText-103 convention of the literature")
-    return "\n".join(lines)
+    """The results as a text table: columns separated by at least two spaces whatever the values (perplexities
+    past 1e6 in exponent notation, a diverged model's as inf). ``word ppl`` is per word-level token (words + line
+    ends: the WikiText-103 convention, as in the literature)."""
+    head = ["split", "context", "stride", "tokens", "words+eol", "token ppl", "word ppl", "bits/byte", "tok/s"]
+    body = [[r.split, f"{r.context}", f"{r.stride}", f"{r.num_tokens:,}", f"{r.num_word_level_tokens:,}",
+             format_perplexity(r.token_perplexity), format_perplexity(r.word_perplexity), f"{r.bits_per_byte:.4f}",
+             f"{r.num_tokens / r.seconds:.0f}" if r.seconds > 0 else "-"] for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    note = "word ppl = exp(NLL / (whitespace words + line ends)): the WikiText-103 convention of the literature"
+    return "\n".join([line(head), "-" * len(line(head)), *map(line, body), note])
 
 
 def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path: Path) -> None:
@@ -109,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         contexts = parse_contexts(args)
         device = resolve_device(args.device)
+        if args.plot is not None:
+            check_writable(args.plot, "--plot")
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
         cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):
             raise CommandError(f"--stride={args.stride} must be <= the context ({min(contexts)})")
+        json_path = args.json or default_json_path(inference.path, args.split, contexts, args.stride)
+        check_writable(json_path, "--json")
         split = tokenize_split(cfg.data, tokenizer, args.split)
         print(f"checkpoint {inference.path} (step {inference.step}, {cfg.model.attention.kind}, trained at context "
               f"{cfg.data.seq_len}) on {device}; {args.split}: {split.num_tokens:,} tokens, {split.num_words:,} "
@@ -131,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, status=2)
 
     print(format_table(rows))
-    json_path = args.json or default_json_path(inference.path, args.split)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
               "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "device": device,

@@ -100,7 +100,10 @@ def install_in_run_dir(tok: Tokenizer, run_dir: Path) -> None:
     """Save ``tok`` to ``run_dir/tokenizer/``; a tokenizer already there must be the same one."""
     dst = run_dir / "tokenizer"
     if (dst / MODEL_FILE).is_file():
-        old = Tokenizer.load(dst)
+        try:
+            old = Tokenizer.load(dst)
+        except TokenizerError as e:
+            raise DataError(f"{e}: delete {dst} and it is installed again from the data settings") from None
         if old.hash != tok.hash:
             raise DataError(f"{dst} holds tokenizer {old.hash[:12]} but the data settings now give "
                             f"{tok.hash[:12]}: a run cannot change tokenizer; use a new run_dir or restore the "
