@@ -196,20 +196,21 @@ def barrier() -> None:
 
 
 def check_ranks_agree(module: nn.Module) -> None:
-    """Raise if any rank holds different parameters than the others (collective; a no-op on one process).
+    """Raise if any rank holds different parameters or buffers (e.g. random-feature projections) than the others
+    (collective; a no-op on one process).
 
     Compares per-tensor sums and sums of squares in float64 (which NCCL and gloo both reduce): cheap, and any
-    divergence of data-parallel replicas shows up.
+    divergence of data-parallel replicas (or of the ranks sharing a sequence) shows up.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     device = collective_device()
-    local = torch.stack([s for p in module.parameters()
+    local = torch.stack([s for p in [*module.parameters(), *module.buffers()]
                          for s in (p.detach().double().sum(), p.detach().double().square().sum())]).to(device)
     lo, hi = all_reduce(local.clone(), dist.ReduceOp.MIN), all_reduce(local.clone(), dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
         worst = (hi - lo).abs().max().item()
-        raise RuntimeError(f"data-parallel ranks hold different parameters (largest checksum gap {worst:.3e}); "
+        raise RuntimeError(f"ranks hold different parameters or buffers (largest checksum gap {worst:.3e}); "
                            f"this is a bug in the engine, not in the config")
 
 

@@ -262,6 +262,9 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config, mpu=mpu)
         self.module = self.engine.module
+        if info.world_size > 1:  # DeepSpeed broadcasts parameters only; random-feature projections are buffers
+            for t in self.module.buffers():
+                broadcast(t.data, src=0)
         if info.sequence is not None and info.is_main:
             print(f"sequence parallel: {info.sp_size} ranks per sequence ({cfg.data.seq_len // info.sp_size} tokens "
                   f"each) x {info.dp_size} data-parallel replica(s)", flush=True)
