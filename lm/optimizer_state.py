@@ -82,8 +82,8 @@ def gather_moments(module: nn.Module, ds_optimizer) -> dict:
     out = {"step": _step_of(base), **{key: {} for key in MOMENT_KEYS}}
     if not base.state:
         return out
-    from deepspeed.utils import safe_get_full_optimizer_state
     if partitioned:
+        from deepspeed.utils import safe_get_full_optimizer_state
         _link_state(ds_optimizer)
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -107,7 +107,6 @@ def scatter_moments(module: nn.Module, ds_optimizer, moments: dict) -> None:
     partitioned, base = _partitioned(ds_optimizer), _base_optimizer(ds_optimizer)
     if not moments[MOMENT_KEYS[0]]:
         return  # saved before the first step: nothing to restore
-    from deepspeed.utils import safe_set_full_optimizer_state
     named = {name: p for name, p in module.named_parameters() if p.requires_grad}
     missing = sorted(set(named) ^ set(moments[MOMENT_KEYS[0]]))
     if missing:
@@ -118,6 +117,7 @@ def scatter_moments(module: nn.Module, ds_optimizer, moments: dict) -> None:
             for key in MOMENT_KEYS:
                 state[key].copy_(moments[key][name])
         return
+    from deepspeed.utils import safe_set_full_optimizer_state
     for partition in _flat_partitions(ds_optimizer):
         base.state[partition] = _fresh_adam_state(partition, moments["step"])
     _link_state(ds_optimizer)
