@@ -348,6 +348,7 @@ def test_a_launch_with_more_sequence_parallel_ranks_than_ranks_fails_before_work
     monkeypatch.setenv("WORLD_SIZE", "1")
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert main(smoke_argv(run, cache, SP2, "engine=deepspeed")) == 1
-    assert capsys.readouterr().err.strip() == ("error: deepspeed.sequence_parallel_size=2 is larger than the 1 rank(s) "
-                                               "of this run; start at least 2 ranks (NGPU=2 ./launch.sh ...) or lower it")
+    want = ("error: deepspeed.sequence_parallel_size=2 is larger than the 1 rank(s) of this run; start at least 2 "
+            "ranks (NGPU=2 ./launch.sh ...) or lower it")
+    assert capsys.readouterr().err.strip() == want
     assert not run.exists() and not cache.exists()
