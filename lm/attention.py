@@ -9,6 +9,11 @@ The RPE modules live in the model (they may be shared by all layers); layers rec
 ``(H, L)`` / ``(L,)`` or ``None``, as the second argument of ``forward``. Each layer exposes its pieces
 (``features`` / ``qkv``, ``merge``) so that ``lm.decoding`` runs the same maths recurrently.
 
+Sequence parallelism (``forward(x, table, shard)``): the layer sees this rank's block of tokens; an all-to-all
+gives it every token of its block of heads, :meth:`attend_heads` runs on whole sequences exactly as without
+sharding (so the op's method choice and the FFT precision policy see the full length), and a second
+all-to-all brings the outputs back. Per-head RPE rows are sliced to the rank's heads.
+
 Precision policy of the FFT method: a kernelized layer holds ``fft_fp32_max_len``, a plain int (the longest
 sequence whose far field may use a float32 FFT for the layer's current RPE table). ``Transformer.
 refresh_precision_policy`` sets it from the tables outside the hot path; ``forward`` only compares it with the
@@ -50,6 +55,38 @@ class _Attention(nn.Module):
         """Per-head outputs ``(B, H, N, head_dim)`` -> ``(B, N, d_model)`` after the output projection."""
         b, h, n, dh = o.shape
         return self.out_proj(o.transpose(1, 2).reshape(b, n, h * dh))
+
+    def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     rpe_table: torch.Tensor | None) -> torch.Tensor:
+        """Attention of whole sequences, per head: q, k, v ``(B, h, N, head_dim)`` for any ``h`` heads (all of
+        them, or a sequence-parallel rank's block) with their RPE table ``(h, L)`` / ``(L,)`` / None -> outputs
+        ``(B, h, N, head_dim)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None, shard=None) -> torch.Tensor:
+        """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``.
+
+        With a sequence-parallel ``shard`` (:class:`lm.distributed.SequenceShard`), ``x`` holds this rank's
+        block of ``N / P`` consecutive tokens (``P = shard.size``) and ``rpe_table`` is the table of the whole
+        sequence: q, k, v of the block go through the shard's all-to-all, which hands this rank every token of
+        heads ``[r H/P, (r+1) H/P)`` (``r = shard.rank``); :meth:`attend_heads` runs on those with the table's
+        rows of the same heads (a shared ``(L,)`` table stays whole), and the outputs return to the block's
+        tokens for the output projection. The result equals the unsharded layer's on the same tokens.
+        """
+        if shard is None:
+            return self.merge(self.attend_heads(*self.qkv(x), rpe_table).to(x.dtype))
+        b, n, _ = x.shape
+        heads = self.n_heads // shard.size
+        if rpe_table is not None and rpe_table.dim() == 2:
+            rpe_table = rpe_table.narrow(0, shard.rank * heads, heads)
+        q, k, v = self.qkv_proj(x).view(b, n, 3, self.n_heads, self.head_dim).unbind(2)  # (B, n, H, head_dim)
+
+        def local(q, k, v):  # (B, N, H / P, head_dim): every token of this rank's heads
+            o = self.attend_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rpe_table)
+            return o.transpose(1, 2).to(q.dtype)
+
+        o = shard.attention(q, k, v, local)  # (B, n, H, head_dim)
+        return self.out_proj(o.reshape(b, n, self.n_heads * self.head_dim))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         """GPT-2 init: normal(std) weights, zero biases; the residual output projection gets ``out_std``."""
@@ -98,9 +135,14 @@ class KernelizedAttention(_Attention):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``(B, N, d_model)`` -> ``phi_q``, ``phi_k`` ``(B, H, N, M)`` and ``v`` ``(B, H, N, head_dim)``,
         all float32 (float64 when the parameters are float64)."""
-        q, k, v = self.qkv(x)
+        return self.feature_map_qkv(*self.qkv(x))
+
+    def feature_map_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``(B, h, N, head_dim)`` -> ``phi_q``, ``phi_k`` ``(B, h, N, M)`` and ``v``, in float32 (float64
+        for float64 inputs). The projection is the layer's, shared by its heads."""
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-        with no_autocast(x.device):
+        with no_autocast(q.device):
             q, k, v = q.to(ct), k.to(ct), v.to(ct)
             if self.feature_map == "nprf":
                 w = self.projection.to(ct)
@@ -124,9 +166,8 @@ class KernelizedAttention(_Attention):
         return kernelized_attention(phi_q, phi_k, v, rpe_table, method=method, fft_dtype=fft_dtype,
                                     cpu_threads=self.cpu_threads)
 
-    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``."""
-        return self.merge(self.attend(*self.features(x), rpe_table).to(x.dtype))
+    def attend_heads(self, q, k, v, rpe_table):
+        return self.attend(*self.feature_map_qkv(q, k, v), rpe_table)
 
 
 class SoftmaxAttention(_Attention):
@@ -159,9 +200,8 @@ class SoftmaxAttention(_Attention):
             outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=bias))
         return torch.cat(outs, dim=2)
 
-    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``."""
-        return self.merge(self.attend(*self.qkv(x), rpe_table))
+    def attend_heads(self, q, k, v, rpe_table):
+        return self.attend(q, k, v, rpe_table)
 
 
 def build_attention(cfg: ModelConfig) -> KernelizedAttention | SoftmaxAttention:

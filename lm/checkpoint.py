@@ -10,6 +10,7 @@ Layout of a run directory::
         config.yaml     the resolved config the run trained with
         tokenizer/      the tokenizer, so a checkpoint directory is self-contained
         optimizer.pt    (plain-torch engine) or deepspeed/ (DeepSpeed engine): state for exact resume
+        adam_moments.pt (DeepSpeed engine) Adam moments by parameter name: resume on another number of ranks
 
 A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete, so a
 crash while saving leaves the previous checkpoints intact; names starting with ``.`` are never read, and the

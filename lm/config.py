@@ -293,9 +293,14 @@ class DeepSpeedConfig:
     """Use torch's AdamW (no extension to compile). false: DeepSpeed's fused (GPU) / CPU Adam, compiled on first
     start; it cannot skip non-finite steps with zero_stage=0 and compute.precision=fp32, so that combination is
     refused."""
+    sequence_parallel_size: int = 1
+    """Ulysses sequence parallelism (DeepSpeed engine only): each sequence is split over this many consecutive
+    ranks, which exchange heads for tokens around attention (all-to-all); data parallelism takes the rest of the
+    ranks. Must divide the number of ranks, model.n_heads and data.seq_len. 1 = off."""
 
     def __post_init__(self) -> None:
         _choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2])
+        _positive("deepspeed.sequence_parallel_size", self.sequence_parallel_size)
 
 
 @dataclass
@@ -336,7 +341,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints"):
             _positive(k, getattr(self, k))
-        self.gradient_accumulation_steps(world_size=1)  # the world size is known only at start; checked again then
+        sp = self.deepspeed.sequence_parallel_size
+        if self.model.n_heads % sp:
+            raise ConfigError(f"deepspeed.sequence_parallel_size={sp} must divide model.n_heads={self.model.n_heads} "
+                              f"(each rank attends over whole heads); choose a divisor of {self.model.n_heads}")
+        if self.data.seq_len % sp:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} must be divisible by deepspeed.sequence_parallel_size="
+                              f"{sp} (each rank holds seq_len / {sp} tokens); change data.seq_len")
+        # the world size is known only at start (checked again then); the smallest world that fits is one SP group
+        self.gradient_accumulation_steps(world_size=sp)
         _choice("device", self.device, ["auto", "cpu", "cuda"])
         if self.stop_at < 0:
             raise ConfigError("stop_at must be >= 0 (0 = run to max_steps)")
@@ -348,11 +361,29 @@ class TrainConfig:
             raise ConfigError(f"eval_stride={self.eval_stride} must be in [0, data.seq_len={self.data.seq_len}] "
                               f"(0 = data.seq_len)")
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas on ``world_size`` ranks: ``world_size / deepspeed.sequence_parallel_size``; a
+        one-line ConfigError when the sequence-parallel size does not fit the world. Checked as soon as the world
+        size is known (:func:`lm.distributed.init_distributed`), before the model is built."""
+        sp = self.deepspeed.sequence_parallel_size
+        if sp > world_size:
+            raise ConfigError(f"deepspeed.sequence_parallel_size={sp} is larger than the {world_size} rank(s) of this "
+                              f"run; start at least {sp} ranks (NGPU={sp} ./launch.sh ...) or lower it")
+        if world_size % sp:
+            raise ConfigError(f"deepspeed.sequence_parallel_size={sp} must divide the number of ranks ({world_size}); "
+                              f"use NGPU=<a multiple of {sp}> or a sequence_parallel_size that divides {world_size}")
+        return world_size // sp
+
     def gradient_accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches per rank per optimizer step on ``world_size`` ranks; a ConfigError when the global batch
-        does not split evenly. The one place this rule is checked (the engines and :func:`lm.data.shard` ask
-        here)."""
-        return accumulation_steps(self.batch_size, self.micro_batch_size, world_size)
+        """Micro-batches per rank per optimizer step on ``world_size`` ranks (of which ``world_size /
+        deepspeed.sequence_parallel_size`` hold different sequences); a ConfigError when the global batch does not
+        split evenly. The one place this rule is checked (the engines and :func:`lm.data.shard` ask here)."""
+        dp, sp = self.data_parallel_size(world_size), self.deepspeed.sequence_parallel_size
+        if sp > 1 and self.batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size x data-parallel "
+                              f"ranks = {self.micro_batch_size} x {dp} ({world_size} ranks / "
+                              f"deepspeed.sequence_parallel_size={sp}); change batch_size or micro_batch_size")
+        return accumulation_steps(self.batch_size, self.micro_batch_size, dp)
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:

@@ -1,5 +1,5 @@
-"""Where this process runs (:func:`init_distributed`: engine kind, rank, world size, device) and the collectives
-the engines and checkpoints use.
+"""Where this process runs (:func:`init_distributed`: engine kind, rank, world size, device, sequence-parallel
+layout) and the collectives the engines and checkpoints use.
 
 Every collective here runs on :func:`collective_device`, the device the process group's backend takes: NCCL
 (CUDA) accepts only CUDA tensors, gloo (CPU) CPU ones. Gloo on CPU accepts what NCCL rejects, so a CPU test
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,18 +20,79 @@ from torch import nn
 from lm.config import ConfigError, TrainConfig
 
 
+class SequenceShard:
+    """This rank's part of Ulysses sequence parallelism (DeepSpeed's ``DistributedAttention``): the ``size``
+    consecutive ranks of one sequence-parallel group each hold a contiguous block of ``seq_len / size`` tokens
+    of every sequence (``rank``: the block's index = the rank within the group), and attention trades tokens
+    for heads with an all-to-all (rank ``r`` attends over every token of heads ``[r H/size, (r+1) H/size)``).
+
+    The model uses only :meth:`tokens` (this rank's block of a ``(B, N, ...)`` tensor), ``rank`` and ``size``
+    (global positions, head slices) and :meth:`attention`; it never sees the process group.
+    """
+
+    def __init__(self, rank: int, size: int, group=None):
+        if not 0 <= rank < size:
+            raise ValueError(f"sequence-parallel rank {rank} must be in [0, {size})")
+        self.rank, self.size, self.group = rank, size, group
+        self._exchange = None
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous block of dim 1 of ``x`` ``(B, N, ...)`` -> ``(B, N / size, ...)``."""
+        n = x.shape[1] // self.size
+        return x[:, self.rank * n:(self.rank + 1) * n]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  local: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Ulysses attention: ``q``, ``k``, ``v`` ``(B, N / size, H, d)`` (this rank's tokens, all heads) go
+        through an all-to-all to ``(B, N, H / size, d)`` (all tokens, this rank's heads), ``local`` maps those
+        to the heads' outputs ``(B, N, H / size, d)``, and a second all-to-all returns ``(B, N / size, H, d)``.
+        Differentiable (the backward is the reverse all-to-all). The exchange runs on the tensors' own device
+        (the model's: CUDA under NCCL), through ``deepspeed.comm`` on this shard's group."""
+        if self._exchange is None:
+            from deepspeed.sequence.layer import DistributedAttention
+            # batch-first (B, N, H, d): scatter heads (dim 2), gather tokens (dim 1)
+            self._exchange = DistributedAttention(_CallLocal(), self.group, scatter_idx=2, gather_idx=1)
+        return self._exchange(q, k, v, 0, None, local)
+
+
+class _CallLocal(nn.Module):
+    """The "local attention" handed to DeepSpeed's DistributedAttention: it calls the function passed with the
+    tensors, so one exchange serves every layer (the layer is not registered inside DeepSpeed's module)."""
+
+    def forward(self, q, k, v, local):
+        return local(q, k, v)
+
+
 @dataclass
 class DistInfo:
-    """Where this process runs: engine kind, rank, world size and device."""
+    """Where this process runs: engine kind, rank, world size, device, and the sequence-parallel layout.
+
+    Ranks ``[g * sp, (g + 1) * sp)`` form sequence-parallel group ``g`` (they share sequences); the group's
+    index is the data-parallel rank (which rows of the global batch it takes)."""
     kind: str  # "deepspeed" | "torch"
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    sequence: Optional[SequenceShard] = field(default=None)
+    """This rank's sequence-parallel shard; None without sequence parallelism (sequence_parallel_size=1)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sp_size(self) -> int:
+        return self.sequence.size if self.sequence is not None else 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: groups of ranks that hold different sequences."""
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
 
 
 def free_port() -> int:
@@ -40,13 +103,22 @@ def free_port() -> int:
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Pick the engine and the device, and start the process group.
+    """Pick the engine and the device, start the process group, and (``deepspeed.sequence_parallel_size > 1``)
+    DeepSpeed's sequence-parallel groups.
 
     ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
-    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU.
+    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU. The
+    sequence-parallel size is checked against the world size here, before anything is built.
     """
     launched = "WORLD_SIZE" in os.environ
     kind = cfg.engine if cfg.engine != "auto" else ("deepspeed" if launched else "torch")
+    sp = cfg.deepspeed.sequence_parallel_size
+    if sp > 1 and kind != "deepspeed":
+        raise ConfigError(f"deepspeed.sequence_parallel_size={sp} needs the DeepSpeed engine: start with "
+                          f"NGPU=<a multiple of {sp}> ./launch.sh CONFIG ... (not python tools/train.py), or set "
+                          f"deepspeed.sequence_parallel_size=1")
+    if launched:  # fail before the process group starts when the launcher's world cannot hold the layout
+        cfg.gradient_accumulation_steps(int(os.environ["WORLD_SIZE"]))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -65,7 +137,13 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return DistInfo(kind, rank, world, local_rank, device)
+    cfg.gradient_accumulation_steps(world)  # sequence-parallel size and batch split fit this world
+    sequence = None
+    if sp > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+        mpu.initialize_sequence_parallel(sp)  # groups of consecutive ranks + the sequence-data-parallel group
+        sequence = SequenceShard(mpu.get_sequence_parallel_rank(), sp, mpu.get_sequence_parallel_group())
+    return DistInfo(kind, rank, world, local_rank, device, sequence)
 
 
 def collective_device() -> torch.device:
@@ -118,24 +196,32 @@ def barrier() -> None:
 
 
 def check_ranks_agree(module: nn.Module) -> None:
-    """Raise if any rank holds different parameters than the others (collective; a no-op on one process).
+    """Raise if any rank holds different parameters or buffers (e.g. random-feature projections) than the others
+    (collective; a no-op on one process).
 
     Compares per-tensor sums and sums of squares in float64 (which NCCL and gloo both reduce): cheap, and any
-    divergence of data-parallel replicas shows up.
+    divergence of data-parallel replicas (or of the ranks sharing a sequence) shows up.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     device = collective_device()
-    local = torch.stack([s for p in module.parameters()
+    local = torch.stack([s for p in [*module.parameters(), *module.buffers()]
                          for s in (p.detach().double().sum(), p.detach().double().square().sum())]).to(device)
     lo, hi = all_reduce(local.clone(), dist.ReduceOp.MIN), all_reduce(local.clone(), dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
         worst = (hi - lo).abs().max().item()
-        raise RuntimeError(f"data-parallel ranks hold different parameters (largest checksum gap {worst:.3e}); "
+        raise RuntimeError(f"ranks hold different parameters or buffers (largest checksum gap {worst:.3e}); "
                            f"this is a bug in the engine, not in the config")
 
 
 def shutdown() -> None:
-    """End the process group, if one was started (at the end of a command)."""
+    """End the process group, if one was started (at the end of a command), and forget DeepSpeed's
+    sequence-parallel groups (so a later run in the same process may build its own)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    mpu = sys.modules.get("deepspeed.runtime.sequence_parallel.parallel_state_sp")
+    if mpu is not None:
+        mpu._SEQUENCE_PARALLEL_GROUP = mpu._SEQUENCE_DATA_PARALLEL_GROUP = None
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None and getattr(groups, "mpu", None) is mpu:
+            groups.mpu = None

@@ -7,7 +7,13 @@ Collectives go through :mod:`lm.distributed` (on the device the backend takes).
 Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_tokens``, where ``global_tokens``
 counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
 micro-batches and ranks, so the update is the gradient of the mean token NLL of the global batch, independent of
-how the batch is split. (DeepSpeed averages gradients over ranks, so its loss is multiplied by ``world_size``.)
+how the batch is split. (DeepSpeed averages gradients over data-parallel replicas, so its loss is multiplied by
+their number, ``world_size / sequence_parallel_size``.)
+
+Sequence parallelism (DeepSpeed only): each rank of a sequence-parallel group feeds the model its block of the
+inputs and of the shifted targets (sharded after the shift) and contributes the NLL sum of its block's tokens.
+DeepSpeed sums gradients over all ranks (its sequence-data-parallel group) and divides by the data-parallel
+size, so with the multiplier above the update is again that of the mean token NLL of the global batch.
 
 Skipped steps: a step whose loss or gradients are non-finite, or whose loss exceeds the ``loss_limit`` the
 caller passes (a loss spike, see :mod:`lm.divergence`), leaves the parameters and the optimizer state untouched,
@@ -29,6 +35,10 @@ from torch import nn
 from lm.config import ConfigError, TrainConfig
 from lm.device import set_tf32
 from lm.distributed import DistInfo, all_reduce, broadcast
+from lm.optimizer_state import MomentsUnsupported, gather_moments, scatter_master_weights, scatter_moments
+
+MOMENTS = "adam_moments.pt"
+"""Beside DeepSpeed's checkpoint: the Adam moments by parameter name, for resuming on another layout."""
 
 
 @dataclass
@@ -52,11 +62,17 @@ class StepStats:
         return self.nonfinite or ("spike" if self.spike else "")
 
 
-def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def token_nll_sum(model: nn.Module, batch: torch.Tensor, shard=None) -> torch.Tensor:
     """Sum of next-token NLLs (nats, float32 scalar) of a ``(B, N + 1)`` window batch: inputs ``[:, :-1]``,
-    targets ``[:, 1:]``."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+    targets ``[:, 1:]``. With a sequence-parallel ``shard`` (:class:`lm.distributed.SequenceShard`), only this
+    rank's block of inputs and targets (cut after the shift): the NLL sum of the block's tokens."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    if shard is None:
+        logits = model(inputs)
+    else:
+        inputs, targets = shard.tokens(inputs), shard.tokens(targets)
+        logits = model(inputs, shard=shard)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -127,6 +143,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
+    if ds.sequence_parallel_size > 1:  # DeepSpeed then counts world / SP data-parallel replicas in the batch
+        conf["sequence_parallel_size"] = ds.sequence_parallel_size
     if not ds.torch_adam:
         conf["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                          "weight_decay": o.weight_decay}}
@@ -182,6 +200,10 @@ class TorchEngine(Engine):
         if cfg.deepspeed.zero_stage:
             raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} needs the DeepSpeed engine: "
                               f"start through launch.sh / set engine=deepspeed, or use deepspeed.zero_stage=0")
+        if cfg.deepspeed.sequence_parallel_size > 1:
+            raise ConfigError(f"deepspeed.sequence_parallel_size={cfg.deepspeed.sequence_parallel_size} needs the "
+                              f"DeepSpeed engine: start through launch.sh (NGPU=N ./launch.sh CONFIG ...), or set "
+                              f"deepspeed.sequence_parallel_size=1")
         cfg.gradient_accumulation_steps(info.world_size)
         self._start(cfg, info)
         self.module = model.to(info.device)
@@ -251,9 +273,18 @@ class DeepSpeedEngine(Engine):
         # stage 0 in fp32 steps the client optimizer directly, so only there does it need the guard.
         plain = ds.zero_stage == 0 and cfg.compute.precision == "fp32"
         optimizer = _adamw(cfg, groups, guarded=plain) if ds.torch_adam else None
+        mpu = None
+        if info.sequence is not None:  # its groups were built by init_distributed; DeepSpeed reduces over them
+            from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config)
+            model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config, mpu=mpu)
         self.module = self.engine.module
+        if info.world_size > 1:  # DeepSpeed broadcasts parameters only; random-feature projections are buffers
+            for t in self.module.buffers():
+                broadcast(t.data, src=0)
+        if info.sequence is not None and info.is_main:
+            print(f"sequence parallel: {info.sp_size} ranks per sequence ({cfg.data.seq_len // info.sp_size} tokens "
+                  f"each) x {info.dp_size} data-parallel replica(s)", flush=True)
 
     def _set_lr(self, lr):
         _set_lr(self.engine.optimizer, lr)
@@ -272,9 +303,9 @@ class DeepSpeedEngine(Engine):
         guarded = isinstance(engine.optimizer, GuardedAdamW)  # stage 0, fp32: gradients are reduced in .grad
         nll = []
         for i, mb in enumerate(micro_batches):
-            loss = token_nll_sum(engine, mb.to(self.info.device))
+            loss = token_nll_sum(engine, mb.to(self.info.device), self.info.sequence)
             nll.append(loss.detach())
-            scale = self.info.world_size / global_tokens
+            scale = self.info.dp_size / global_tokens  # DeepSpeed averages over data-parallel replicas
             if i == len(micro_batches) - 1:  # the step's loss is known before its last backward
                 loss_sum, loss_bad = self._global_loss(nll)
                 spike = not loss_bad and loss_sum / global_tokens > loss_limit
@@ -302,17 +333,47 @@ class DeepSpeedEngine(Engine):
         nonfinite = "loss" if loss_bad else ("gradients" if skipped and not spike and not fp16_overflow else "")
         return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite, spike)
 
+    def layout(self) -> dict:
+        """What DeepSpeed's own optimizer files depend on (not the sequence-parallel degree: DeepSpeed partitions
+        over all ranks whatever it is)."""
+        return {"world_size": self.info.world_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "precision": self.cfg.compute.precision}
+
     def save_state(self, directory):
+        """DeepSpeed's checkpoint (``deepspeed/``, exact resume on the same layout) and, beside it, the Adam moments
+        by parameter name (``adam_moments.pt``, see :mod:`lm.optimizer_state`) for a resume on another layout."""
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+        try:
+            moments = gather_moments(self.module, self.engine.optimizer)  # collective
+        except MomentsUnsupported:
+            return  # such a checkpoint resumes on its own layout only (load_state says so)
+        if self.info.is_main:
+            torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments},
+                       Path(directory) / MOMENTS)
 
     def load_state(self, directory):
+        """DeepSpeed's own state when the checkpoint was written on this layout (same number of ranks, ZeRO stage
+        and precision; the sequence-parallel degree may differ); otherwise the fp32 master weights from
+        ``model.pt`` and the Adam moments from ``adam_moments.pt`` (DeepSpeed's partitioned files fit only their
+        own layout; a fp16 loss scale then starts afresh)."""
         path = Path(directory) / "deepspeed"
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is missing: this checkpoint was written by the plain-torch engine "
                                     f"(resume it with engine=torch, i.e. python tools/train.py without launch.sh)")
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_lr_scheduler_states=False)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        moments_path = Path(directory) / MOMENTS
+        saved = torch.load(moments_path, map_location="cpu", weights_only=True) if moments_path.is_file() else None
+        if saved is None or saved["layout"] == self.layout():
+            load_path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed",
+                                                       load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            return
+        weights = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True)
+        scatter_master_weights(self.module, weights)
+        scatter_moments(self.module, self.engine.optimizer, saved)
+        if self.info.is_main:
+            print(f"{directory} was written on another layout ({saved['layout']}; now {self.layout()}): weights "
+                  f"and Adam moments restored from model.pt and {MOMENTS}", flush=True)
 
     def consolidated_state_dict(self):
         from deepspeed.utils import safe_get_full_fp32_param

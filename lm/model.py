@@ -74,9 +74,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None,
-                cached_attention=None) -> torch.Tensor:
+                cached_attention=None, shard=None) -> torch.Tensor:
         h = self.norm1(x)
-        a = self.attn(h, rpe_table) if cached_attention is None else cached_attention(self.attn, h)
+        a = self.attn(h, rpe_table, shard) if cached_attention is None else cached_attention(self.attn, h)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -189,19 +189,26 @@ class Transformer(nn.Module):
         """``(B, N, d_model)`` -> float32 logits ``(B, N, vocab_size)`` (output weights tied to the embedding)."""
         return F.linear(self.norm(x), self.tok_emb.weight).float()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids`` ``(B, N)`` long token ids -> logits ``(B, N, vocab_size)`` float32; position ``i`` sees ``<= i``."""
+    def forward(self, ids: torch.Tensor, shard=None) -> torch.Tensor:
+        """``ids`` ``(B, N)`` long token ids -> logits ``(B, N, vocab_size)`` float32; position ``i`` sees ``<= i``.
+
+        Sequence parallel (``shard``, a :class:`lm.distributed.SequenceShard` of ``P`` ranks): ``ids`` ``(B, n)``
+        is this rank's block of a sequence of ``N = n P`` tokens, starting at token ``shard.rank * n``; the
+        logits are those of the block's tokens. Embeddings, norms, MLPs and the output layer work on the block;
+        absolute positions are the block's global ones; attention sees the whole sequence (see
+        :class:`lm.attention._Attention`), so the logits equal the unsharded model's on the same tokens."""
         if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"Transformer.forward expects token ids of shape (B, N) and dtype long, got "
                              f"{tuple(ids.shape)} {ids.dtype}")
         if not torch.compiler.is_compiling() and self._rpe_versions() != self._policy_versions:
             self.refresh_precision_policy()  # eager only: the RPE changed since the last refresh
-        x = self.embed(ids)
+        parts, part = (1, 0) if shard is None else (shard.size, shard.rank)
+        x = self.embed(ids, start_pos=part * ids.shape[1])
         if ids.shape[1] == 0:
             return self.head(x)
-        for block, table in zip(self.blocks, self.rpe_tables(ids.shape[1])):
+        for block, table in zip(self.blocks, self.rpe_tables(ids.shape[1] * parts)):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, table, use_reentrant=False)
+                x = checkpoint(block, x, table, None, shard, use_reentrant=False)
             else:
-                x = block(x, table)
+                x = block(x, table, shard=shard)
         return self.head(x)

@@ -254,7 +254,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
             engine.module.refresh_precision_policy()  # FFT precision from the current RPE: one host read per step
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
             batch = global_batch(train_split, cfg.data.seq_len, cfg.batch_size, step, cfg.seed)
-            micro = shard(batch, info.rank, info.world_size, cfg.micro_batch_size)
+            micro = shard(batch, info.dp_rank, info.dp_size, cfg.micro_batch_size)  # sequence-parallel ranks share rows
             limit = monitor.loss_limit()
             stats = engine.train_step(micro, global_tokens=batch[:, 1:].numel(),
                                       lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit)

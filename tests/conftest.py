@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,24 @@ def smoke_argv(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
     small synthetic corpus, a loss line every step, no validation; later ``overrides`` win."""
     return [str(SMOKE_CONFIG), f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "data.progress=false",
             "data.synthetic.train_tokens=60000", "log_every=1", "eval_every=0", *overrides]
+
+
+def launch_env(path_prepend=None, **env) -> dict:
+    """The environment of a ``launch.sh`` call from a test: no set-up step (``LM_SKIP_SETUP=1``), this
+    interpreter's ``python`` first on PATH, no inherited NGPU / HOSTFILE / MASTER_*; ``env`` on top."""
+    e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "HOSTFILE", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(LM_SKIP_SETUP="1", **env)
+    e["PATH"] = os.pathsep.join([*([str(path_prepend)] if path_prepend else []), str(Path(sys.executable).parent),
+                                 e.get("PATH", "")])
+    return e
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    """TensorBoard scalars ``tag`` of a run directory: ``{step: value}`` (float32 values, as logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 # ---------------------------------------------------------------------------------------------- comparisons

@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, launch_env
 from lm import checkpoint
 from lm.cli.train import main
 
 LAUNCH = str(REPO / "launch.sh")
-
-
-def launch_env(path_prepend=None, **env) -> dict:
-    """The environment of a launch.sh call: no set-up step, this interpreter's ``python`` first on PATH."""
-    e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "HOSTFILE", "MASTER_ADDR", "MASTER_PORT")}
-    e.update(LM_SKIP_SETUP="1", **env)
-    e["PATH"] = os.pathsep.join([*([str(path_prepend)] if path_prepend else []), str(Path(sys.executable).parent),
-                                 e.get("PATH", "")])
-    return e
 
 
 def environment_snapshot() -> tuple[str, str]:

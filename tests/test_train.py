@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, scalars, smoke_argv
 from lm import checkpoint
 from lm.cli.train import main
 from lm.config import load_config
@@ -23,13 +23,6 @@ from lm.train import train
 def cache_dir(tmp_path_factory):
     """One corpus cache for the module: the tokenizer is trained once."""
     return tmp_path_factory.mktemp("cache")
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def weights(run_dir):
