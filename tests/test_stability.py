@@ -15,7 +15,8 @@ from lm.divergence import DivergenceMonitor
 from lm.stability.grid import (GRIDS, KERNELIZED_PRF, KERNELIZED_RPE_NPRF, QUICK_STEPS, STABILITY, VARIANTS, Grid,
                                build_specs, format_lr, quick, with_choices)
 from lm.stability.probe import measure
-from lm.stability.report import VARIANT_FIELDS, Study, format_mean_std, mean_std, plot_curves, stability_tables
+from lm.stability.report import (VARIANT_FIELDS, Study, format_mean_std, mean_std, plot_curves, quality_tables,
+                                 stability_tables)
 from lm.stability.runner import RESULT, SPEC, _claim, run_all
 from lm.stability.verdict import RUN_FIELDS, Outcome, divergence_reasons, summarize_run
 from lm.steplog import read_steps
@@ -195,7 +196,8 @@ def test_format_lr():
 # ------------------------------------------------------------------ reports
 def _fake_study(tmp_path, outcomes):
     """A Study over a 2-variant x 1-lr grid whose runs have the given (losses, nonfinite) logs and no training."""
-    grid = Grid("t", (KERNELIZED_PRF, KERNELIZED_RPE_NPRF), (0.05,), (1, 2), ("max_steps=300",))
+    grid = Grid("t", (KERNELIZED_PRF, KERNELIZED_RPE_NPRF), (0.05,), (1, 2), ("max_steps=300", "data.seq_len=128"),
+                evaluate=(("valid", None), ("test", (64, 128, 256))))
     specs = build_specs(grid, str(tmp_path / "runs"))
     results = {}
     for spec, (losses, nonfinite, ppl) in zip(specs, outcomes):
@@ -203,7 +205,10 @@ def _fake_study(tmp_path, outcomes):
         run_dir.mkdir(parents=True)
         records, outcome = simulate(losses, nonfinite_gradients=nonfinite)
         (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        evals = [] if ppl is None else [{"split": "valid", "context": 128, "token_perplexity": ppl}]
+        evals = [] if ppl is None else [{"split": "valid", "context": 128, "token_perplexity": ppl,
+                                          "word_perplexity": 2 * ppl, "bits_per_byte": 2.0}] + [
+            {"split": "test", "context": c, "token_perplexity": ppl + c / 64, "word_perplexity": 2 * ppl + c / 64,
+             "bits_per_byte": 2.0 + spec.seed / 100} for c in (64, 128, 256)]
         results[spec.name] = {"spec": spec.as_dict(), "outcome": outcome.as_dict(), "evaluations": evals}
     return Study(grid, specs, results, tmp_path / "runs")
 
@@ -234,6 +239,19 @@ def test_summary_json_schema_tables_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert width >= 400 and height >= 500  # one column (one lr), two rows (variants)
+
+
+def test_quality_tables_are_means_over_the_seeds_that_did_not_diverge(tmp_path):
+    study = _fake_study(tmp_path, [(healthy(), (), 10.0), (healthy(), [False] * 20 + [True], 30.0),
+                                   (healthy(), (), 70.0), (healthy(), (), 74.0)])
+    md = quality_tables(study)
+    # kernelized_prf: seed 2 diverged (a non-finite step), so only seed 1 counts; the test row is the training
+    # context (128): token ppl = ppl + 2, word ppl = 2 ppl + 2
+    assert "| kernelized_prf | 10.00 (1) | 20.0 (1) | 12.00 (1) | 22.0 (1) | 2.0100 (1) |" in md
+    assert "| kernelized_rpe_nprf | 72.00 ± 2.83 (2) | 144.0 ± 5.7 (2) | 74.00 ± 2.83 (2) | 146.0 ± 5.7 (2) | " \
+           "2.0150 ± 0.0071 (2) |" in md
+    assert "| attention | 64 | 128 | 256 |" in md
+    assert "| kernelized_rpe_nprf | 145.0 ± 5.7 (2) | 146.0 ± 5.7 (2) | 148.0 ± 5.7 (2) |" in md
 
 
 def test_a_run_without_a_result_is_listed_as_failed(tmp_path):

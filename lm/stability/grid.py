@@ -95,7 +95,7 @@ QUALITY = Grid(
     seeds=(1234, 1235, 1236),
     settings=(*_SMALL_MODEL, *_RUN, "data.seq_len=256", "model.attention.rpe_max_distance=256", "batch_size=16",
               "micro_batch_size=16", "max_steps=400", "optim.warmup_steps=40", "log_every=50"),
-    evaluate=(("valid", None), ("test", None), ("test", (64, 128, 256, 512, 1024, 2048))),
+    evaluate=(("valid", None), ("test", (64, 128, 256, 512, 1024, 2048))),
     notes="the README's Results model: 2 layers, d_model 128, 4 heads, d_ff 512, 64 features, context 256, batch "
           "16 x 256, 400 steps (warmup 40, cosine to 0.1 x lr), lr 2e-3, fp32",
 )

@@ -10,6 +10,10 @@ forward and backward with every kernelized attention layer instrumented (:func:`
 - ``key_exponent_max`` / ``key_exponent_min``: extremes over keys of ``max_m (w_m.k - |k|^2 / 2)``, the log of a
   key's largest feature (keys take no stabiliser; float32 ``exp`` underflows to 0 below about -103);
 - ``dead_keys``: fraction of keys whose features all underflowed to 0;
+- ``attention_error``: mean total-variation distance between each query's random-feature attention weights and
+  the exact weights of the kernel they estimate (``exp(q.k / sqrt(d))`` for PRF, ``exp(q^.k^)`` of the unit
+  vectors for NPRF; with the RPE), computed in float64: 0 = exact, 1 = disjoint; ``attention_max_weight`` /
+  ``exact_max_weight``: the mean over queries of the largest weight (1 = all attention on one key);
 - ``normaliser_min``: the smallest ``sum_{j<=i} c(i-j) phi(q_i).phi(k_j)`` over positions (float32, as the op
   computes it), and ``tiny_normalisers``: the fraction of positions where it is below 1e-30;
 - ``grad_phi_q_max`` / ``grad_phi_k_max``: the largest ``|dL/dphi|`` (``inf``/``nan`` when not finite);
@@ -37,7 +41,7 @@ def first_bad_step(run_dir: Path) -> tuple[int, str]:
     for r in read_steps(Path(run_dir) / "steps.jsonl"):
         if r["bad"]:
             return r["step"], r["bad"]
-    raise ValueError(f"{run_dir}/steps.jsonl has no bad step: nothing to probe")
+    raise ValueError(f"{run_dir}/steps.jsonl has no bad step: nothing to probe (give --until STEP to probe it anyway)")
 
 
 def _finite_max(t: torch.Tensor) -> float:
@@ -49,7 +53,7 @@ def _finite_max(t: torch.Tensor) -> float:
 
 class _Recorder:
     """Wraps the ``features`` of one kernelized layer: keeps q, k (as the map sees them), the features (with
-    their gradients retained) and the layer's RPE table, for :meth:`stats` after backward."""
+    their gradients retained), for :meth:`stats` after backward."""
 
     def __init__(self, layer: KernelizedAttention):
         self.layer = layer
@@ -62,42 +66,46 @@ class _Recorder:
         q, k, _ = self.layer.qkv(x)
         with torch.no_grad():
             d = q.shape[-1]
-            if self.layer.feature_map == "prf":
+            if self.layer.feature_map == "prf":  # the kernel exp(q.k / sqrt(d)) of q, k scaled by d ** -1/4
                 qs, ks = q * d ** -0.25, k * d ** -0.25
-                ks_map = ks
-            else:  # nprf: the map normalises; report the raw norms and the exponents of the unit vectors
-                qs, ks, ks_map = q, k, F.normalize(k, dim=-1)
-            w = self.layer.projection.to(ks_map.dtype)
-            exponent = (ks_map @ w.T - 0.5 * (ks_map * ks_map).sum(-1, keepdim=True)).amax(-1)
+                q_map, k_map = qs, ks
+            else:  # nprf: the kernel exp(q^.k^) of the unit vectors; the norms reported are the raw ones
+                qs, ks = q, k
+                q_map, k_map = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            w = self.layer.projection.to(k_map.dtype)
+            exponent = (k_map @ w.T - 0.5 * (k_map * k_map).sum(-1, keepdim=True)).amax(-1)
             self.saved.update(q_norm_max=qs.norm(dim=-1).max().item(), k_norm_max=ks.norm(dim=-1).max().item(),
                               key_exponent_max=exponent.max().item(), key_exponent_min=exponent.min().item(),
-                              dead_keys=(phi_k.amax(-1) == 0).double().mean().item(),
-                              phi_k_max=phi_k.max().item(), phi_q_min_of_row_max=phi_q.amax(-1).min().item())
+                              dead_keys=(phi_k.amax(-1) == 0).double().mean().item())
+            self.saved["maps"] = (q_map.double(), k_map.double())
         phi_q.retain_grad()
         phi_k.retain_grad()
         self.saved["phi"] = (phi_q, phi_k)
         return phi_q, phi_k, v
 
-    def normaliser(self, rpe_table: Optional[torch.Tensor]) -> torch.Tensor:
-        """``sum_{j<=i} c(i-j) phi_q_i . phi_k_j`` in float32 (as the op sums it), ``(B, H, N)``."""
-        phi_q, phi_k = (t.detach() for t in self.saved["phi"])
+    def stats(self, rpe_table: Optional[torch.Tensor]) -> dict:
+        """The saved measurements plus the normaliser's, the attention's and the features' gradients."""
+        phi_q, phi_k = self.saved["phi"]
         n = phi_q.shape[-2]
         i = torch.arange(n)
         offset = i[:, None] - i[None, :]
         if rpe_table is None:
-            weights = (offset >= 0).to(phi_q.dtype)
+            log_c = torch.zeros(phi_q.shape[1], n, n, dtype=torch.float64)
         else:
-            b = rpe_table.detach().to(phi_q.dtype)
+            b = rpe_table.detach().double()
             b = (b.expand(phi_q.shape[1], -1) if b.dim() == 1 else b)
-            b = b - b.amax(-1, keepdim=True)
-            weights = torch.where(offset >= 0, b[:, offset.clamp(0, b.shape[-1] - 1)].exp(), torch.zeros(()))
-        return ((phi_q @ phi_k.transpose(-1, -2)) * weights).sum(-1)
-
-    def stats(self, rpe_table: Optional[torch.Tensor]) -> dict:
-        den = self.normaliser(rpe_table)
-        phi_q, phi_k = self.saved["phi"]
-        out = {k: v for k, v in self.saved.items() if k != "phi"}
+            log_c = (b - b.amax(-1, keepdim=True))[:, offset.clamp(0, b.shape[-1] - 1)]
+        causal = offset >= 0
+        # the op's normaliser, in float32 as it sums it: sum_{j<=i} c(i-j) phi_q_i . phi_k_j
+        scores = (phi_q.detach() @ phi_k.detach().transpose(-1, -2)) * torch.where(causal, log_c.exp(), 0).float()
+        den = scores.sum(-1)
+        rf = scores.double() / den.double().clamp_min(1e-300).unsqueeze(-1)  # random-feature attention weights
+        q_map, k_map = self.saved["maps"]  # the exact kernel they estimate, in float64
+        exact = torch.softmax((q_map @ k_map.transpose(-1, -2) + log_c).masked_fill(~causal, -math.inf), dim=-1)
+        out = {k: v for k, v in self.saved.items() if k not in ("phi", "maps")}
         out.update(normaliser_min=den.min().item(), tiny_normalisers=(den < TINY).double().mean().item(),
+                   attention_max_weight=rf.amax(-1).mean().item(), exact_max_weight=exact.amax(-1).mean().item(),
+                   attention_error=0.5 * (rf - exact).abs().sum(-1).mean().item(),
                    grad_phi_q_max=_finite_max(phi_q.grad) if phi_q.grad is not None else None,
                    grad_phi_k_max=_finite_max(phi_k.grad) if phi_k.grad is not None else None)
         return out
@@ -127,23 +135,24 @@ def measure(model: torch.nn.Module, batch: torch.Tensor) -> dict:
             rec.remove()
     grads = {name: (p.grad.norm().item() if p.grad is not None else 0.0) for name, p in model.named_parameters()}
     total = math.sqrt(sum(g * g for g in grads.values())) if all(map(math.isfinite, grads.values())) else math.nan
-    return {"loss": loss.item(), "grad_norm": total,
+    return {"loss": loss.item(), "grad_norm": total, "logit_max": logits.detach().abs().max().item(),
             "nonfinite_params": [n for n, g in grads.items() if not math.isfinite(g)],
             "param_grad_norms": grads, "layers": layers}
 
 
-def probe_run(run_dir: Path, work_dir: Path, snapshots: int = 6, overrides=()) -> dict:
+def probe_run(run_dir: Path, work_dir: Path, snapshots: int = 6, overrides=(), until: Optional[int] = None) -> dict:
     """Retrain ``run_dir``'s config into ``work_dir`` up to the step before its first bad step ``F`` (about
     ``snapshots`` checkpoints on the way), then :func:`measure` each checkpoint ``s`` on the batch of step ``s + 1``.
     Returns ``{"run", "first_bad_step", "reason", "steps": [{"step": s + 1, ...measure...}]}``: the entry of step
-    ``F`` is measured at the weights that produced the bad step."""
+    ``F`` is measured at the weights that produced the bad step. ``until``: probe up to that step instead (e.g. a
+    stable run, for comparison; then ``first_bad_step`` is ``until`` and ``reason`` is "until")."""
     from lm.checkpoint import list_checkpoints, load_for_inference
     from lm.config import load_stored_config
     from lm.data import global_batch, prepare_corpus
     from lm.train import train
 
     run_dir, work_dir = Path(run_dir), Path(work_dir)
-    bad_step, reason = first_bad_step(run_dir)
+    bad_step, reason = (until, "until") if until else first_bad_step(run_dir)
     cfg = load_stored_config(run_dir / "config.yaml", overrides)
     cfg.run_dir = str(work_dir)
     cfg.stop_at = bad_step - 1
@@ -165,18 +174,23 @@ def probe_run(run_dir: Path, work_dir: Path, snapshots: int = 6, overrides=()) -
 
 def format_probe(result: dict) -> str:
     """A text table: one line per (step, layer)."""
-    head = (f"{'step':>5} {'layer':>5} {'loss':>7} {'grad norm':>10} {'|q| max':>8} {'|k| max':>8} "
-            f"{'key exp max':>11} {'key exp min':>11} {'dead keys':>9} {'normaliser min':>14} {'tiny norm.':>10} "
+    head = (f"{'step':>5} {'layer':>5} {'loss':>7} {'grad norm':>9} {'|logit|':>7} {'|q| max':>7} {'|k| max':>7} "
+            f"{'key exp':>13} {'dead keys':>9} {'normaliser':>10} {'attn err':>8} {'max weight':>11} "
             f"{'|dL/dphi_k|':>11}  non-finite gradients")
-    lines = [f"run {result['run']}: first bad step {result['first_bad_step']} ({result['reason']})", head,
-             "-" * len(head)]
+    lines = [f"run {result['run']}: first bad step {result['first_bad_step']} ({result['reason']}); each line: the "
+             f"weights after step - 1 on the batch of step; key exp = min..max over keys of the log of a key's "
+             f"largest feature; normaliser = its smallest value; max weight = random features / exact kernel",
+             head, "-" * len(head)]
     for s in result["steps"]:
-        bad = ", ".join(s["nonfinite_params"][:4]) + (" ..." if len(s["nonfinite_params"]) > 4 else "")
+        bad = ", ".join(s["nonfinite_params"][:3]) + (" ..." if len(s["nonfinite_params"]) > 3 else "")
         for L in s["layers"] or [{}]:
-            lines.append(f"{s['step']:>5} {L.get('layer', '-'):>5} {s['loss']:>7.3f} {s['grad_norm']:>10.3g} "
-                         f"{L.get('q_norm_max', math.nan):>8.2f} {L.get('k_norm_max', math.nan):>8.2f} "
-                         f"{L.get('key_exponent_max', math.nan):>11.1f} {L.get('key_exponent_min', math.nan):>11.1f} "
-                         f"{L.get('dead_keys', math.nan):>9.4f} {L.get('normaliser_min', math.nan):>14.3e} "
-                         f"{L.get('tiny_normalisers', math.nan):>10.4f} {L.get('grad_phi_k_max', math.nan) or 0:>11.3g}"
-                         f"  {bad or '-'}")
+            nan = math.nan
+            lines.append(
+                f"{s['step']:>5} {L.get('layer', '-'):>5} {s['loss']:>7.3f} {s['grad_norm']:>9.3g} "
+                f"{s['logit_max']:>7.1f} {L.get('q_norm_max', nan):>7.2f} {L.get('k_norm_max', nan):>7.2f} "
+                f"{L.get('key_exponent_min', nan):>6.1f}..{L.get('key_exponent_max', nan):<5.1f} "
+                f"{L.get('dead_keys', nan):>9.4f} {L.get('normaliser_min', nan):>10.2e} "
+                f"{L.get('attention_error', nan):>8.3f} "
+                f"{L.get('attention_max_weight', nan):>5.2f}/{L.get('exact_max_weight', nan):<5.2f} "
+                f"{L.get('grad_phi_k_max', nan) or 0:>11.3g}  {bad or '-'}")
     return "\n".join(lines)

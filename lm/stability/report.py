@@ -32,12 +32,9 @@ def run_records(run_dir: Path) -> list[dict]:
     return read_steps(path) if path.is_file() else []
 
 
-def _evaluation(result: dict, split: str, context: Optional[int]) -> Optional[dict]:
-    """The evaluation of ``split`` at ``context`` (None: the training context, the first one of the split)."""
-    rows = [e for e in result.get("evaluations", []) if e["split"] == split]
-    if context is None:
-        return rows[0] if rows else None
-    return next((e for e in rows if e["context"] == context), None)
+def _evaluation(result: dict, split: str, context: int) -> Optional[dict]:
+    """The evaluation of ``split`` at ``context`` in a run's ``result.json`` (None if it was not scored)."""
+    return next((e for e in result.get("evaluations", []) if e["split"] == split and e["context"] == context), None)
 
 
 class Study:
@@ -46,7 +43,9 @@ class Study:
     def __init__(self, grid: Grid, specs: Sequence[RunSpec], results: dict[str, dict], runs_dir: Path):
         self.grid, self.specs, self.results, self.runs_dir = grid, list(specs), results, Path(runs_dir)
         self.records = {s.name: run_records(self.runs_dir / s.name) for s in self.specs}
-        self.max_bad = {s.name: load_config([], s.overrides).divergence.max_bad_steps for s in self.specs}
+        configs = {s.name: load_config([], s.overrides) for s in self.specs}
+        self.max_bad = {name: cfg.divergence.max_bad_steps for name, cfg in configs.items()}
+        self.context = {name: cfg.data.seq_len for name, cfg in configs.items()}
 
     def ok(self, spec: RunSpec) -> bool:
         """The run has a result (diverged or not), not an error or a crash."""
@@ -57,9 +56,13 @@ class Study:
         return Outcome(**self.results[spec.name]["outcome"])
 
     def run_summary(self, spec: RunSpec) -> dict:
-        valid = _evaluation(self.results[spec.name], "valid", None)
+        valid = self.evaluation(spec, "valid")
         return summarize_run(spec.seed, self.records[spec.name], self.outcome(spec), self.max_bad[spec.name],
                              None if valid is None else valid["token_perplexity"])
+
+    def evaluation(self, spec: RunSpec, split: str, context: Optional[int] = None) -> Optional[dict]:
+        """The run's evaluation of ``split`` at ``context`` (None: its training context), or None."""
+        return _evaluation(self.results[spec.name], split, context or self.context[spec.name])
 
     def cells(self):
         """((variant, lr), the specs of its seeds) in grid order."""
@@ -164,7 +167,7 @@ def quality_tables(study: Study) -> str:
         out = []
         for s in specs:
             if study.ok(s) and not study.run_summary(s)["diverged"]:
-                e = _evaluation(study.results[s.name], split, context)
+                e = study.evaluation(s, split, context)
                 out.append(None if e is None else e[key])
         return out
 
@@ -184,7 +187,7 @@ def quality_tables(study: Study) -> str:
                       "| attention | " + " | ".join(map(str, contexts)) + " |", "|---|" + "---|" * len(contexts)]
             for (variant, _), specs in study.cells():
                 lines.append(f"| {variant.name} | " + " | ".join(
-                    format_mean_std(values(specs, "test", c, key), decimals).replace(" (3)", "")
+                    format_mean_std(values(specs, "test", c, key), decimals)
                     for c in contexts) + " |")
     return "\n".join(lines)
 
@@ -242,9 +245,15 @@ def plot_curves(study: Study, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel("train loss (nats)")
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{study.grid.name}: training loss; ▲ skipped loss spike, × non-finite step, red X: diverged "
-                 f"(stop / last step)", fontsize=10)
+                from matplotlib.lines import Line2D
+                handles, _ = ax.get_legend_handles_labels()
+                handles += [Line2D([], [], ls="", marker="^", color="gray", mec="black", mew=0.4,
+                                   label="skipped loss spike (top edge: off scale)"),
+                            Line2D([], [], ls="", marker="x", color="gray", label="non-finite step"),
+                            Line2D([], [], ls="", marker="X", ms=9, color="red", mec="black", mew=0.6,
+                                   label="diverged: its last step")]
+                ax.legend(handles=handles, fontsize=6.5, loc="upper right")
+    fig.suptitle(f"{study.grid.name}: training loss per step", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
