@@ -18,7 +18,8 @@ from lm.stability.probe import measure
 from lm.stability.report import (VARIANT_FIELDS, Study, format_mean_std, mean_std, plot_curves, quality_tables,
                                  stability_tables)
 from lm.stability.runner import RESULT, SPEC, _claim, run_all
-from lm.stability.verdict import RUN_FIELDS, Outcome, divergence_reasons, summarize_run
+from lm.stability.verdict import (RUN_FIELDS, Outcome, divergence_reasons, stop_cause, streak_reasons,
+                                  summarize_run)
 from lm.steplog import read_steps
 
 
@@ -134,6 +135,19 @@ def test_the_verdict_matches_the_step_log_a_real_trainer_wrote(tmp_path):
     assert records[1]["grad_norm"] is None and records[1]["bad"] == "gradients"
     run = summarize_run(1, records, Outcome("completed", step=3), 5, 10.0)
     assert run["diverged"] is True and run["first_bad_step"] == 2 and run["max_grad_norm"] == 2.0
+
+
+def test_the_stop_cause_names_the_final_streak():
+    spikes, stop = simulate(healthy(50) + [20.0] * 5)
+    assert stop_cause(spikes, stop) == "spikes"
+    nonfinite, stop2 = simulate(healthy(40), nonfinite_gradients=[False] * 30 + [True] * 10)
+    assert stop_cause(nonfinite, stop2) == "non-finite"
+    assert "the last 5 steps were bad (5 non-finite)" in divergence_reasons(nonfinite, stop2, 5)[0]
+    mixed, stop3 = simulate(healthy(50) + [20.0, 20.0, 5.0, 20.0, 20.0], nonfinite_gradients=[False] * 52 + [True])
+    assert stop_cause(mixed, stop3) == "mixed" and streak_reasons(mixed[-5:]) == "4 loss spikes, 1 non-finite"
+    climb, stop4 = simulate([5.0 + 0.05 * i for i in range(120)])
+    assert stop_cause(climb, stop4) == "final loss"
+    assert stop_cause(*simulate(healthy())) == ""
 
 
 def test_outcome_status_is_checked():
@@ -330,9 +344,13 @@ def test_large_queries_and_keys_kill_prf_normalisers_and_gradients_but_not_nprf(
         assert layer0["normaliser_min"] == 0 and layer0["tiny_normalisers"] > 0
         assert math.isnan(layer0["grad_phi_k_max"]) and math.isnan(after["grad_norm"])
         assert "blocks.0.attn.qkv_proj.weight" in after["nonfinite_params"]
+        # the division by the normaliser, or the causal mask's product with its overflowed gradient
+        assert after["first_nonfinite_backward"].split(":")[0] in ("DivBackward0 at lm/ops/dense.py",
+                                                                   "MulBackward0 at lm/ops/dense.py")
     else:
         assert layer0["key_exponent_min"] > -20 and layer0["dead_keys"] == 0 and layer0["normaliser_min"] > 1e-3
         assert not after["nonfinite_params"] and math.isfinite(after["grad_norm"])
+        assert after["first_nonfinite_backward"] is None
 
 
 # ------------------------------------------------------------------ the whole study, small
@@ -372,8 +390,11 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert "### lr 1.5e-1" in md and "| kernelized_prf |" in md and "diverged" in md
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["jobs"] == 2 and settings["threads_per_run"] == 1
+    assert [(i["jobs"], i["threads_per_run"], i["runs_run"]) for i in settings["invocations"]] == [(2, 1, 4)]
     capsys.readouterr()
     assert study_main(argv) == 0  # again: every run is reused
     assert "4 of 4 runs already have a result (kept)" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text()) == summary
+    invocations = json.loads((out / "settings.json").read_text())["invocations"]
+    assert [i["runs_run"] for i in invocations] == [4, 0]  # the timing of the call that ran them is kept
+    assert "4 run(s) in" in (out / "summary.md").read_text()

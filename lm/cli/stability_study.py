@@ -90,6 +90,14 @@ class LoadSampler:
         return {"min": min(s), "mean": sum(s) / len(s), "max": max(s), "samples": len(s)}
 
 
+def _previous_invocations(path: Path) -> list[dict]:
+    """The invocations an earlier call of this study recorded in its settings.json ([] if none)."""
+    try:
+        return list(json.loads(path.read_text()).get("invocations", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -123,25 +131,32 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, status=2)
 
     start, load = time.time(), LoadSampler()
-    results = run_all(specs, out / "runs", args.jobs, threads)
+    ran: list = []
+    results = run_all(specs, out / "runs", args.jobs, threads, launched=ran)
     seconds, load_avg = time.time() - start, load.stop()
     study = Study(grid, specs, results, out / "runs")
     summary = study.summary()
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     command = "python tools/stability_study.py " + " ".join(map(shlex.quote, argv))
+    invocations = _previous_invocations(out / "settings.json")
+    invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(start)),
+                        "runs_run": len(ran), "jobs": args.jobs, "threads_per_run": threads,
+                        "wall_seconds": seconds, "load_average_1min": load_avg})
     settings = {"command": command, "grid": grid.name, "notes": grid.notes, "settings": list(grid.settings),
                 "variants": [v.name for v in grid.variants], "lrs": list(grid.lrs), "seeds": list(grid.seeds),
-                "overrides": overrides, "jobs": args.jobs, "threads_per_run": threads, "wall_seconds": seconds,
-                "load_average_1min": load_avg, "cpu_count": os.cpu_count(), "machine": platform.platform(),
-                "runs": {s.name: results.get(s.name, {}).get("seconds") for s in specs}}
+                "overrides": overrides, "cpu_count": os.cpu_count(), "machine": platform.platform(),
+                "invocations": invocations, "runs": {s.name: results.get(s.name, {}).get("seconds") for s in specs}}
     atomic_write_text(out / "settings.json", json.dumps(settings, indent=1) + "\n")
+    timing = [f"{i['runs_run']} run(s) in {i['wall_seconds'] / 60:.1f} min with {i['jobs']} job(s) x "
+              f"{i['threads_per_run']} thread(s) (started {i['started']}; 1-minute load average "
+              f"{i['load_average_1min']['min']:.1f}-{i['load_average_1min']['max']:.1f}, mean "
+              f"{i['load_average_1min']['mean']:.1f})" for i in invocations if i["runs_run"]]
     md = [f"# {grid.name} study", "", f"`{command}`", "",
-          f"Settings: {grid.notes}. Variants: {', '.join(v.name for v in grid.variants)}; learning rates "
-          f"{', '.join(map(format_lr, grid.lrs))}; seeds {', '.join(map(str, grid.seeds))}; overrides: "
-          f"{' '.join(args.overrides) or 'none'}.", "",
-          f"Ran {len(results)} of {len(specs)} runs ({len(specs) - len(results)} failed) in {seconds / 60:.1f} min "
-          f"with {args.jobs} job(s) x {threads} thread(s) on {os.cpu_count()} CPUs; 1-minute load average "
-          f"{load_avg['min']:.1f}-{load_avg['max']:.1f} (mean {load_avg['mean']:.1f}) while it ran.", "",
+          f"Settings: {grid.notes} (before overrides). Variants: {', '.join(v.name for v in grid.variants)}; "
+          f"learning rates {', '.join(map(format_lr, grid.lrs))}; seeds {', '.join(map(str, grid.seeds))}; "
+          f"overrides: {' '.join(args.overrides) or 'none'}.", "",
+          f"{len(results)} of {len(specs)} runs have a result ({len(specs) - len(results)} failed); on "
+          f"{os.cpu_count()} CPUs: " + ("; ".join(timing) or "no run was run by these calls") + ".", "",
           DIVERGED_RULE, "", stability_tables(study), "Why each diverged run counts as diverged:", "",
           divergence_notes(study), ""]
     if any(split == "test" for split, _ in grid.evaluate):

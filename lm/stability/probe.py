@@ -17,7 +17,8 @@ forward and backward with every kernelized attention layer instrumented (:func:`
 - ``normaliser_min``: the smallest ``sum_{j<=i} c(i-j) phi(q_i).phi(k_j)`` over positions (float32, as the op
   computes it), and ``tiny_normalisers``: the fraction of positions where it is below 1e-30;
 - ``grad_phi_q_max`` / ``grad_phi_k_max``: the largest ``|dL/dphi|`` (``inf``/``nan`` when not finite);
-- per parameter: gradient norm; ``nonfinite_params``: the parameters whose gradient is not finite.
+- per parameter: gradient norm; ``nonfinite_params``: the parameters whose gradient is not finite, and then
+  ``first_nonfinite_backward``: the backward function that made the first NaN, with its forward line.
 
 Softmax layers are not instrumented (they have no features); their parameters' gradients are still reported.
 """
@@ -135,9 +136,38 @@ def measure(model: torch.nn.Module, batch: torch.Tensor) -> dict:
             rec.remove()
     grads = {name: (p.grad.norm().item() if p.grad is not None else 0.0) for name, p in model.named_parameters()}
     total = math.sqrt(sum(g * g for g in grads.values())) if all(map(math.isfinite, grads.values())) else math.nan
+    nonfinite = [n for n, g in grads.items() if not math.isfinite(g)]
     return {"loss": loss.item(), "grad_norm": total, "logit_max": logits.detach().abs().max().item(),
-            "nonfinite_params": [n for n, g in grads.items() if not math.isfinite(g)],
-            "param_grad_norms": grads, "layers": layers}
+            "nonfinite_params": nonfinite, "param_grad_norms": grads, "layers": layers,
+            "first_nonfinite_backward": first_nonfinite_backward(model, batch) if nonfinite else None}
+
+
+def first_nonfinite_backward(model: torch.nn.Module, batch: torch.Tensor) -> str:
+    """Which backward function first produced a NaN, and the forward line it belongs to, from a second forward +
+    backward under ``torch.autograd.detect_anomaly`` (e.g. ``MulBackward0 at lm/ops/dense.py:22: a = (q @ ...``)."""
+    import re
+    import warnings
+
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=True):
+        warnings.simplefilter("always")
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+        try:
+            loss.backward()
+        except RuntimeError as e:
+            function = re.search(r"Function '(\w+)'", str(e))
+            where = ""
+            for w in caught:  # the forward traceback of the failing function, innermost frame last
+                frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', str(w.message))
+                frames = [f for f in frames if "/lm/" in f[0]]
+                if frames:
+                    path, line, code = frames[-1]
+                    where = f" at {path[path.rindex('/lm/') + 1:]}:{line}: {code.strip()}"
+            return f"{function.group(1) if function else str(e).splitlines()[0]}{where}"
+        finally:
+            model.zero_grad(set_to_none=True)
+    return "none under anomaly detection (the non-finite values appeared outside autograd)"
 
 
 def probe_run(run_dir: Path, work_dir: Path, snapshots: int = 6, overrides=(), until: Optional[int] = None) -> dict:
@@ -183,6 +213,8 @@ def format_probe(result: dict) -> str:
              head, "-" * len(head)]
     for s in result["steps"]:
         bad = ", ".join(s["nonfinite_params"][:3]) + (" ..." if len(s["nonfinite_params"]) > 3 else "")
+        if s.get("first_nonfinite_backward"):
+            lines.append(f"step {s['step']}: first NaN in backward: {s['first_nonfinite_backward']}")
         for L in s["layers"] or [{}]:
             nan = math.nan
             lines.append(

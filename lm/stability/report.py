@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 from lm.config import load_config
 from lm.stability.grid import Grid, RunSpec, format_lr
-from lm.stability.verdict import RUN_FIELDS, Outcome, divergence_reasons, nonfinite_steps, summarize_run
+from lm.stability.verdict import (RUN_FIELDS, Outcome, divergence_reasons, nonfinite_steps, stop_cause,
+                                  summarize_run)
 from lm.steplog import FILE as STEPS_FILE
 from lm.steplog import read_steps
 
@@ -128,9 +129,9 @@ def stability_tables(study: Study) -> str:
     out = ["Diverged runs (of the seeds run) per variant and learning rate:", "", *lines, ""]
     for lr in lrs:
         out += [f"### lr {format_lr(lr)}", "",
-                "| variant | diverged | first bad step (per seed) | steps completed (per seed) | non-finite steps | "
+                "| variant | diverged | stopped by (per seed) | first bad step | steps completed | non-finite steps | "
                 "loss spikes skipped (runs that recovered) | max grad norm | final valid ppl (mean ± std, n) |",
-                "|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|"]
         for (variant, cell_lr), specs in study.cells():
             if cell_lr != lr:
                 continue
@@ -140,7 +141,8 @@ def stability_tables(study: Study) -> str:
             recovered = sum(1 for r in runs if r["loss_spikes"] and not r["diverged"])
             grads = [r["max_grad_norm"] for r in runs if r["max_grad_norm"] is not None]
             grad = f"{max(grads):.3g}" if grads else "—"
-            out.append(f"| {variant.name} | {sum(r['diverged'] for r in runs)} / {len(runs)} | "
+            stops = ", ".join(stop_cause(study.records[s.name], study.outcome(s)) or "—" for s in ok)
+            out.append(f"| {variant.name} | {sum(r['diverged'] for r in runs)} / {len(runs)} | {stops or '—'} | "
                        f"{_steps_list([r['first_bad_step'] for r in runs])} | "
                        f"{_steps_list([r['steps_completed'] for r in runs])} | {_steps_list(nonfinite)} | "
                        f"{sum(r['loss_spikes'] for r in runs)} ({recovered}) | {grad} | "
@@ -203,11 +205,11 @@ def plot_curves(study: Study, path: Path) -> None:
     rows, cols = len(study.grid.variants), len(study.grid.lrs)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False, sharex=True, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    good_losses = [r["loss"] for recs in study.records.values() for r in recs if not r["bad"] and r["loss"]]
-    low = min(good_losses, default=0.0)
-    high = max(good_losses[:1] + [r["loss"] for recs in study.records.values() for r in recs[:1] if r["loss"]],
-               default=10.0)
-    top = high + 0.15 * (high - low) + 0.5
+    losses = [r["loss"] for recs in study.records.values() for r in recs if r["loss"] is not None]
+    first = max((recs[0]["loss"] for recs in study.records.values() if recs and recs[0]["loss"]), default=10.0)
+    low = min((r["loss"] for recs in study.records.values() for r in recs if not r["bad"] and r["loss"]),
+              default=0.0)
+    top = min(max(losses, default=first), 1.6 * first) + 0.3  # spikes up to 1.6 x the first loss stay in view
     max_step = max((recs[-1]["step"] for recs in study.records.values() if recs), default=1)
     for i, variant in enumerate(study.grid.variants):
         for j, lr in enumerate(study.grid.lrs):

@@ -145,14 +145,17 @@ def launch(spec: RunSpec, run_dir: Path, threads: int) -> tuple[int, float]:
 
 
 def run_all(specs: Sequence[RunSpec], runs_dir: Path, jobs: int, threads: int,
-            report: Callable[[str], None] = print) -> dict[str, dict]:
+            report: Callable[[str], None] = print, launched: Optional[list] = None) -> dict[str, dict]:
     """Run every spec not yet finished, ``jobs`` children at a time with ``threads`` threads each; returns
-    ``{run name: result.json}`` of every spec that has one (a crashed run has none: see its ``log.txt``)."""
+    ``{run name: result.json}`` of every spec that has one (a crashed run has none: see its ``log.txt``). The names
+    of the runs started are appended to ``launched`` when given."""
     if jobs < 1 or threads < 1:
         raise ConfigError(f"--jobs={jobs} and --threads={threads} must be >= 1")
     for spec in specs:
         _claim(spec, runs_dir / spec.name, threads)
     todo = [s for s in specs if read_result(runs_dir / s.name) is None]
+    if launched is not None:
+        launched += [s.name for s in todo]
     if len(todo) < len(specs):
         report(f"{len(specs) - len(todo)} of {len(specs)} runs already have a result (kept)")
     done = 0

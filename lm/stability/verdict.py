@@ -59,13 +59,41 @@ def nonfinite_steps(records: Sequence[dict]) -> list[int]:
     return [r["step"] for r in records if r["bad"] in NONFINITE]
 
 
+def final_streak(records: Sequence[dict]) -> list[dict]:
+    """The records of the streak of bad steps the log ends with ([] if it ends with a good step)."""
+    n = records[-1]["bad_in_a_row"] if records else 0
+    return list(records[len(records) - n:]) if n else []
+
+
+def streak_reasons(records: Sequence[dict]) -> str:
+    """E.g. ``"3 loss spikes, 2 non-finite"``: what the bad steps among ``records`` were."""
+    spikes = sum(1 for r in records if r["bad"] == "spike")
+    nonfinite = sum(1 for r in records if r["bad"] in NONFINITE)
+    return ", ".join(x for x in (f"{spikes} loss spike{'s' * (spikes != 1)}" if spikes else "",
+                                 f"{nonfinite} non-finite" if nonfinite else "") if x) or "none bad"
+
+
+def stop_cause(records: Sequence[dict], outcome: Outcome) -> str:
+    """Why the trainer stopped a run, in a word: "spikes" (its final streak was loss spikes only), "non-finite"
+    (only non-finite steps), "mixed", "final loss" (it ended far above its first loss), or "" (not stopped)."""
+    if outcome.status != "stopped":
+        return ""
+    streak = final_streak(records)
+    if not streak:
+        return "final loss"
+    kinds = {"spikes" if r["bad"] == "spike" else "non-finite" for r in streak}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def divergence_reasons(records: Sequence[dict], outcome: Outcome, max_bad_steps: int) -> list[str]:
     """Why the run counts as diverged, one phrase per reason (empty: it did not). ``max_bad_steps`` is the run's
     ``divergence.max_bad_steps``: a record whose streak reaches it means the trainer stopped there, even when the
     outcome was lost."""
     reasons = []
     if outcome.status == "stopped":
-        reasons.append(f"stopped by the trainer ({outcome.kind}) at step {outcome.step}")
+        streak = final_streak(records)
+        what = f": the last {len(streak)} steps were bad ({streak_reasons(streak)})" if streak else ""
+        reasons.append(f"stopped by the trainer ({outcome.kind}) at step {outcome.step}{what}")
     elif any(r["bad_in_a_row"] >= max_bad_steps for r in records):
         reasons.append(f"{max_bad_steps} bad steps in a row")
     bad = nonfinite_steps(records)
