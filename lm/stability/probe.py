@@ -53,18 +53,17 @@ def _finite_max(t: torch.Tensor) -> float:
 
 
 class _Recorder:
-    """Wraps the ``features`` of one kernelized layer: keeps q, k (as the map sees them), the features (with
-    their gradients retained), for :meth:`stats` after backward."""
+    """Wraps the ``feature_map_qkv`` of one kernelized layer: keeps q, k (as the map sees them), the features
+    (with their gradients retained), for :meth:`stats` after backward."""
 
     def __init__(self, layer: KernelizedAttention):
         self.layer = layer
-        self.original = layer.features
+        self.original = layer.feature_map_qkv
         self.saved: dict = {}
-        layer.features = self  # instance attribute: forward's self.features(x) calls this
+        layer.feature_map_qkv = self  # instance attribute: attend_heads' self.feature_map_qkv(q, k, v) calls this
 
-    def __call__(self, x: torch.Tensor):
-        phi_q, phi_k, v = self.original(x)
-        q, k, _ = self.layer.qkv(x)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        phi_q, phi_k, v = self.original(q, k, v)
         with torch.no_grad():
             d = q.shape[-1]
             if self.layer.feature_map == "prf":  # the kernel exp(q.k / sqrt(d)) of q, k scaled by d ** -1/4
@@ -112,7 +111,7 @@ class _Recorder:
         return out
 
     def remove(self) -> None:
-        del self.layer.features
+        del self.layer.feature_map_qkv
 
 
 def measure(model: torch.nn.Module, batch: torch.Tensor) -> dict:
