@@ -24,7 +24,6 @@ picked from a run directory, but can be named explicitly.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ from torch import nn
 from lm.config import TrainConfig, as_dict, config_from_dict, migrate_stored, to_yaml
 from lm.distributed import barrier, check_ranks_agree
 from lm.engine import Engine
-from lm.fileio import atomic_write_text, fsync_dir, fsync_tree
+from lm.fileio import atomic_write_text, fsync_dir, fsync_tree, sha256_file
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -81,14 +80,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _complete_zip(path: Path) -> bool:
@@ -131,7 +122,7 @@ def damage(checkpoint: str | Path, purpose: str = "inference", verify_hashes: bo
                 return f"{rel} is {path.stat().st_size:,} bytes but {files[rel]:,} were written"
         hashes = meta.get("sha256", {}) if verify_hashes else {}
         for rel in needed:
-            if rel in hashes and _sha256(checkpoint / rel) != hashes[rel]:
+            if rel in hashes and sha256_file(checkpoint / rel) != hashes[rel]:
                 return f"{rel} does not match the sha256 recorded when it was written (its bytes changed)"
         return None
     # written before meta.json listed files
@@ -268,7 +259,7 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
         meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
                 "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg),
                 "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
-                "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}}
+                "sha256": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
             old = root / f".old-{final.name}"

@@ -21,7 +21,7 @@ from lm.checkpoint import CheckpointError, damage, find_checkpoint, load_for_inf
 from lm.cli import eval_ppl, generate
 from lm.cli.train import main
 from lm.config import load_config
-from lm.fileio import LockHeld, OwnerLock
+from lm.fileio import LockHeld, OwnerLock, sha256_file
 from lm.steplog import read_steps
 from lm.train import TrainingStopped, train
 
@@ -310,7 +310,7 @@ def test_resuming_with_weights_of_another_shape_is_a_one_line_error(run, cache_d
     torch.save(state, c / "model.pt")  # a consistent checkpoint whose weights do not fit its config
     meta = json.loads((c / checkpoint.META).read_text())
     meta["files"]["model.pt"] = (c / "model.pt").stat().st_size
-    meta["sha256"]["model.pt"] = checkpoint._sha256(c / "model.pt")
+    meta["sha256"]["model.pt"] = sha256_file(c / "model.pt")
     (c / checkpoint.META).write_text(json.dumps(meta))
     assert main(smoke_argv(run, cache_dir, "max_steps=8")) == 1
     err = capsys.readouterr().err

@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import Iterator
 
-from lm.data.source import DataError, SplitSource, row_chunks, sha256_file
+from lm.data.source import DataError, SplitSource, row_chunks
+from lm.fileio import sha256_file
 
 LAYOUTS = ("wiki.{}.tokens", "wiki.{}.raw", "{}.txt")
 

@@ -5,7 +5,6 @@ A source fingerprint is the sha256 of the split's exact UTF-8 text; caches are k
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,14 +57,6 @@ class LineEnds:
     @property
     def count(self) -> int:
         return self.newlines + (self.last not in ("", "\n"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def text_chunks(text: str) -> Iterator[str]:

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm.config import DataConfig
-from lm.data.source import DataError, LineEnds, SplitSource, sha256_file
-from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir
+from lm.data.source import DataError, LineEnds, SplitSource
+from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir, sha256_file
 from lm.tokenizer import Tokenizer, encode_chunk, encode_chunk_with, init_worker
 
 log = logging.getLogger(__name__)
