@@ -30,7 +30,6 @@ class Variant:
     """``model.attention.feature_map`` (None for softmax, which has none)."""
     rpe: str
     """``model.attention.rpe``."""
-    role: str = ""
 
     def overrides(self) -> list[str]:
         out = [f"model.attention.kind={self.kind}", f"model.attention.rpe={self.rpe}"]
@@ -39,11 +38,11 @@ class Variant:
         return out
 
 
-KERNELIZED_PRF = Variant("kernelized_prf", "kernelized", "prf", "none", "Performer: the claimed-unstable baseline")
-KERNELIZED_NPRF = Variant("kernelized_nprf", "kernelized", "nprf", "none", "L2-normalised q, k; no RPE")
-KERNELIZED_RPE_PRF = Variant("kernelized_rpe_prf", "kernelized_rpe", "prf", "per_offset", "RPE without the L2 norm")
-KERNELIZED_RPE_NPRF = Variant("kernelized_rpe_nprf", "kernelized_rpe", "nprf", "per_offset", "the paper")
-SOFTMAX_RPE = Variant("softmax_rpe", "softmax", None, "per_offset", "exact attention, reference")
+KERNELIZED_PRF = Variant("kernelized_prf", "kernelized", "prf", "none")  # Performer: the claimed-unstable baseline
+KERNELIZED_NPRF = Variant("kernelized_nprf", "kernelized", "nprf", "none")
+KERNELIZED_RPE_PRF = Variant("kernelized_rpe_prf", "kernelized_rpe", "prf", "per_offset")
+KERNELIZED_RPE_NPRF = Variant("kernelized_rpe_nprf", "kernelized_rpe", "nprf", "per_offset")  # the paper
+SOFTMAX_RPE = Variant("softmax_rpe", "softmax", None, "per_offset")  # exact attention, the reference
 
 VARIANTS = {v.name: v for v in (KERNELIZED_PRF, KERNELIZED_NPRF, KERNELIZED_RPE_PRF, KERNELIZED_RPE_NPRF,
                                 SOFTMAX_RPE)}

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from lm.config import load_config
 from lm.stability.grid import Grid, RunSpec, format_lr
-from lm.stability.verdict import (RUN_FIELDS, Outcome, divergence_reasons, nonfinite_steps, stop_cause,
+from lm.stability.verdict import (Outcome, divergence_reasons, nonfinite_steps, stop_cause,
                                   summarize_run)
 from lm.steplog import FILE as STEPS_FILE
 from lm.steplog import read_steps
