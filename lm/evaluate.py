@@ -18,6 +18,7 @@ but a lone short first one have the same length and batch without padding.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -265,3 +266,17 @@ def tokenize_split(data_cfg, tokenizer, name: str) -> EvalSplit:
         words += len(chunk.split())
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     return EvalSplit(name, tokens.astype(np.int64, copy=False), words, line_ends.count, source.num_bytes)
+
+
+def evaluate_split(model: torch.nn.Module, split: EvalSplit, contexts: Sequence[int], stride: int | None,
+                   batch_size: int, bos_id: int, device: str, progress: bool = False) -> list[SplitPerplexity]:
+    """:func:`split_perplexity` of ``split`` at each context (tokens per window), with ``stride`` new tokens per
+    window (None: the context, non-overlapping windows)."""
+    rows = []
+    for context in contexts:
+        start = time.perf_counter()
+        nll = score_tokens(model, split.tokens, context, stride or context, batch_size, bos_id, device,
+                           progress=progress)
+        rows.append(split_perplexity(nll, split.name, split.num_words, split.num_line_ends, split.num_bytes,
+                                     context, stride or context, seconds=time.perf_counter() - start))
+    return rows

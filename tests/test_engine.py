@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import cpu_info, tiny_model, tiny_train_config
 from lm.config import ConfigError
 from lm.distributed import check_ranks_agree, collective_device, free_port
-from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config, token_nll_sum
+from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config
 
 VOCAB, SEQ = 50, 12
 NCCL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32,

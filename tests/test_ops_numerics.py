@@ -1,7 +1,6 @@
 """Numerics of lm.ops.kernelized_attention: wide biases (15 nats accurate; 30 and 80 nats finite and bounded),
 the float32/float64 FFT switch, low-precision dtypes, autocast, and one long-sequence accuracy check.
 (The FFT precision policy over bias families: tests/test_ops_precision.py.)"""
-import math
 
 import pytest
 import torch

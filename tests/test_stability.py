@@ -12,7 +12,7 @@ from conftest import tiny_model
 from lm.cli.stability_study import main as study_main
 from lm.config import ConfigError, DivergenceConfig, load_config
 from lm.divergence import DivergenceMonitor
-from lm.stability.grid import (GRIDS, KERNELIZED_PRF, KERNELIZED_RPE_NPRF, QUICK_STEPS, STABILITY, VARIANTS, Grid,
+from lm.stability.grid import (GRIDS, KERNELIZED_PRF, KERNELIZED_RPE_NPRF, QUICK_STEPS, STABILITY, Grid,
                                build_specs, format_lr, quick, with_choices)
 from lm.stability.probe import measure
 from lm.stability.report import (VARIANT_FIELDS, Study, format_mean_std, mean_std, plot_curves, quality_tables,

@@ -23,14 +23,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from lm.checkpoint import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
 from lm.device import set_tf32
-from lm.evaluate import SplitPerplexity, format_perplexity, score_tokens, split_perplexity, tokenize_split
+from lm.evaluate import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,14 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint {inference.path} (step {inference.step}, {cfg.model.attention.kind}, trained at context "
               f"{cfg.data.seq_len}) on {device}; {args.split}: {split.num_tokens:,} tokens, {split.num_words:,} "
               f"words, {split.num_line_ends:,} lines", file=sys.stderr)
-        rows = []
-        for context in contexts:
-            stride = args.stride or context
-            start = time.perf_counter()
-            nll = score_tokens(model, split.tokens, context, stride, args.batch_size, tokenizer.bos_id, device,
-                               progress=not args.no_progress)
-            rows.append(split_perplexity(nll, args.split, split.num_words, split.num_line_ends, split.num_bytes,
-                                         context, stride, seconds=time.perf_counter() - start))
+        rows = evaluate_split(model, split, contexts, args.stride, args.batch_size, tokenizer.bos_id, device,
+                              progress=not args.no_progress)
     except USER_ERRORS as e:
         return report_error(e, status=2)
 

@@ -6,7 +6,6 @@ A source fingerprint is the sha256 of the split's exact UTF-8 text; caches are k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 SPLITS = ("train", "valid", "test")

@@ -49,7 +49,7 @@ def evaluate_run(run_dir: Path, evaluate: Sequence, device: str) -> list[dict]:
     import dataclasses
 
     from lm.checkpoint import load_for_inference
-    from lm.evaluate import score_tokens, split_perplexity, tokenize_split
+    from lm.evaluate import evaluate_split, tokenize_split
 
     inference = load_for_inference(run_dir, device=device)
     cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
@@ -57,13 +57,9 @@ def evaluate_run(run_dir: Path, evaluate: Sequence, device: str) -> list[dict]:
     for split_name, contexts in evaluate:
         if split_name not in splits:
             splits[split_name] = tokenize_split(cfg.data, tokenizer, split_name)
-        split = splits[split_name]
-        for context in contexts or [cfg.data.seq_len]:
-            start = time.perf_counter()
-            nll = score_tokens(model, split.tokens, context, context, cfg.micro_batch_size, tokenizer.bos_id, device)
-            row = split_perplexity(nll, split_name, split.num_words, split.num_line_ends, split.num_bytes, context,
-                                   context, seconds=time.perf_counter() - start)
-            out.append({**dataclasses.asdict(row), "step": inference.step})
+        rows = evaluate_split(model, splits[split_name], contexts or [cfg.data.seq_len], None, cfg.micro_batch_size,
+                              tokenizer.bos_id, device)
+        out += [{**dataclasses.asdict(row), "step": inference.step} for row in rows]
     return out
 
 
