@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save, resume, pruning, integrity checks with fallback, and loading a model for inference
-without DeepSpeed.
+"""The checkpoint format: where checkpoints live in a run directory, what meta.json records, and whether a
+checkpoint is intact. Shared by training (which writes and resumes them, :mod:`lm.training.checkpointing`) and
+inference (which loads them, :mod:`lm.inference.loading`); it imports neither.
 
 Layout of a run directory::
 
@@ -12,35 +13,28 @@ Layout of a run directory::
         optimizer.pt    (plain-torch engine) or deepspeed/ (DeepSpeed engine): state for exact resume
         adam_moments.pt (DeepSpeed engine) Adam moments by parameter name: resume on another number of ranks
 
-A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete, so a
-crash while saving leaves the previous checkpoints intact; names starting with ``.`` are never read, and the
-debris of a crash (``.tmp-*``, ``.pruned-*``, ``.old-*``) is cleared by :func:`clean_debris` when the next run
-starts. A checkpoint is **intact** when its meta.json reads and every file it needs lists has the recorded size
-and sha256 (torch.load does not notice a changed byte in tensor data); checkpoints written before meta.json listed
-files count as intact when their ``.pt`` files are complete zip archives. Tools given a run directory use the newest intact
-checkpoint and warn about each newer damaged one; a damaged checkpoint named explicitly is an error.
-``step_N.diverged`` holds the weights a diverged run stopped at (see :func:`set_aside_diverged`); it is never
-picked from a run directory, but can be named explicitly.
+A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete; names
+starting with ``.`` are never read. A checkpoint is **intact** when its meta.json reads and every file it needs
+lists has the recorded size and sha256 (torch.load does not notice a changed byte in tensor data); checkpoints
+written before meta.json listed files count as intact when their ``.pt`` files are complete zip archives. Tools
+given a run directory use the newest intact checkpoint and warn about each newer damaged one; a damaged
+checkpoint named explicitly is an error. ``step_N.diverged`` holds the weights a diverged run stopped at; it is
+never picked from a run directory, but can be named explicitly.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from torch import nn
 
-from lm.config import TrainConfig, as_dict, config_from_dict, migrate_stored, to_yaml
-from lm.distributed import barrier, check_ranks_agree
-from lm.engine import Engine
-from lm.fileio import atomic_write_text, fsync_dir, fsync_tree, sha256_file
+from lm.config import migrate_stored
+from lm.errors import UserError
+from lm.fileio import sha256_file
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -51,7 +45,7 @@ _TRAINING_ONLY = ("optimizer.pt", "deepspeed/")
 """Files only a resume needs (inference ignores their damage)."""
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A path that is not a checkpoint or run directory, or a checkpoint that does not fit."""
 
 
@@ -189,174 +183,9 @@ def read_meta(checkpoint: str | Path) -> dict:
     return meta
 
 
-def clean_debris(run_dir: str | Path) -> None:
-    """Clear what a crash left in ``run_dir/checkpoints``: unfinished saves (``.tmp-*``) and deletions
-    (``.pruned-*``) go; a checkpoint set aside while the same step was saved again (``.old-step_N``) comes back
-    if the new one never arrived. Only for the process that holds the run directory's lock."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return
-    for debris in sorted(root.iterdir()):
-        if debris.name.startswith(".old-") and not (root / debris.name[len(".old-"):]).exists():
-            os.replace(debris, root / debris.name[len(".old-"):])
-        elif debris.name.startswith((".tmp-", ".pruned-", ".old-")):
-            shutil.rmtree(debris, ignore_errors=True)
-
-
-def _remove(checkpoint: Path) -> None:
-    """Delete a checkpoint so that a crash midway leaves debris, never a half-deleted ``step_N``."""
-    doomed = checkpoint.with_name(f".pruned-{checkpoint.name}")
-    os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed)
-
-
-def set_aside_diverged(run_dir: str | Path, last_update_step: int) -> tuple[Optional[Path], Optional[Path]]:
-    """After a run stopped for divergence: rename the checkpoint of ``last_update_step`` (if one was written),
-    whose weights then failed on ``max_bad_steps`` batches in a row, to ``step_N.diverged``, so that a resume or a
-    tool given the run directory never picks it. Returns (the newest intact checkpoint left, which a good step
-    confirmed; the renamed one)."""
-    root = Path(run_dir) / CHECKPOINTS
-    bad = root / checkpoint_name(last_update_step)
-    renamed = None
-    if bad.is_dir():
-        renamed = bad.with_name(bad.name + DIVERGED)
-        n = 1
-        while renamed.exists():
-            renamed, n = bad.with_name(f"{bad.name}{DIVERGED}.{n}"), n + 1
-        os.replace(bad, renamed)
-        fsync_dir(root)
-    return newest_intact(run_dir, "training"), renamed
-
-
-def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainConfig, tokenizer,
-                    counters: dict, keep: int) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune older ones to the newest ``keep`` (the newest older
-    one is always kept: see below). Collective (all ranks). Call it only after a good step (lm.divergence).
-
-    ``counters`` (the divergence monitor's state) go into meta.json and come back from
-    :func:`load_training_state`. Checkpoints of later steps (left by a run that was resumed from an earlier one)
-    are never pruned: saving their step again replaces them.
-    """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
-    main = engine.info.is_main
-    if main:
-        if root.is_dir():  # debris of crashes mid-save
-            for debris in root.glob(".tmp-*"):
-                shutil.rmtree(debris, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    check_ranks_agree(engine.module)
-    barrier()
-    engine.save_state(tmp)
-    weights = engine.consolidated_state_dict()
-    if main:
-        torch.save(weights, tmp / WEIGHTS)
-        tokenizer.save(tmp / "tokenizer")
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        fsync_tree(tmp)
-        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-        meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
-                "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg),
-                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
-                "sha256": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}}
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        # the newest older checkpoint stays whatever ``keep`` says: until a good step confirms the weights just
-        # saved, it is the last one known to be good
-        older = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < step]
-        for stale in older[:-max(keep - 1, 1)]:
-            _remove(stale)
-    barrier()
-    return final
-
-
-def load_training_state(checkpoint: Path, engine: Engine, tokenizer_hash: str) -> dict:
-    """Restore weights and optimizer/engine state for an exact resume; returns the checkpoint's meta.json."""
-    meta = read_meta(checkpoint)
-    if meta["tokenizer_hash"] != tokenizer_hash:
-        raise CheckpointError(f"{checkpoint} was trained with another tokenizer (hash {meta['tokenizer_hash'][:12]}, "
-                              f"this run's is {tokenizer_hash[:12]}): its token ids mean other things. Use the "
-                              f"data/tokenizer settings of that run, or another run_dir")
-    if meta["engine"] != engine.info.kind:
-        how = {"deepspeed": "through launch.sh (or engine=deepspeed)", "torch": "with python tools/train.py"}
-        raise CheckpointError(f"{checkpoint} was written by the {meta['engine']} engine; resume it "
-                              f"{how[meta['engine']]}, or load its weights with load_for_inference")
-    state = _load_weights(checkpoint)
-    with torch.no_grad():  # copy_ casts fp32 weights to whatever dtype the engine runs the module in
-        own = engine.module.state_dict()
-        missing = set(own) ^ set(state)
-        if missing:
-            raise CheckpointError(f"{checkpoint}: weights do not match the model (differing keys: "
-                                  f"{sorted(missing)[:5]}); the model config must equal the checkpoint's")
-        shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-                  if v.shape != own[k].shape]
-        if shapes:
-            raise CheckpointError(f"{checkpoint}: weights of another shape than the model: {', '.join(shapes[:3])}"
-                                  f"; resume with the model settings of that run, or use another run_dir")
-        for k, v in state.items():
-            own[k].copy_(v)
-    try:
-        engine.load_state(checkpoint)
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # damage its sizes did not show
-        raise CheckpointError(f"cannot load the optimizer state of {checkpoint} ({str(e).splitlines()[0]}): the "
-                              f"checkpoint is damaged; rename it (e.g. to {checkpoint.name}.damaged) to resume from "
-                              f"the one before") from None
-    return meta
-
-
-def _load_weights(checkpoint: Path) -> dict:
+def load_weights(checkpoint: Path) -> dict:
     try:
         return torch.load(checkpoint / WEIGHTS, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch reports a damaged archive as RuntimeError
         raise CheckpointError(f"cannot read {checkpoint / WEIGHTS} ({str(e).splitlines()[0]}): the checkpoint is "
                               f"damaged; use another one of {checkpoint.parent.parent}") from None
-
-
-@dataclass
-class Inference:
-    """A trained model ready to run: ``model`` in eval mode with fp32 weights on ``device``."""
-    model: nn.Module
-    cfg: TrainConfig
-    tokenizer: object
-    step: int
-    path: Path
-
-
-def load_for_inference(path: str | Path, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
-                       ) -> Inference:
-    """Load a checkpoint (or the newest one of a run directory) without DeepSpeed.
-
-    ``overrides`` are ``key=value`` config overrides applied to the stored config (e.g. ``data.path=DIR``, or
-    ``model.attention.method=fft``); overrides that change the architecture fail when the weights are loaded.
-    """
-    from lm.model import Transformer
-    from lm.tokenizer import Tokenizer, TokenizerError
-
-    checkpoint = find_checkpoint(path)
-    meta = read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"], overrides)
-    try:
-        tokenizer = Tokenizer.load(checkpoint / "tokenizer")
-    except TokenizerError as e:
-        raise CheckpointError(f"the tokenizer of checkpoint {checkpoint} is damaged ({e}); it cannot be rebuilt (the "
-                              f"model's token ids are its own): use another checkpoint of that run") from None
-    if tokenizer.hash != meta["tokenizer_hash"]:
-        raise CheckpointError(f"{checkpoint}/tokenizer does not match the tokenizer the model was trained with; "
-                              f"use another checkpoint of that run")
-    model = Transformer(cfg.model)
-    state = _load_weights(checkpoint)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: weights do not fit the model built from its config with overrides "
-                              f"{list(overrides)}: {str(e).splitlines()[0]}") from None
-    return Inference(model.to(device).eval(), cfg, tokenizer, int(meta["step"]), checkpoint)

@@ -16,8 +16,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lm.errors import UserError
+from lm.ops.kernelized import METHODS, RPE_METHODS
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message says which key and what to change."""
 
 
@@ -42,6 +45,17 @@ def _in_range(name: str, value, low: float, high: float, *, low_open: bool = Fal
         else:
             wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ConfigError(f"{name}={value!r} must be {wanted}{hint}")
+
+
+def check_buckets(num_buckets: int, max_distance: int) -> None:
+    """The rule of T5 log buckets (``model.attention.rpe=bucketed``): at least 2 buckets, and offsets beyond the
+    exact ones (``num_buckets // 2``) to spread logarithmically up to ``max_distance``. A ConfigError naming the
+    keys otherwise (also raised by :class:`lm.model.rpe.BucketedRPE` built by hand)."""
+    if not (num_buckets >= 2 and max_distance > num_buckets // 2):
+        raise ConfigError(f"model.attention.rpe=bucketed needs rpe_num_buckets >= 2 and rpe_max_distance > "
+                          f"rpe_num_buckets // 2; got model.attention.rpe_num_buckets={num_buckets}, "
+                          f"model.attention.rpe_max_distance={max_distance}: raise rpe_max_distance or lower "
+                          f"rpe_num_buckets")
 
 
 @dataclass
@@ -75,20 +89,17 @@ class AttentionConfig:
         _choice("model.attention.kind", self.kind, ["kernelized_rpe", "kernelized", "softmax"])
         _choice("model.attention.feature_map", self.feature_map, ["nprf", "prf", "elu", "relu"])
         _choice("model.attention.rpe", self.rpe, ["per_offset", "bucketed", "none"])
-        _choice("model.attention.method", self.method, ["auto", "dense", "fft", "band", "prefix"])
+        _choice("model.attention.method", self.method, METHODS)
         _positive("model.attention.num_features", self.num_features)
         _positive("model.attention.rpe_max_distance", self.rpe_max_distance)
         _positive("model.attention.rpe_num_buckets", self.rpe_num_buckets)
         if self.redraw_every < 0:
             raise ConfigError("model.attention.redraw_every must be >= 0 (0 = never redraw)")
-        if self.rpe == "bucketed" and not (self.rpe_num_buckets >= 2
-                                           and self.rpe_max_distance > self.rpe_num_buckets // 2):
-            raise ConfigError(f"model.attention.rpe=bucketed needs rpe_num_buckets >= 2 and rpe_max_distance > "
-                              f"rpe_num_buckets // 2; got model.attention.rpe_num_buckets={self.rpe_num_buckets}, "
-                              f"model.attention.rpe_max_distance={self.rpe_max_distance}")
-        if self.kind == "kernelized_rpe" and self.method == "prefix":
-            raise ConfigError("model.attention.method=prefix computes attention without RPE: use it with "
-                              "model.attention.kind=kernelized, or pick auto | dense | fft | band")
+        if self.rpe == "bucketed":
+            check_buckets(self.rpe_num_buckets, self.rpe_max_distance)
+        if self.kind == "kernelized_rpe" and self.method not in RPE_METHODS:
+            raise ConfigError(f"model.attention.method={self.method} computes attention without RPE: use it with "
+                              f"model.attention.kind=kernelized, or pick one of {' | '.join(RPE_METHODS)}")
         if self.kind == "kernelized_rpe" and self.rpe == "none":
             raise ConfigError("model.attention.kind=kernelized_rpe needs an RPE: set model.attention.rpe to "
                               "per_offset or bucketed, or use model.attention.kind=kernelized")
@@ -364,7 +375,7 @@ class TrainConfig:
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas on ``world_size`` ranks: ``world_size / deepspeed.sequence_parallel_size``; a
         one-line ConfigError when the sequence-parallel size does not fit the world. Checked as soon as the world
-        size is known (:func:`lm.distributed.init_distributed`), before the model is built."""
+        size is known (:func:`lm.training.distributed.init_distributed`), before the model is built."""
         sp = self.deepspeed.sequence_parallel_size
         if sp > world_size:
             raise ConfigError(f"deepspeed.sequence_parallel_size={sp} is larger than the {world_size} rank(s) of this "

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from lm.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     """A device this machine does not have (or no device at all); the message says what to use instead."""
 
 

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lm.errors import UserError
 from lm.fileio import atomic_write_bytes
 
 MODEL_FILE = "tokenizer.model"
@@ -26,7 +27,7 @@ NEWLINE = "\n"
 _SPACE_MARK = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be trained or loaded; the message says what to change."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,20 +18,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm.config import AttentionConfig, ModelConfig, TrainConfig, load_config
-from lm.distributed import DistInfo
+from lm.training.distributed import DistInfo
 from lm.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "wikitext-103-sample"
-"""Real WikiText-103 files (train: a 0.5% prefix; valid and test complete), next to the repository when present."""
+SAMPLE_DIR = Path(os.environ.get("LM_WIKITEXT_SAMPLE", REPO.parent / "shared" / "data" / "wikitext-103-sample"))
+"""Real WikiText-103 files (train: a prefix; valid and test complete): the folder ``LM_WIKITEXT_SAMPLE`` names, by
+default ``../shared/data/wikitext-103-sample`` next to the repository."""
 
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """:data:`SAMPLE_DIR`; the test is skipped when it is not there."""
     if not SAMPLE_DIR.is_dir():
-        pytest.skip(f"{SAMPLE_DIR} not present")
+        pytest.skip(f"{SAMPLE_DIR} not present (set LM_WIKITEXT_SAMPLE to a folder of wiki.*.tokens files)")
     return SAMPLE_DIR
 
 
@@ -66,6 +68,11 @@ def tiny_model(seed: int = 0, *, config: ModelConfig | None = None, init_weights
     return model.eval()
 
 
+def trained_looking_model(seed: int = 0, **config_fields) -> Transformer:
+    """``tiny_model(seed, looks_trained=True, **config_fields)``: far-from-flat RPE, O(1) logits."""
+    return tiny_model(seed, looks_trained=True, **config_fields)
+
+
 def tiny_train_config(*overrides: str) -> TrainConfig:
     """A full training config around a 2-layer, 32-wide model on 12-token windows, batch 8 (micro-batches of 2)."""
     return load_config([], ["model.vocab_size=50", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
@@ -84,6 +91,45 @@ def smoke_argv(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
     small synthetic corpus, a loss line every step, no validation; later ``overrides`` win."""
     return [str(SMOKE_CONFIG), f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "data.progress=false",
             "data.synthetic.train_tokens=60000", "log_every=1", "eval_every=0", *overrides]
+
+
+TRAINED_RUN_STEPS = 6
+"""Length of :func:`trained_run`: checkpoints at steps 2, 4 and 6, full validation at 6."""
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """The suite's one small trained run: ``lm.cli.train.main(smoke_argv(...))`` for 6 steps, checkpoints at 2, 4
+    and 6 (all kept), a loss line every 3 steps, validation over the whole valid split at step 6. Its data cache
+    is ``trained_run.parent / "cache"`` (resume a copy with ``smoke_argv(copy, that cache, ...)``). Tests only read
+    it, or write evaluation reports into its ``eval/``; a test that changes it works on a copy (``copy_run``)."""
+    from lm.checkpoint import checkpoint_step, list_checkpoints
+    from lm.cli.train import main
+
+    root = tmp_path_factory.mktemp("trained")
+    run = root / "run"
+    assert main(smoke_argv(run, root / "cache", f"max_steps={TRAINED_RUN_STEPS}", "save_every=2",
+                           "keep_checkpoints=3", f"eval_every={TRAINED_RUN_STEPS}", "eval_batches=0",
+                           "log_every=3")) == 0
+    assert [checkpoint_step(c) for c in list_checkpoints(run)] == [2, 4, 6]
+    return run
+
+
+def train_run(root: Path, *overrides: str) -> Path:
+    """Train ``smoke_argv(root / "run", root / "cache", ...)`` with ``overrides`` (e.g. another corpus), one
+    checkpoint at the end; returns the run directory."""
+    from lm.cli.train import main
+
+    run = root / "run"
+    assert main(smoke_argv(run, root / "cache", "save_every=100000", "log_every=100000", *overrides)) == 0
+    return run
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    """A copy of the run directory ``run`` at ``where/run`` (to damage or to resume)."""
+    copy = where / "run"
+    shutil.copytree(run, copy)
+    return copy
 
 
 def launch_env(path_prepend=None, **env) -> dict:

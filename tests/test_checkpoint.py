@@ -2,22 +2,15 @@
 import pytest
 import torch
 
-from conftest import cpu_info, smoke_argv
+from conftest import copy_run, cpu_info, smoke_argv
 from lm import checkpoint
-from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_for_inference, save_checkpoint
+from lm.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from lm.inference.loading import load_for_inference
+from lm.training.checkpointing import save_checkpoint
 from lm.cli.train import main
 from lm.config import load_config, load_stored_config
-from lm.engine import TorchEngine
+from lm.training.engine import TorchEngine
 from lm.model import Transformer
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A real smoke run of 6 steps with checkpoints at 3 and 6."""
-    root = tmp_path_factory.mktemp("ckpt")
-    run = root / "run"
-    assert main(smoke_argv(run, root / "cache", "max_steps=6", "save_every=3", "log_every=3")) == 0
-    return run
 
 
 def test_round_trip_gives_identical_logits(trained_run):
@@ -33,8 +26,8 @@ def test_round_trip_gives_identical_logits(trained_run):
     with torch.no_grad():
         assert torch.equal(inf.model(ids), model(ids))
     # an older checkpoint directory loads too, and differs (training moved the weights)
-    old = load_for_inference(trained_run / "checkpoints/step_00000003")
-    assert old.step == 3
+    old = load_for_inference(trained_run / "checkpoints/step_00000004")
+    assert old.step == 4
     with torch.no_grad():
         assert not torch.equal(old.model(ids), model(ids))
 
@@ -117,9 +110,7 @@ def _as_written_before_compute_existed(checkpoint_dir):
 
 
 def test_checkpoints_written_before_the_compute_section_load_and_resume(trained_run, tmp_path):
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+    run = copy_run(trained_run, tmp_path)
     for ckpt in list_checkpoints(run):
         _as_written_before_compute_existed(ckpt)
     assert "compute" not in (find_checkpoint(run) / checkpoint.META).read_text()

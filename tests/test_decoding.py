@@ -3,8 +3,8 @@ kind and RPE form, past the RPE distance and the training context; cache memory 
 import pytest
 import torch
 
-from conftest import assert_close, tiny_model
-from lm.decoding import DecodeCache, decode_step, prefill
+from conftest import assert_close, trained_looking_model
+from lm.inference.decoding import DecodeCache, decode_step, prefill
 
 TRAIN_CONTEXT = 16  # the tests' notional training length; decoding runs well past it
 TOTAL = 3 * TRAIN_CONTEXT
@@ -26,14 +26,11 @@ FORMS = {
 }
 
 
-def make_model(seed=0, **kw):
-    return tiny_model(seed, looks_trained=True, **kw)
-
 
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, TRAIN_CONTEXT + 3])
 @pytest.mark.parametrize("form", list(FORMS))
 def test_prefill_then_decode_equals_full_forward(form, prompt_len):
-    m = make_model(**FORMS[form])
+    m = trained_looking_model(**FORMS[form])
     ids = torch.randint(0, 50, (3, TOTAL))
     with torch.no_grad():
         full = m(ids)
@@ -55,7 +52,7 @@ def test_prefill_then_decode_equals_full_forward(form, prompt_len):
     ("fft", TOTAL + 50, 70), ("band", 6, 70), ("dense", 6, 70), ("auto", 1000, 600), ("auto", 32, 600)])
 def test_prefill_with_each_op_method_then_decode(method, max_distance, n):
     """Prefill runs the parallel op (whichever method), decoding the recurrence: they must agree."""
-    m = make_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=max_distance, method=method)
+    m = trained_looking_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=max_distance, method=method)
     ids = torch.randint(0, 50, (2, n))
     with torch.no_grad():
         full = m(ids)
@@ -66,8 +63,8 @@ def test_prefill_with_each_op_method_then_decode(method, max_distance, n):
 
 
 def test_clipped_cache_memory_is_constant_and_kv_cache_grows():
-    clipped = make_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=6)
-    softmax = make_model(kind="softmax", rpe="per_offset", rpe_max_distance=6)
+    clipped = trained_looking_model(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=6)
+    softmax = trained_looking_model(kind="softmax", rpe="per_offset", rpe_max_distance=6)
     ids = torch.randint(0, 50, (1, 200))
     sizes = {}
     for name, m in (("clipped", clipped), ("softmax", softmax)):
@@ -77,19 +74,19 @@ def test_clipped_cache_memory_is_constant_and_kv_cache_grows():
             decode_step(m, cache, ids[:, t])
         sizes[name] = (after_prefill, cache.nbytes())
         if name == "clipped":  # a full ring is updated in place, never reallocated per step
-            rings = [layer.ring_k.data_ptr() for layer in cache.layers]
+            rings = [layer.state.ring_k.data_ptr() for layer in cache.layers]
             decode_step(m, cache, ids[:, 0])
-            assert [layer.ring_k.data_ptr() for layer in cache.layers] == rings
+            assert [layer.state.ring_k.data_ptr() for layer in cache.layers] == rings
     assert sizes["clipped"][0] == sizes["clipped"][1] > 0
     # The constant state is: M x D prefix state + M normaliser + (L - 1) ring slots of M + D, per layer and head.
     layers, heads, m_feat, d_head, ring = 2, 4, 16, 8, 6
-    state_floats = layers * heads * (m_feat * d_head + m_feat + ring * (m_feat + d_head)) + layers * heads * (ring + 1)
+    state_floats = layers * heads * (m_feat * d_head + m_feat + ring * (m_feat + d_head))
     assert sizes["clipped"][1] == 4 * state_floats
     assert sizes["softmax"][1] >= 2 * layers * heads * 200 * d_head * 4 > sizes["softmax"][0]
 
 
 def test_decoding_needs_eval_mode_and_the_right_inputs():
-    m = make_model()
+    m = trained_looking_model()
     _, cache = prefill(m, torch.randint(0, 50, (2, 4)))
     with pytest.raises(ValueError, match=r"\(B,\)"):
         decode_step(m, cache, torch.zeros(2, 1, dtype=torch.long))

@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 
 from conftest import cpu_info, tiny_model, tiny_train_config
 from lm.config import DivergenceConfig
-from lm.distributed import free_port
-from lm.divergence import DivergenceMonitor, replay, spike_limit
-from lm.engine import StepStats, TorchEngine
-from lm.steplog import StepLog, read_steps, truncate_after
+from lm.training.distributed import free_port
+from lm.training.divergence import DivergenceMonitor, replay, spike_limit
+from lm.training.engine import StepStats, TorchEngine
+from lm.training.steplog import StepLog, read_steps, truncate_after
 
 
 def healthy_curve(n=200, seed=0):
@@ -100,8 +100,7 @@ def test_the_state_round_trip_gives_the_same_decisions_and_a_fresh_streak():
 
 # ------------------------------------------------------------------ steps.jsonl
 def stats(loss, bad=""):
-    return StepStats(loss, 0.5 if math.isfinite(loss) else math.nan, 1e-3, bool(bad),
-                     bad if bad in ("loss", "gradients") else "", bad == "spike")
+    return StepStats(loss, 0.5 if math.isfinite(loss) else math.nan, 1e-3, bool(bad), bad)
 
 
 def test_step_log_records_every_step_in_strict_json(tmp_path):
@@ -171,8 +170,8 @@ needs a GPU (DeepSpeed refuses it on CPU)."""
 def _deepspeed_spike_worker(rank, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
-    from lm.distributed import init_distributed
-    from lm.engine import DeepSpeedEngine
+    from lm.training.distributed import init_distributed
+    from lm.training.engine import DeepSpeedEngine
     results = {}
     try:
         for zero_stage, precision in DEEPSPEED_SETUPS:

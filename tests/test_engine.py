@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from conftest import cpu_info, tiny_model, tiny_train_config
 from lm.config import ConfigError
-from lm.distributed import check_ranks_agree, collective_device, free_port
-from lm.engine import GuardedAdamW, TorchEngine, deepspeed_config
+from lm.training.distributed import check_ranks_agree, collective_device, free_port
+from lm.training.engine import GuardedAdamW, TorchEngine, deepspeed_config
 
 VOCAB, SEQ = 50, 12
 NCCL_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32,
@@ -181,7 +181,7 @@ def test_deepspeed_config_is_derived_from_the_train_config():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
     assert "optimizer" not in deepspeed_config(tiny_train_config("deepspeed.torch_adam=true"), world_size=1)
-    assert "scheduler" not in ds  # the schedule is lm.schedule.lr_at, applied by the engine every step
+    assert "scheduler" not in ds  # the schedule is lm.training.schedule.lr_at, applied by the engine every step
 
 
 def test_batch_that_does_not_split_over_ranks_is_a_clear_error():
@@ -219,8 +219,8 @@ def test_activation_checkpointing_gives_the_same_update():
 def _deepspeed_nonfinite_worker(rank, zero_stage, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
-    from lm.distributed import init_distributed
-    from lm.engine import DeepSpeedEngine
+    from lm.training.distributed import init_distributed
+    from lm.training.engine import DeepSpeedEngine
     cfg = tiny_train_config("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "deepspeed.torch_adam=true")
     info = init_distributed(cfg)
     try:
@@ -258,10 +258,10 @@ def test_deepspeed_engine_skips_nonfinite_steps(tmp_path, zero_stage):
 def test_collectives_run_on_the_device_the_backend_takes(monkeypatch, backend, local_rank, expected):
     """NCCL rejects CPU tensors (gloo accepts CUDA ones), so the helper must route by the backend's name; it
     only names the device, so this runs without a GPU and allocates nothing."""
-    import lm.distributed
+    import lm.training.distributed
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setattr(lm.distributed.dist, "is_initialized", lambda: backend is not None)
-    monkeypatch.setattr(lm.distributed.dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(lm.training.distributed.dist, "is_initialized", lambda: backend is not None)
+    monkeypatch.setattr(lm.training.distributed.dist, "get_backend", lambda group=None: backend)
     assert collective_device() == torch.device(expected)
 
 
@@ -272,7 +272,7 @@ def test_nothing_outside_lm_distributed_calls_torch_distributed_collectives():
                    "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "send", "recv"}
     offenders = []
     for path in lm_dir.rglob("*.py"):
-        if path.name == "distributed.py" and path.parent == lm_dir:
+        if path == lm_dir / "training" / "distributed.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             owner = node.value if isinstance(node, ast.Attribute) else None
@@ -282,7 +282,7 @@ def test_nothing_outside_lm_distributed_calls_torch_distributed_collectives():
                 offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} .{node.attr}")
             if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
                 offenders.append(f"{path.relative_to(lm_dir.parent)}:{node.lineno} from torch.distributed import")
-    assert not offenders, f"collectives must go through lm.distributed (the backend's device): {offenders}"
+    assert not offenders, f"collectives must go through lm.training.distributed (the backend's device): {offenders}"
 
 
 def test_skip_next_step_leaves_parameters_and_moments_alone():
@@ -325,9 +325,9 @@ def test_tf32_follows_the_config_on_cuda_and_is_a_no_op_elsewhere():
 
 @pytest.mark.parametrize("tf32", [True, False])
 def test_the_engine_applies_compute_tf32_when_it_starts(monkeypatch, tf32):
-    import lm.engine
+    import lm.training.engine
     calls = []
-    monkeypatch.setattr(lm.engine, "set_tf32", lambda enabled, device: calls.append((enabled, str(device))))
+    monkeypatch.setattr(lm.training.engine, "set_tf32", lambda enabled, device: calls.append((enabled, str(device))))
     cfg = tiny_train_config(f"compute.tf32={str(tf32).lower()}")
     TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     assert calls == [(tf32, "cpu")]

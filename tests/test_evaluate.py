@@ -1,4 +1,4 @@
-"""Sliding-window scoring (lm.evaluate) against a brute-force loop over single tokens with their exact history."""
+"""Sliding-window scoring (lm.eval.perplexity) against a brute-force loop over single tokens with their exact history."""
 import math
 
 import numpy as np
@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model as build_tiny_model
-from lm.evaluate import NLL, plan_windows, score_tokens
+from conftest import tiny_model
+from lm.eval.perplexity import NLL, plan_windows, score_tokens
 from lm.model import Transformer
 
 VOCAB, BOS = 37, 1
 
 
-def tiny_model(kind: str, seed: int = 0) -> Transformer:
+def float64_scoring_model(kind: str, seed: int = 0) -> Transformer:
     rpe = "none" if kind == "kernelized" else "per_offset"
     # PyTorch's default init and a random RPE: every token of history shifts the logits
-    model = build_tiny_model(seed, init_weights=False, vocab_size=VOCAB, n_heads=2, dropout=0.1, kind=kind, rpe=rpe,
+    model = tiny_model(seed, init_weights=False, vocab_size=VOCAB, n_heads=2, dropout=0.1, kind=kind, rpe=rpe,
                              rpe_max_distance=5)
     with torch.no_grad():
         for p in model.rpe.parameters():
@@ -75,7 +75,7 @@ def test_plan_scores_every_target_once_with_enough_history(num_tokens, context, 
     (23, 7, 1, 5),    # stride 1: every target sees a full context
 ])
 def test_score_tokens_equals_brute_force(kind, num_tokens, context, stride, batch_size):
-    model = tiny_model(kind)
+    model = float64_scoring_model(kind)
     model.train()  # score_tokens must switch dropout off and restore the mode
     tokens = np.random.default_rng(num_tokens).integers(0, VOCAB, size=num_tokens).astype(np.uint16)
     got = score_tokens(model, tokens, context, stride, batch_size, BOS)
@@ -87,7 +87,7 @@ def test_score_tokens_equals_brute_force(kind, num_tokens, context, stride, batc
 
 
 def test_batch_size_and_progress_do_not_change_the_result():
-    model = tiny_model("kernelized_rpe").float()
+    model = float64_scoring_model("kernelized_rpe").float()
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=101)
     a = score_tokens(model, tokens, 16, 5, 1, BOS)
     b = score_tokens(model, torch.as_tensor(tokens), 16, 5, 7, BOS, progress=True)
@@ -97,7 +97,7 @@ def test_batch_size_and_progress_do_not_change_the_result():
 
 
 def test_max_windows_scores_an_even_spread_of_windows():
-    model = tiny_model("kernelized_rpe")
+    model = float64_scoring_model("kernelized_rpe")
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=105)
     windows = plan_windows(105, 10, 10)
     assert len(windows) == 11
@@ -120,7 +120,7 @@ def test_max_windows_scores_an_even_spread_of_windows():
     (dict(tokens=np.zeros((2, 3), dtype=np.int64)), "1-D"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, match):
-    model = tiny_model("softmax")
+    model = float64_scoring_model("softmax")
     args = dict(model=model, tokens=np.arange(20) % VOCAB, context=8, stride=4, batch_size=2, bos_id=BOS)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):

@@ -169,7 +169,7 @@ def test_feature_maps_run_in_float32_under_bf16_autocast(fmap):
 @pytest.mark.parametrize("feature_map", ["nprf", "prf", "elu"])
 def test_kernelized_layer_features_are_float32_under_bf16_autocast(feature_map):
     """The layer's q/k/v projection follows autocast (bf16); the features computed from it do not."""
-    from lm.attention import KernelizedAttention
+    from lm.model.attention import KernelizedAttention
     from lm.config import AttentionConfig, ModelConfig
     cfg = ModelConfig(vocab_size=10, n_layers=1, d_model=32, n_heads=2, d_ff=64,
                       attention=AttentionConfig(feature_map=feature_map, num_features=32, kind="kernelized",

@@ -1,20 +1,20 @@
-"""Sampling (lm.generate): filters against brute force, greedy against a full forward pass, seeds, EOS, streaming."""
+"""Sampling (lm.inference.generation): filters against brute force, greedy against a full forward pass, seeds, EOS, streaming."""
 import math
 
 import pytest
 import torch
 
-from conftest import tiny_model as build_tiny_model
-from lm.generate import GenerationStats, Sampling, TextStream, filter_logits, generate, sample_next
+from conftest import tiny_model
+from lm.inference.generation import GenerationStats, Sampling, TextStream, filter_logits, generate, sample_next
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
 
 VOCAB, BOS = 37, 1
 
 
-def tiny_model(kind: str, rpe: str = "per_offset", seed: int = 0) -> Transformer:
+def float64_sampling_model(kind: str, rpe: str = "per_offset", seed: int = 0) -> Transformer:
     rpe = "none" if kind == "kernelized" else rpe
-    model = build_tiny_model(seed, vocab_size=VOCAB, n_heads=2, kind=kind, rpe=rpe, rpe_max_distance=6,
+    model = tiny_model(seed, vocab_size=VOCAB, n_heads=2, kind=kind, rpe=rpe, rpe_max_distance=6,
                              rpe_num_buckets=4)
     return model.double()  # float64: no argmax near-ties between the recurrent and parallel paths
 
@@ -98,7 +98,7 @@ PROMPT = [5, 9, 2, 30, 7]
     ("softmax", "per_offset"),
 ])
 def test_greedy_generation_equals_argmax_of_a_full_forward_pass(kind, rpe):
-    model = tiny_model(kind, rpe)
+    model = float64_sampling_model(kind, rpe)
     new = list(generate(model, PROMPT, 24, Sampling(temperature=0), bos_id=BOS))
     assert len(new) == 24  # 30 tokens in all: longer than rpe_max_distance and max_seq_len
     seq = torch.tensor([[BOS, *PROMPT, *new]])
@@ -108,7 +108,7 @@ def test_greedy_generation_equals_argmax_of_a_full_forward_pass(kind, rpe):
 
 
 def test_seed_reproducibility_and_empty_prompt():
-    model = tiny_model("kernelized_rpe")
+    model = float64_sampling_model("kernelized_rpe")
     sampling = Sampling(temperature=1.0, top_p=0.9)
 
     def run(seed, prompt=PROMPT):
@@ -121,7 +121,7 @@ def test_seed_reproducibility_and_empty_prompt():
 
 
 def test_stops_at_eos_and_at_the_budget():
-    model = tiny_model("kernelized_rpe")
+    model = float64_sampling_model("kernelized_rpe")
     greedy = Sampling(temperature=0)
     stats = GenerationStats()
     full = list(generate(model, PROMPT, 12, greedy, bos_id=BOS, stats=stats))

@@ -1,5 +1,5 @@
-"""lm-evaluation-harness adapter (lm/harness.py, lm/cli/harness.py) and the local tasks (lm/harness_tasks.py,
-lm/cli/harness_tasks.py).
+"""lm-evaluation-harness adapter (lm/eval/harness.py, lm/cli/harness.py) and the local tasks
+(lm/eval/harness_tasks.py, lm/cli/harness_tasks.py).
 
 The adapter's numbers are checked against direct scoring with the model (one sequence, one forward pass, the
 joined text tokenized as a whole) and, end to end through lm-eval, against tools/eval_ppl.py.
@@ -8,7 +8,7 @@ Conventions that differ between the rolling task and eval_ppl (see README "Evalu
 - documents vs one stream: the task scores each article on its own (BOS, then fresh windows), eval_ppl scores
   the split as one stream (BOS once; windows cross article boundaries);
 - word counts: the task's ``word_perplexity`` divides by words + line ends (the WikiText-103 convention, as
-  eval_ppl does after issue 15); lm-eval's stock ``wikitext`` task divides by ``len(re.split(r"\\s+", page))``
+  eval_ppl does); lm-eval's stock ``wikitext`` task divides by ``len(re.split(r"\\s+", page))``
   (words + 2 per page here: the page's leading space and trailing newline each give an empty "word"), reported
   here as ``lm_eval_word_perplexity``.
 The expected value is computed from eval_ppl's ``nll_sum`` and explicit counts of the text, so the test does not
@@ -24,27 +24,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import lm
-from conftest import REPO, smoke_argv
+import lm.eval
+from conftest import REPO, train_run
 from lm.cli.harness import main as harness_main
 from lm.cli.harness_tasks import main as harness_tasks_main
-from lm.cli.train import main as train_main
-from lm.generate import Sampling, generate
-from lm.harness import HarnessError, HarnessLM, json_safe, run_tasks
-from lm.harness_tasks import lm_eval_word_count, wikitext_articles, wikitext_word_count, write_tasks
+from lm.inference.generation import Sampling, generate
+from lm.eval.harness import HarnessError, HarnessLM, json_safe, run_tasks
+from lm.eval.harness_tasks import lm_eval_word_count, wikitext_articles, wikitext_word_count, write_tasks
 from lm_eval.api.instance import Instance
 
 
-def train_tiny(tmp: Path, *overrides: str) -> Path:
-    run = tmp / "run"
-    assert train_main(smoke_argv(run, tmp / "cache", "save_every=1000", "log_every=1000", *overrides)) == 0
-    return run
-
-
 @pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory) -> Path:
-    """A tiny model trained 6 steps on the built-in synthetic corpus (a few seconds)."""
-    return train_tiny(tmp_path_factory.mktemp("synthetic"), "max_steps=6", "data.synthetic.train_tokens=30000")
+def synthetic_run(trained_run) -> Path:
+    """The suite's small model trained on the built-in synthetic corpus."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +118,7 @@ def test_greedy_flag_and_batching(model):
 
 
 def test_loglikelihood_rolling_is_our_sliding_window_scorer(model):
-    from lm.evaluate import score_tokens
+    from lm.eval.perplexity import score_tokens
 
     text = "\n".join(["the red fox sees a small bird . the old ship passes the road ."] * 12)
     stride_model = HarnessLM(inference=model.inference, batch_size=2, device="cpu", max_length=64,
@@ -210,8 +203,8 @@ def test_wikitext_articles_and_word_counts(sample_dir):
 def test_without_lm_eval_the_tool_says_how_to_install_it(monkeypatch, capsys, synthetic_run):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # every `import lm_eval...` now fails
-    monkeypatch.delitem(sys.modules, "lm.harness")
-    monkeypatch.delattr(lm, "harness")
+    monkeypatch.delitem(sys.modules, "lm.eval.harness")
+    monkeypatch.delattr(lm.eval, "harness")
     assert harness_main([str(synthetic_run), "--tasks", "anything"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[eval]'" in err and "Traceback" not in err
@@ -272,12 +265,12 @@ def test_task_writer_tool_writes_the_tasks_and_reports_bad_input_in_one_line(tmp
 @pytest.fixture(scope="module")
 def wikitext_run(tmp_path_factory, sample_dir) -> Path:
     """A tiny model trained 30 steps on the WikiText-103 sample (its tokenizer knows English)."""
-    return train_tiny(tmp_path_factory.mktemp("wikitext"), "max_steps=30", "data.source=local",
-                      f"data.path={sample_dir}", "data.tokenizer.vocab_size=512")
+    return train_run(tmp_path_factory.mktemp("wikitext"), "max_steps=30", "data.source=local",
+                     f"data.path={sample_dir}", "data.tokenizer.vocab_size=512")
 
 
 @pytest.fixture(scope="module")
-def test_subset(tmp_path_factory, sample_dir) -> Path:
+def five_test_articles(tmp_path_factory, sample_dir) -> Path:
     """A data directory whose test split is the sample's first 5 test articles (~1/12 of it, to keep the test
     short); train is the sample's (eval_ppl locates every split)."""
     d = tmp_path_factory.mktemp("subset")
@@ -288,10 +281,10 @@ def test_subset(tmp_path_factory, sample_dir) -> Path:
 
 
 @pytest.mark.slow
-def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, test_subset, tmp_path, capsys):
-    text = (test_subset / "wiki.test.tokens").read_text(encoding="utf-8")
+def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, five_test_articles, tmp_path, capsys):
+    text = (five_test_articles / "wiki.test.tokens").read_text(encoding="utf-8")
     tasks = tmp_path / "tasks"
-    rolling, _ = write_tasks(test_subset / "wiki.test.tokens", tasks, prefix="sample", num_questions=10)
+    rolling, _ = write_tasks(five_test_articles / "wiki.test.tokens", tasks, prefix="sample", num_questions=10)
     out = tmp_path / "harness.json"
     assert harness_main([str(wikitext_run), "--tasks", rolling, "--include-path", str(tasks),
                               "--output", str(out), "--batch-size", "16"]) == 0
@@ -304,7 +297,7 @@ def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, test_subset,
 
     ppl_json = tmp_path / "eval_ppl.json"
     subprocess.run([sys.executable, str(REPO / "tools/eval_ppl.py"), str(wikitext_run), "--split", "test",
-                    "--context", "128", "--json", str(ppl_json), "--no-progress", f"data.path={test_subset}",
+                    "--context", "128", "--json", str(ppl_json), "--no-progress", f"data.path={five_test_articles}",
                     f"data.cache_dir={tmp_path / 'cache'}"], check=True, capture_output=True)
     (row,) = json.loads(ppl_json.read_text())["results"]
     words, line_ends = len(text.split()), text.count("\n")
@@ -322,9 +315,9 @@ def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, test_subset,
 
 
 @pytest.mark.slow
-def test_multiple_choice_task_matches_direct_scoring(wikitext_run, test_subset, tmp_path):
+def test_multiple_choice_task_matches_direct_scoring(wikitext_run, five_test_articles, tmp_path):
     tasks = tmp_path / "tasks"
-    _, choice = write_tasks(test_subset / "wiki.test.tokens", tasks, prefix="sample", num_questions=12)
+    _, choice = write_tasks(five_test_articles / "wiki.test.tokens", tasks, prefix="sample", num_questions=12)
     lm_ = HarnessLM(wikitext_run, batch_size=5, device="cpu")
     results = run_tasks(lm_, [choice], [tasks], log_samples=True)
     samples = results["samples"][choice]

@@ -28,8 +28,14 @@ def environment_snapshot() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def environment_before():
-    return environment_snapshot()
+def launch_tests_leave_the_environment_unchanged():
+    """After this file's tests (whatever their order): the venv's install stamp and ``pip freeze`` are what they
+    were before them, so no launch test re-ran tools/setup.sh or changed the installed packages."""
+    stamp, freeze = environment_snapshot()
+    yield
+    after = environment_snapshot()
+    assert after[0] == stamp, "a launch test re-ran tools/setup.sh (the install stamp changed)"
+    assert after[1] == freeze, "a launch test changed the installed packages"
 
 
 def dry_run(*argv, path_prepend=None, **env):
@@ -135,10 +141,3 @@ def test_skip_setup_never_runs_the_installer(tmp_path):
     assert not mark.exists()
     r = subprocess.run(["bash", str(root / "launch.sh")], env=env, capture_output=True, text=True)
     assert r.returncode == 3 and mark.exists()
-
-
-def test_zz_launch_tests_left_the_environment_unchanged(environment_before):
-    """Runs last in this file: the venv's install stamp and ``pip freeze`` are what they were before its tests."""
-    stamp, freeze = environment_snapshot()
-    assert stamp == environment_before[0], "a launch test re-ran tools/setup.sh (the install stamp changed)"
-    assert freeze == environment_before[1], "a launch test changed the installed packages"

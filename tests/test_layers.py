@@ -70,8 +70,14 @@ def layering_violations(root, layers: dict[str, int]) -> list[str]:
 
 def test_the_layer_table_is_read():
     layers = layer_table()
-    assert layers["lm.config"] == 1 and layers["lm.data"] == layers["lm.model"] == 4
+    assert layers["lm.ops"] == 0 and layers["lm.config"] == 1 and layers["lm.data"] == layers["lm.inference"] == 4
+    assert layers["lm.training"] > layers["lm.eval"] > layers["lm.inference"] > layers["lm.model"]
     assert layers["lm.cli"] == max(layers.values())
+
+
+def test_at_most_six_modules_stay_at_the_top_level():
+    top = sorted(p.stem for p in LM.glob("*.py") if p.stem != "__init__")
+    assert len(top) <= 6, f"lm/ holds {top}: group modules by concern into a package"
 
 
 def test_no_import_runs_upward():
@@ -81,13 +87,14 @@ def test_no_import_runs_upward():
 
 def test_the_check_reports_upward_sideways_and_unknown_imports(tmp_path):
     (tmp_path / "lm" / "data").mkdir(parents=True)
-    (tmp_path / "lm" / "config.py").write_text("def f():\n    from lm.train import train\n")  # lazy, still upward
-    (tmp_path / "lm" / "model.py").write_text("from lm import data\n")  # sideways: the same layer
+    (tmp_path / "lm" / "config.py").write_text("def f():\n    from lm.training.loop import train\n")  # lazy, upward
+    (tmp_path / "lm" / "inference.py").write_text("from lm import data\n")  # sideways: the same layer
     (tmp_path / "lm" / "data" / "batches.py").write_text("import lm.data.source\nimport lm.config\n")  # fine
     (tmp_path / "lm" / "newthing.py").write_text("")
     problems = layering_violations(tmp_path, layer_table())
     assert len(problems) == 3, problems
-    assert "lm.config (layer 1) imports lm.train" in problems[0] and "lm.model (layer 4) imports lm.data" in problems[1]
+    assert "lm.config (layer 1) imports lm.training.loop" in problems[0]
+    assert "lm.inference (layer 4) imports lm.data" in problems[1]
     assert "lm.newthing is not in the layer table" in problems[2]
 
 
@@ -106,3 +113,54 @@ def test_command_line_tools_are_thin_entry_points(tool):
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], \
         f"tools/{tool}.py defines functions: command-line logic belongs in lm/cli/{tool}.py"
     assert any(isinstance(n, ast.ImportFrom) and n.module == f"lm.cli.{tool}" for n in ast.walk(tree))
+
+
+# ------------------------------------------------------------------ inference never loads training
+MODULES_AFTER = """
+import json, runpy, sys
+code, sys.argv = 0, sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") else exec(sys.argv[0])
+except SystemExit as e:
+    code = e.code
+import torch.distributed as dist
+print("MODULES " + json.dumps({"status": code, "process_group": dist.is_initialized(),
+                               "loaded": sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed"
+                                                or m.startswith("lm.training"))}))
+"""
+
+
+def modules_after(*argv: str) -> dict:
+    """Run ``argv`` (a tool and its arguments, or a Python statement) in a fresh interpreter; what it left loaded."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MODULES_AFTER, *argv], capture_output=True, text=True, cwd=REPO)
+    line = [x for x in done.stdout.splitlines() if x.startswith("MODULES ")]
+    assert line, done.stderr[-3000:]
+    return json.loads(line[-1][len("MODULES "):])
+
+
+@pytest.mark.parametrize("tool, extra", [("eval_ppl", ["--no-progress", "--context", "32"]),
+                                         ("generate", ["--max-new-tokens", "5", "--prompt", "the"])])
+def test_evaluating_and_generating_import_no_training(trained_run, tool, extra, tmp_path):
+    if tool == "eval_ppl":
+        extra = [*extra, "--json", str(tmp_path / "out.json")]
+    seen = modules_after(str(REPO / "tools" / f"{tool}.py"), str(trained_run), *extra)
+    assert seen["status"] == 0
+    assert seen["loaded"] == [] and not seen["process_group"], f"tools/{tool}.py loaded {seen['loaded']}"
+
+
+def test_the_harness_model_imports_no_training(trained_run):
+    pytest.importorskip("lm_eval")
+    seen = modules_after(f"from lm.eval.harness import HarnessLM; HarnessLM({str(trained_run)!r}).loglikelihood([])")
+    assert seen["status"] == 0 and seen["loaded"] == [] and not seen["process_group"], seen
+
+
+def test_every_command_is_a_console_script():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {target: name for name, target in scripts.items()} == {
+        f"lm.cli.{command}:main": "lm-" + command.replace("_", "-") for command in COMMANDS}

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_model_config
-from lm.attention import KernelizedAttention, SoftmaxAttention
+from conftest import tiny_model_config, trained_looking_model
+from lm.model.attention import KernelizedAttention, SoftmaxAttention
 from lm.model import INIT_STD, Transformer, sinusoidal_positions
 from lm.ops.feature_maps import nprf_features, positive_random_features
 from lm.ops.reference import kernelized_attention_reference
@@ -21,9 +21,6 @@ KINDS = [
 ]
 IDS = [f"{a['kind']}-{a['rpe']}-{a.get('feature_map', 'nprf')}" for a in KINDS]
 
-
-def make_model(seed=0, **kw) -> Transformer:
-    return tiny_model(seed, looks_trained=True, **kw)
 
 
 # ---------------------------------------------------------------- attention layers vs dense float64 references
@@ -96,7 +93,7 @@ def test_softmax_layer_matches_dense_reference(shared, max_bias_elements):
 
 @pytest.mark.parametrize("attn", KINDS, ids=IDS)
 def test_forward_shape_dtype_and_causality(attn):
-    m = make_model(**attn)
+    m = trained_looking_model(**attn)
     ids = torch.randint(0, 50, (3, 21))
     logits = m(ids)
     assert logits.shape == (3, 21, 50) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
@@ -110,7 +107,7 @@ def test_forward_shape_dtype_and_causality(attn):
 
 @pytest.mark.parametrize("attn", KINDS[:1] + KINDS[2:3] + KINDS[4:5], ids=IDS[:1] + IDS[2:3] + IDS[4:5])
 def test_runs_beyond_rpe_distance_and_on_empty_or_single_tokens(attn):
-    m = make_model(**attn)
+    m = trained_looking_model(**attn)
     assert m(torch.randint(0, 50, (1, 100))).shape == (1, 100, 50)
     assert m(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 50)
     assert m(torch.zeros(2, 1, dtype=torch.long)).shape == (2, 1, 50)
@@ -119,7 +116,7 @@ def test_runs_beyond_rpe_distance_and_on_empty_or_single_tokens(attn):
 def test_bad_config_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(tiny_model_config(vocab_size=0))
-    m = make_model()
+    m = trained_looking_model()
     with pytest.raises(ValueError, match=r"\(B, N\)"):
         m(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype long"):
@@ -146,7 +143,7 @@ def test_init_statistics():
 
 
 def test_redraw_is_deterministic_from_a_seed_and_changes_the_features():
-    m = make_model()
+    m = trained_looking_model()
     before = [b.attn.projection.clone() for b in m.blocks]
     ids = torch.randint(0, 50, (2, 12))
     logits = m(ids)
@@ -163,7 +160,7 @@ def test_redraw_is_deterministic_from_a_seed_and_changes_the_features():
 
 @pytest.mark.parametrize("attn", KINDS, ids=IDS)
 def test_state_dict_round_trip_gives_identical_logits(attn):
-    m = make_model(seed=0, **attn)
+    m = trained_looking_model(seed=0, **attn)
     other = Transformer(tiny_model_config(**attn))  # different random weights and features
     ids = torch.randint(0, 50, (2, 15))
     other.load_state_dict(m.state_dict())
@@ -171,7 +168,7 @@ def test_state_dict_round_trip_gives_identical_logits(attn):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
-    m = make_model(dropout=0.0)
+    m = trained_looking_model(dropout=0.0)
     m.train()
     ids = torch.randint(0, 50, (2, 17))
 
@@ -190,7 +187,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_dropout_acts_in_training_only():
-    m = make_model(dropout=0.5)
+    m = trained_looking_model(dropout=0.5)
     ids = torch.randint(0, 50, (2, 9))
     assert torch.equal(m(ids), m(ids))
     m.train()
@@ -199,10 +196,10 @@ def test_dropout_acts_in_training_only():
 
 @pytest.mark.parametrize("attn", KINDS[:1] + KINDS[2:3] + KINDS[4:5], ids=IDS[:1] + IDS[2:3] + IDS[4:5])
 def test_bf16_cast_forward_is_close_to_fp32(attn):
-    m = make_model(**attn)
+    m = trained_looking_model(**attn)
     ids = torch.randint(0, 50, (2, 24))
     ref = m(ids)
-    m16 = make_model(**attn).to(torch.bfloat16)
+    m16 = trained_looking_model(**attn).to(torch.bfloat16)
     logits = m16(ids)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert (logits - ref).abs().max() < 5e-2 * ref.abs().max()
@@ -220,10 +217,10 @@ def test_sinusoidal_positions_match_the_formula_and_only_kernelized_uses_them():
             f = 10000 ** (-i / 3)
             assert math.isclose(pe[r, 2 * i].item(), scale * math.sin(p * f), rel_tol=1e-5, abs_tol=1e-9)
             assert math.isclose(pe[r, 2 * i + 1].item(), scale * math.cos(p * f), rel_tol=1e-5, abs_tol=1e-9)
-    assert make_model(kind="kernelized", rpe="none").absolute_positions
-    assert not make_model().absolute_positions and not make_model(kind="softmax").absolute_positions
+    assert trained_looking_model(kind="kernelized", rpe="none").absolute_positions
+    assert not trained_looking_model().absolute_positions and not trained_looking_model(kind="softmax").absolute_positions
     # Repeated tokens: without positions or RPE every position would see identical keys and values.
-    m = make_model(kind="kernelized", rpe="none")
+    m = trained_looking_model(kind="kernelized", rpe="none")
     ids = torch.tensor([[5, 5, 5, 5]])
     logits = m(ids)[0]
     assert (logits[0] - logits[3]).abs().max() > 1e-4

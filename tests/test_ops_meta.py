@@ -65,7 +65,7 @@ def test_model_forward_backward_on_meta(attn):
 
 
 def op_count(batch: int, **attn) -> int:
-    """Dispatched ops of one forward + backward of the issue's 1-layer model: H=8, N=4096, M=64, D=64."""
+    """Dispatched ops of one forward + backward of a 1-layer model: H=8, N=4096, M=64, D=64."""
     cfg = model_cfg(vocab=1000, n_layers=1, d_model=512, n_heads=8, num_features=64, **attn)
     return meta_step(cfg, batch, 4096).total
 

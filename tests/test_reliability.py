@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,37 +14,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, copy_run, smoke_argv
 from lm import checkpoint
-from lm.checkpoint import CheckpointError, damage, find_checkpoint, load_for_inference
+from lm.checkpoint import CheckpointError, damage, find_checkpoint
+from lm.inference.loading import load_for_inference
 from lm.cli import eval_ppl, generate
 from lm.cli.train import main
 from lm.config import load_config
 from lm.fileio import LockHeld, OwnerLock, sha256_file
-from lm.steplog import read_steps
-from lm.train import TrainingStopped, train
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    """A smoke run of 6 steps with checkpoints at 2, 4 and 6."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(smoke_argv(run, cache_dir, "max_steps=6", "save_every=2", "keep_checkpoints=3")) == 0
-    assert [checkpoint.checkpoint_step(c) for c in checkpoint.list_checkpoints(run)] == [2, 4, 6]
-    return run
+from lm.training.steplog import read_steps
+from lm.training.loop import TrainingStopped, train
 
 
 @pytest.fixture
-def run(trained, tmp_path):
+def cache_dir(trained_run):
+    """The trained run's data cache (its tokenizer is trained once for every test here)."""
+    return trained_run.parent / "cache"
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
     """A copy of the trained run to damage."""
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+    return copy_run(trained_run, tmp_path)
 
 
 def ckpt(run, step):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model_config
 from lm.model import Transformer
-from lm.rpe import BucketedRPE, PerOffsetRPE, dense_causal_bias, relative_bias, t5_causal_buckets
+from lm.model.rpe import BucketedRPE, PerOffsetRPE, relative_bias, t5_causal_buckets
 
 
 def _t5_bucket_loop(t: int, num_buckets: int, max_distance: int) -> int:
@@ -78,7 +78,7 @@ def test_dense_bias_matches_explicit_loops(shared):
     torch.manual_seed(0)
     table = torch.randn(5) if shared else torch.randn(2, 5)
     n = 9
-    bias = dense_causal_bias(table, n)
+    bias = relative_bias(table, torch.arange(n), torch.arange(n))
     assert bias.shape == ((n, n) if shared else (2, n, n))
     for i in range(n):
         for j in range(n):

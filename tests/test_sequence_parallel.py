@@ -17,8 +17,8 @@ from conftest import REPO, launch_env, scalars, smoke_argv, tiny_model, tiny_tra
 from lm import checkpoint
 from lm.cli.train import main
 from lm.config import ConfigError, load_config
-from lm.distributed import DistInfo, SequenceShard, free_port
-from lm.engine import TorchEngine, deepspeed_config
+from lm.training.distributed import DistInfo, SequenceShard, free_port
+from lm.training.engine import TorchEngine, deepspeed_config
 
 LAUNCH = str(REPO / "launch.sh")
 SP2 = "deepspeed.sequence_parallel_size=2"
@@ -106,8 +106,8 @@ def test_shard_takes_contiguous_token_blocks():
 def test_adam_moments_by_name_carry_a_client_optimizer_over():
     """The consolidated moments of a (stage 0) client AdamW, put into a fresh optimizer on a fresh copy of the
     model, give the very next update of the original; without them the update differs."""
-    from lm.engine import GuardedAdamW
-    from lm.optimizer_state import gather_moments, scatter_moments
+    from lm.training.engine import GuardedAdamW
+    from lm.training.optimizer_state import gather_moments, scatter_moments
 
     def step(model, opt, seed):
         ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(seed))
@@ -169,7 +169,7 @@ def _model_worker(rank, world, port, out):
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
-    from lm.distributed import all_reduce
+    from lm.training.distributed import all_reduce
     deepspeed.init_distributed(dist_backend="gloo")
     shard = SequenceShard(rank, world, dist.new_group(list(range(world))))
     results = {}

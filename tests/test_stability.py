@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from lm.cli.stability_study import main as study_main
 from lm.config import ConfigError, DivergenceConfig, load_config
-from lm.divergence import DivergenceMonitor
+from lm.training.divergence import DivergenceMonitor, bad_step
 from lm.stability.grid import (GRIDS, KERNELIZED_PRF, KERNELIZED_RPE_NPRF, QUICK_STEPS, STABILITY, Grid,
                                build_specs, format_lr, quick, with_choices)
 from lm.stability.probe import measure
@@ -20,19 +20,19 @@ from lm.stability.report import (VARIANT_FIELDS, Study, format_mean_std, mean_st
 from lm.stability.runner import RESULT, SPEC, _claim, run_all
 from lm.stability.verdict import (RUN_FIELDS, Outcome, divergence_reasons, stop_cause, streak_reasons,
                                   summarize_run)
-from lm.steplog import read_steps
+from lm.training.steplog import read_steps
 
 
 # ------------------------------------------------------------------ step logs as the trainer writes them
 def simulate(losses, cfg=DivergenceConfig(), grad_norms=None, nonfinite_gradients=()):
     """(records, outcome) of a run whose steps have ``losses``, through the training loop's bookkeeping
-    (lm.train: the monitor's verdict per step, a record per step, the stop after max_bad_steps in a row, the
+    (lm.training.loop: the monitor's verdict per step, a record per step, the stop after max_bad_steps in a row, the
     end-of-run checks)."""
     monitor, records = DivergenceMonitor(cfg), []
     for i, loss in enumerate(losses):
         step, limit = i + 1, monitor.loss_limit()
         grads_bad = i < len(nonfinite_gradients) and nonfinite_gradients[i]
-        bad = "loss" if not math.isfinite(loss) else "gradients" if grads_bad else "spike" if loss > limit else ""
+        bad = bad_step(loss, limit, gradients_finite=not grads_bad)
         monitor.record(step, loss, bad, limit)
         grad = None if bad in ("loss", "gradients") else (grad_norms[i] if grad_norms else 1.0)
         records.append({"step": step, "loss": loss if math.isfinite(loss) else None, "grad_norm": grad, "lr": 1e-3,
@@ -124,12 +124,12 @@ def test_a_streak_reaching_max_bad_steps_is_a_divergence_even_if_the_outcome_say
 
 def test_the_verdict_matches_the_step_log_a_real_trainer_wrote(tmp_path):
     """Records read back from a steps.jsonl the trainer's StepLog wrote (null for non-finite numbers)."""
-    from lm.engine import StepStats
-    from lm.steplog import StepLog
+    from lm.training.engine import StepStats
+    from lm.training.steplog import StepLog
     log = StepLog(tmp_path, 0)
-    log.write(1, StepStats(loss=5.0, grad_norm=1.0, lr=1e-3, skipped=False, nonfinite=""), math.inf, 0)
-    log.write(2, StepStats(loss=5.1, grad_norm=math.nan, lr=1e-3, skipped=True, nonfinite="gradients"), 7.5, 1)
-    log.write(3, StepStats(loss=4.9, grad_norm=2.0, lr=1e-3, skipped=False, nonfinite=""), 7.5, 0)
+    log.write(1, StepStats(loss=5.0, grad_norm=1.0, lr=1e-3, skipped=False), math.inf, 0)
+    log.write(2, StepStats(loss=5.1, grad_norm=math.nan, lr=1e-3, skipped=True, bad="gradients"), 7.5, 1)
+    log.write(3, StepStats(loss=4.9, grad_norm=2.0, lr=1e-3, skipped=False), 7.5, 0)
     log.close()
     records = read_steps(tmp_path / "steps.jsonl")
     assert records[1]["grad_norm"] is None and records[1]["bad"] == "gradients"
@@ -156,7 +156,7 @@ def test_outcome_status_is_checked():
 
 
 # ------------------------------------------------------------------ the grid
-def test_the_stability_grid_is_issue_11s():
+def test_the_stability_grid_is_five_variants_at_three_lrs_and_three_seeds():
     assert {(v.kind, v.feature_map, v.rpe) for v in STABILITY.variants} == {
         ("kernelized", "prf", "none"), ("kernelized", "nprf", "none"), ("kernelized_rpe", "prf", "per_offset"),
         ("kernelized_rpe", "nprf", "per_offset"), ("softmax", None, "per_offset")}

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO as ROOT
-from conftest import smoke_argv
-from lm.checkpoint import load_for_inference
+from conftest import train_run
+from lm.inference.loading import load_for_inference
 from lm.data import prepare_corpus
 from lm.data.synthetic import split_text
-from lm.cli.train import main as train_main
 
 
 
@@ -28,16 +27,9 @@ def load_tool(name: str):
 eval_ppl, generate = load_tool("eval_ppl"), load_tool("generate")
 
 
-def train_tiny(tmp: Path, *overrides: str) -> Path:
-    run = tmp / "run"
-    assert train_main(smoke_argv(run, tmp / "cache", "max_steps=6", "save_every=6", "eval_every=6", "eval_batches=0",
-                                 "log_every=3", "data.synthetic.train_tokens=30000", *overrides)) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture
+def run_dir(trained_run) -> Path:
+    return trained_run
 
 
 def logged_valid(run: Path, tag: str = "valid/ppl") -> float:
@@ -117,7 +109,7 @@ def test_eval_ppl_unwritable_json_fails_before_the_work(run_dir, tmp_path, capsy
 
 
 def test_eval_table_keeps_columns_apart_and_prints_huge_perplexities_short():
-    from lm.evaluate import SplitPerplexity
+    from lm.eval.perplexity import SplitPerplexity
     def row(split, context, stride, tokens, words, token_ppl, word_ppl, bits, seconds):
         return SplitPerplexity(split, context, stride, 1.0, tokens, words - 1, 1, words, 1_000_000, token_ppl,
                                word_ppl, word_ppl, bits, seconds)
@@ -208,7 +200,7 @@ def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
 # ----------------------------------------------------------------------------------------------- real text
 @pytest.mark.slow
 def test_word_and_token_counts_on_the_wikitext_sample(tmp_path, sample_dir):
-    run = train_tiny(tmp_path, "data.source=local", f"data.path={sample_dir}", "data.tokenizer.vocab_size=400",
+    run = train_run(tmp_path, "data.source=local", f"data.path={sample_dir}", "data.tokenizer.vocab_size=400",
                      "data.tokenizer.train_max_bytes=300000", "model.n_layers=1", "model.d_model=32",
                      "model.n_heads=2", "model.d_ff=64", "max_steps=2", "save_every=2", "eval_every=0")
     out = tmp_path / "test.json"

@@ -14,7 +14,7 @@ from conftest import REPO, SMOKE_CONFIG, scalars, smoke_argv
 from lm import checkpoint
 from lm.cli.train import main
 from lm.config import load_config
-from lm.train import train
+from lm.training.loop import train
 
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from lm.config import load_config
-from lm.schedule import lr_at
+from lm.training.schedule import lr_at
 
 
 def optim(*overrides):

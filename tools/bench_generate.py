@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from lm.config import AttentionConfig, ModelConfig
-from lm.decoding import DecodeCache, SoftmaxLayerCache, decode_step, prefill
+from lm.inference.decoding import DecodeCache, SoftmaxLayerCache, decode_step, prefill
 from lm.model import Transformer
 
 MODELS = ("clipped", "general", "softmax")
@@ -86,6 +86,7 @@ def extend_kv_cache(cache: DecodeCache, n: int) -> None:
         reps = math.ceil(n / m)
         layer.k = layer.k[:, :, :m].repeat(1, 1, reps, 1)[:, :, :n].contiguous()
         layer.v = layer.v[:, :, :m].repeat(1, 1, reps, 1)[:, :, :n].contiguous()
+        layer.valid = layer.valid[:, :m].repeat(1, reps)[:, :n].contiguous()
         layer.length = n
     cache.position = n
 

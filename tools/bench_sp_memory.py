@@ -39,7 +39,7 @@ from lm.ops.precision import NEAR_BAND
 
 
 class ShapeShard:
-    """Stands in for :class:`lm.distributed.SequenceShard` on one process: the all-to-all becomes a reshape with the
+    """Stands in for :class:`lm.training.distributed.SequenceShard` on one process: the all-to-all becomes a reshape with the
     same input and output shapes (values are meaningless, which the ``meta`` device never looks at)."""
 
     def __init__(self, rank: int, size: int):

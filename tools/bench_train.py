@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lm.config import load_config
-from lm.engine import DistInfo, TorchEngine
+from lm.training.engine import DistInfo, TorchEngine
 from lm.model import Transformer
 
 VARIANTS = {

@@ -7,11 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError
-from lm.data import DataError
-from lm.device import DeviceError, resolve_device
-from lm.tokenizer import TokenizerError
+from lm.device import resolve_device
+from lm.errors import UserError
 
 __all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
            "resolve_device", "eval_dir"]
@@ -30,12 +27,13 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, override_example: 
     parser.add_argument("overrides", nargs="*", help=f"config overrides key=value, e.g. {override_example}")
 
 
-class CommandError(ValueError):
+class CommandError(UserError, ValueError):
     """A command-line request that cannot be served; the message says what to change."""
 
 
-USER_ERRORS = (CommandError, ConfigError, DataError, TokenizerError, CheckpointError, DeviceError)
-"""Errors caused by what the user gave (flags, config, data, paths). Anything else is a bug: a traceback."""
+USER_ERRORS = UserError
+"""Errors caused by what the user gave (flags, config, data, paths, device): every :class:`lm.errors.UserError`.
+Anything else is a bug: a traceback."""
 
 
 def report_error(error: BaseException, status: int) -> int:

@@ -25,11 +25,11 @@ import os
 import sys
 from pathlib import Path
 
-from lm.checkpoint import load_for_inference
+from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
 from lm.device import set_tf32
-from lm.evaluate import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
+from lm.eval.perplexity import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

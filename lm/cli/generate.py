@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from lm.checkpoint import load_for_inference
+from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
                            resolve_device)
 from lm.device import set_tf32
-from lm.generate import GenerationStats, Sampling, TextStream, generate
+from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser(__doc__)

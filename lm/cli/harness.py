@@ -3,7 +3,7 @@
     python tools/harness.py RUN_DIR_OR_CHECKPOINT --tasks T1,T2 [--include-path DIR] [--limit N]
                             [--batch-size B] [--device D] [--output FILE] [--max-length N] [key=value ...]
 
-Runs `lm_eval.simple_evaluate` with the checkpoint as model `lm-kernelized` (lm/harness.py), prints lm-eval's
+Runs `lm_eval.simple_evaluate` with the checkpoint as model `lm-kernelized` (lm/eval/harness.py), prints lm-eval's
 table and writes its results as JSON (default RUN_DIR/eval/harness_<checkpoint>.json). Task data come from the
 Hugging Face hub when it is reachable; otherwise (or with HF_HUB_OFFLINE=1) only local task files and the local
 `datasets` cache are used. Local tasks over WikiText-format files: `python tools/harness_tasks.py FILE DIR`,
@@ -57,9 +57,9 @@ def default_output(checkpoint: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from lm import harness  # needs the optional lm-eval: imported only now, so the hint can be printed
+        from lm.eval import harness  # needs the optional lm-eval: imported only now, so the hint can be printed
     except ImportError as e:
-        if type(e).__name__ != "LMEvalMissing":  # lm.harness.LMEvalMissing: lm-eval is not installed
+        if type(e).__name__ != "LMEvalMissing":  # lm.eval.harness.LMEvalMissing: lm-eval is not installed
             raise
         return report_error(e, status=2)
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         set_tf32(model.inference.cfg.compute.tf32, model.device)
         results = harness.run_tasks(model, tasks, args.include_path, limit=limit, num_fewshot=args.num_fewshot,
                                     log_samples=args.log_samples)
-    except (*USER_ERRORS, harness.HarnessError) as e:
+    except USER_ERRORS as e:  # HarnessError is one too
         return report_error(e, status=2)
     print(harness.format_tables(results))
     out = args.output or default_output(model.inference.path)

@@ -1,4 +1,4 @@
-"""Write local lm-evaluation-harness tasks over a WikiText-format text file (no hub needed): lm/harness_tasks.py.
+"""Write local lm-evaluation-harness tasks over a WikiText-format text file (no hub needed): lm/eval/harness_tasks.py.
 
     python tools/harness_tasks.py wiki.test.tokens DIR [--prefix wikitext_local] [--num-questions 200]
                                   [--num-choices 4] [--seed 0]
@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error
-from lm.harness_tasks import write_tasks
+from lm.eval.harness_tasks import write_tasks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ scored on the test split at contexts 64..2048. ``--quick``: 2 variants x the top
 steps. ``key=value`` overrides apply to every run (e.g. ``data.path=DIR`` for local WikiText-103 files,
 ``max_steps=50``); the learning rate, seed, attention kind, feature map, RPE and run_dir are the grid's.
 
-Every run goes through the normal trainer (lm.train.train) in its own process, ``--jobs`` at a time with
+Every run goes through the normal trainer (lm.training.loop.train) in its own process, ``--jobs`` at a time with
 ``--threads`` threads each (default: the CPU count divided by the jobs), its output in DIR/runs/<run>/log.txt.
 Writes DIR/summary.json, DIR/summary.md, DIR/curves.png and DIR/settings.json (the command, the settings, the
 time taken and the machine's load average while it ran). Running the same command again reuses the finished

@@ -7,8 +7,8 @@ from typing import Sequence
 
 from lm.cli.common import USER_ERRORS, report_error
 from lm.config import ConfigError, load_config
-from lm.distributed import shutdown
-from lm.train import TrainingStopped, train
+from lm.training.distributed import shutdown
+from lm.training.loop import TrainingStopped, train
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files, overrides = parse_argv(argv)
         train(load_config(files, overrides))
-    except (*USER_ERRORS, TrainingStopped) as e:
+    except (USER_ERRORS, TrainingStopped) as e:
         return report_error(e, status=1)
     finally:
         shutdown()

@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from lm.errors import UserError
+
 SPLITS = ("train", "valid", "test")
 CHUNK_CHARS = 1 << 20
 """Characters per line-aligned piece of text handed to the tokenizer (and its worker processes)."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be prepared or used; the message says what to change."""
 
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from lm.ops.rpe_matrix import causal_rpe_bias
+
 __all__ = ["dense_attention"]
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """q, k ``(B, H, N, M)``, v ``(B, H, N, D)``, bias ``(H, L)`` log-weights (max subtracted) or None ->
     ``(B, H, N, D)`` in ``q``'s dtype. Offsets ``>= L - 1`` use ``bias[:, L-1]``."""
-    n = q.shape[-2]
-    i = torch.arange(n, device=q.device)
-    offset = i[:, None] - i[None, :]
-    causal = offset >= 0
+    pos = torch.arange(q.shape[-2], device=q.device)
     if bias is None:
-        weights = causal.to(q.dtype)
+        weights = (pos[:, None] >= pos[None, :]).to(q.dtype)
     else:
-        weights = torch.where(causal, bias[:, offset.clamp(0, bias.shape[-1] - 1)].exp(),
-                              torch.zeros((), dtype=q.dtype, device=q.device))
+        weights = causal_rpe_bias(bias, pos, pos).exp()  # (H, N, N), 0 above the diagonal
     a = (q @ k.transpose(-1, -2)) * weights  # (B, H, N, N)
     # Only an all-underflowed normaliser needs the floor, and then the numerator is 0 too.
     den = a.sum(-1).clamp_min(torch.finfo(q.dtype).tiny)

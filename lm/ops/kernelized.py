@@ -32,11 +32,15 @@ from lm.ops.dense import dense_attention
 from lm.ops.feature_maps import no_autocast
 from lm.ops.fft import fft_backward, fft_forward
 from lm.ops.precision import NEAR_BAND, auto_fft_dtype
+from lm.ops.recurrent import RecurrentState, state_after
 from lm.ops.threads import CPUThreads
 
-__all__ = ["METHODS", "kernelized_attention", "choose_method"]
+__all__ = ["METHODS", "RPE_METHODS", "kernelized_attention", "choose_method"]
 
 METHODS = ("auto", "dense", "fft", "band", "prefix")
+"""Every method name (``auto`` picks one of the others)."""
+RPE_METHODS = ("auto", "dense", "fft", "band")
+"""The methods that take an RPE: ``prefix`` is plain causal linear attention (``band`` without RPE is ``prefix``)."""
 
 # Crossovers of method="auto" on CPU (measured: README, "The op"): dense up to these lengths, then band while
 # L + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * log2(N) (band costs ~N (L + 64), the FFT ~N log2 N), else FFT.
@@ -53,7 +57,8 @@ FLOOR_EPS = 32
 
 def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                          rpe_bias: torch.Tensor | None = None, method: str = "auto", *,
-                         fft_dtype: torch.dtype | None = None, cpu_threads: int = 0) -> torch.Tensor:
+                         fft_dtype: torch.dtype | None = None, cpu_threads: int = 0,
+                         output_final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
     """Causal kernelized attention with optional RPE.
 
     phi_q, phi_k: ``(B, H, N, M)`` non-negative features; v: ``(B, H, N, D)``; rpe_bias: ``None``, ``(H, L)`` or
@@ -65,10 +70,21 @@ def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
     the model passes the dtype its precision policy chose). float64 inputs always use float64.
     cpu_threads: worker threads over (batch, head) on CPU (``lm.ops.threads.CPUThreads``): 0 =
     ``torch.get_num_threads()``, 1 = none.
-    Returns ``(B, H, N, D)`` in ``v``'s dtype; computed in float32 (float64 for float64 inputs), never under
-    autocast. Differentiable in all four inputs.
+    output_final_state: also return the recurrent state after the ``N`` tokens (:mod:`lm.ops.recurrent`), for an
+    RPE table of ``L`` entries (all of ``rpe_bias``, also beyond ``N``), from which
+    :func:`lm.ops.kernelized_attention_step` continues.
+    Returns ``(B, H, N, D)`` in ``v``'s dtype (and the state); computed in float32 (float64 for float64 inputs),
+    never under autocast. Differentiable in all four inputs.
     """
     _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads)
+    out = _attention(phi_q, phi_k, v, rpe_bias, "prefix" if rpe_bias is None and method == "band" else method,
+                     fft_dtype, cpu_threads)
+    if output_final_state:
+        return out, state_after(phi_k, v, 1 if rpe_bias is None else rpe_bias.shape[-1])
+    return out
+
+
+def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> torch.Tensor:
     B, H, N, M = phi_q.shape
     compute = torch.float64 if torch.float64 in (phi_q.dtype, phi_k.dtype, v.dtype) else torch.float32
     with no_autocast(v.device):
@@ -164,9 +180,9 @@ def _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> None
         if not (rpe_bias.dim() == 1 or (rpe_bias.dim() == 2 and rpe_bias.shape[0] == H)) or rpe_bias.shape[-1] < 1:
             raise ValueError(f"rpe_bias must have shape (H, L) = ({H}, L) or (L,) with L >= 1, "
                              f"got {tuple(rpe_bias.shape)}")
-        if method == "prefix":
-            raise ValueError("method='prefix' is plain causal linear attention and takes no rpe_bias; "
-                             "use method='band' or 'fft' (or 'auto') with an RPE")
+        if method not in RPE_METHODS:
+            raise ValueError(f"method={method!r} is plain causal linear attention and takes no rpe_bias; use one of "
+                             f"{list(RPE_METHODS)} with an RPE")
 
 
 # ------------------------------------------------------------------------------------------- the custom op

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from lm.ops.rpe_matrix import causal_rpe_bias
+
 BIAS_FAMILIES = ("flat", "init", "decay_0.25log", "decay_0.5log", "decay_1log", "decay_1.5log", "decay_0.01t",
                  "decay_0.001t", "noisy_decay", "random_3", "random_6", "random_15", "rising_1", "rising_3",
                  "rising_6", "rising_15", "spiky_5", "spiky_15")
@@ -43,23 +45,21 @@ def bias_family(kind: str, n: int, num_heads: int = 2, seed: int = 1) -> torch.T
     return b.expand(num_heads, n).float().contiguous()
 
 
-def rpe_weights(rpe_bias: torch.Tensor | None, num_heads: int, n: int, dtype=torch.float64) -> torch.Tensor:
+def rpe_weights(rpe_bias: torch.Tensor | None, num_heads: int, n: int, dtype=torch.float64,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """Causal RPE weight matrix ``c(i - j)`` for ``j <= i`` and 0 above the diagonal.
 
     rpe_bias: ``None``, ``(L,)`` or ``(H, L)`` log-weights for offsets ``t = i - j``; offsets ``>= L - 1`` use
-    the last entry. Returns ``(H, N, N)`` (``(1, N, N)`` ones-below-diagonal when ``rpe_bias`` is None).
+    the last entry. Returns ``(H, R, N)`` for query rows ``rows`` (default all ``N``; ``(1, R, N)``
+    ones-below-diagonal when ``rpe_bias`` is None).
     """
-    i = torch.arange(n)
-    offset = i[:, None] - i[None, :]  # (N, N)
-    causal = offset >= 0
+    cols = torch.arange(n)
+    rows = cols if rows is None else rows.cpu()
     if rpe_bias is None:
-        return causal.to(dtype)[None]
-    bias = rpe_bias.to(dtype)
-    if bias.dim() == 1:
-        bias = bias[None].expand(num_heads, -1)
-    idx = offset.clamp(0, bias.shape[-1] - 1)
-    c = torch.exp(bias[:, idx])  # (H, N, N)
-    return torch.where(causal, c, torch.zeros((), dtype=dtype))
+        return (rows[:, None] >= cols[None, :]).to(dtype)[None]
+    bias = rpe_bias.to(dtype).cpu()
+    bias = bias[None].expand(num_heads, -1) if bias.dim() == 1 else bias
+    return causal_rpe_bias(bias, rows, cols).exp()
 
 
 def kernelized_attention_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
@@ -83,14 +83,6 @@ def kernelized_attention_reference_rows(phi_q: torch.Tensor, phi_k: torch.Tensor
     For checking long sequences without an (N, N) matrix: memory O(B H R N). Returns ``(B, H, R, D)`` float64.
     """
     q, k, val = phi_q.double()[:, :, rows], phi_k.double(), v.double()
-    n = k.shape[-2]
-    offset = rows[:, None].to(k.device) - torch.arange(n, device=k.device)[None, :]  # (R, N)
-    causal = offset >= 0
-    if rpe_bias is None:
-        c = causal.double()[None]
-    else:
-        bias = rpe_bias.double()
-        bias = bias[None] if bias.dim() == 1 else bias
-        c = torch.where(causal, torch.exp(bias[:, offset.clamp(0, bias.shape[-1] - 1)]), torch.zeros((), dtype=torch.float64))
+    c = rpe_weights(rpe_bias, q.shape[1], k.shape[-2], rows=rows).to(k.device)  # (H, R, N)
     w = (q @ k.transpose(-1, -2)) * c  # (B, H, R, N)
     return (w @ val) / w.sum(-1, keepdim=True)

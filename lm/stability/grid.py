@@ -3,7 +3,7 @@ every run as ``key=value`` overrides of :class:`lm.config.TrainConfig` (the norm
 
 Two grids:
 
-- ``stability`` (the default): the five variants of issue 11 at three learning rates, three seeds each, on a small
+- ``stability`` (the default): five variants (PRF and NPRF, with and without RPE, and softmax with RPE) at three learning rates, three seeds each, on a small
   model trained briefly; what is measured is whether and when training breaks (:mod:`lm.stability.verdict`).
 - ``quality``: the three attention kinds at the README's "Results" settings (the paper's model scaled down to
   the CPU), three seeds, one learning rate; what is measured is test perplexity and length extrapolation.

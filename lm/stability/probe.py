@@ -31,8 +31,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lm.attention import KernelizedAttention
-from lm.steplog import read_steps
+from lm.model.attention import KernelizedAttention
+from lm.ops.rpe_matrix import causal_rpe_bias
+from lm.training.steplog import read_steps
 
 TINY = 1e-30
 
@@ -87,21 +88,17 @@ class _Recorder:
         """The saved measurements plus the normaliser's, the attention's and the features' gradients."""
         phi_q, phi_k = self.saved["phi"]
         n = phi_q.shape[-2]
-        i = torch.arange(n)
-        offset = i[:, None] - i[None, :]
-        if rpe_table is None:
-            log_c = torch.zeros(phi_q.shape[1], n, n, dtype=torch.float64)
-        else:
-            b = rpe_table.detach().double()
-            b = (b.expand(phi_q.shape[1], -1) if b.dim() == 1 else b)
-            log_c = (b - b.amax(-1, keepdim=True))[:, offset.clamp(0, b.shape[-1] - 1)]
-        causal = offset >= 0
+        pos = torch.arange(n, device=phi_q.device)
+        b = (torch.zeros(phi_q.shape[1], 1, dtype=torch.float64, device=phi_q.device) if rpe_table is None
+             else rpe_table.detach().double())
+        b = b.expand(phi_q.shape[1], -1) if b.dim() == 1 else b
+        log_c = causal_rpe_bias(b - b.amax(-1, keepdim=True), pos, pos)  # (H, N, N), -inf above the diagonal
         # the op's normaliser, in float32 as it sums it: sum_{j<=i} c(i-j) phi_q_i . phi_k_j
-        scores = (phi_q.detach() @ phi_k.detach().transpose(-1, -2)) * torch.where(causal, log_c.exp(), 0).float()
+        scores = (phi_q.detach() @ phi_k.detach().transpose(-1, -2)) * log_c.exp().float()
         den = scores.sum(-1)
         rf = scores.double() / den.double().clamp_min(1e-300).unsqueeze(-1)  # random-feature attention weights
         q_map, k_map = self.saved["maps"]  # the exact kernel they estimate, in float64
-        exact = torch.softmax((q_map @ k_map.transpose(-1, -2) + log_c).masked_fill(~causal, -math.inf), dim=-1)
+        exact = torch.softmax(q_map @ k_map.transpose(-1, -2) + log_c, dim=-1)
         out = {k: v for k, v in self.saved.items() if k not in ("phi", "maps")}
         out.update(normaliser_min=den.min().item(), tiny_normalisers=(den < TINY).double().mean().item(),
                    attention_max_weight=rf.amax(-1).mean().item(), exact_max_weight=exact.amax(-1).mean().item(),
@@ -175,10 +172,11 @@ def probe_run(run_dir: Path, work_dir: Path, snapshots: int = 6, overrides=(), u
     Returns ``{"run", "first_bad_step", "reason", "steps": [{"step": s + 1, ...measure...}]}``: the entry of step
     ``F`` is measured at the weights that produced the bad step. ``until``: probe up to that step instead (e.g. a
     stable run, for comparison; then ``first_bad_step`` is ``until`` and ``reason`` is "until")."""
-    from lm.checkpoint import list_checkpoints, load_for_inference
+    from lm.checkpoint import list_checkpoints
+    from lm.inference.loading import load_for_inference
     from lm.config import load_stored_config
     from lm.data import global_batch, prepare_corpus
-    from lm.train import train
+    from lm.training.loop import train
 
     run_dir, work_dir = Path(run_dir), Path(work_dir)
     bad_step, reason = (until, "until") if until else first_bad_step(run_dir)

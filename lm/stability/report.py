@@ -1,4 +1,4 @@
-"""A study's reports: ``summary.json`` (the schema of issue 11), ``summary.md`` (tables per learning rate; for the
+"""A study's reports: ``summary.json`` (the schema below), ``summary.md`` (tables per learning rate; for the
 quality grid also test perplexity and length extrapolation, mean +- std over seeds) and ``curves.png`` (training
 loss, one panel per variant and learning rate, seeds overlaid, bad steps and divergences marked).
 
@@ -21,8 +21,8 @@ from lm.config import load_config
 from lm.stability.grid import Grid, RunSpec, format_lr
 from lm.stability.verdict import (Outcome, divergence_reasons, nonfinite_steps, stop_cause,
                                   summarize_run)
-from lm.steplog import FILE as STEPS_FILE
-from lm.steplog import read_steps
+from lm.training.steplog import FILE as STEPS_FILE
+from lm.training.steplog import read_steps
 
 VARIANT_FIELDS = ("name", "kind", "feature_map", "rpe", "lr", "runs")
 

@@ -1,7 +1,7 @@
-"""Running a study's runs: each in its own process through the normal trainer (:func:`lm.train.train`, the loop
+"""Running a study's runs: each in its own process through the normal trainer (:func:`lm.training.loop.train`, the loop
 ``tools/train.py`` runs: same engine, same checks), ``jobs`` at a time, each with its thread count set explicitly.
 
-A run is one child process (:func:`child_main`): it trains, catches :class:`lm.train.TrainingStopped` (a run that
+A run is one child process (:func:`child_main`): it trains, catches :class:`lm.training.loop.TrainingStopped` (a run that
 diverges is a result, not a failure), scores the splits its grid asks for when it did not stop, and writes
 ``RUN/result.json`` last. A child that crashes (a bug, a kill, memory) takes only its own run down; the study goes
 on and lists it as failed. Re-running a study with the same ``--out`` reuses every run that has a
@@ -19,18 +19,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from lm.checkpoint import CheckpointError
 from lm.config import ConfigError
-from lm.data import DataError
-from lm.device import DeviceError
+from lm.errors import UserError
 from lm.fileio import atomic_write_text
 from lm.stability.grid import RunSpec
-from lm.tokenizer import TokenizerError
 
 SPEC = "spec.json"
 RESULT = "result.json"
 LOG = "log.txt"
-_USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, DeviceError)
 _CHILD = "import sys; from lm.stability.runner import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
@@ -45,11 +41,11 @@ def thread_env(threads: int, base: Optional[dict] = None) -> dict:
 # ------------------------------------------------------------------------------------------------- the child
 def evaluate_run(run_dir: Path, evaluate: Sequence, device: str) -> list[dict]:
     """Score the newest checkpoint of ``run_dir`` as ``evaluate`` asks (``[split, contexts or None]`` items;
-    None = the training context): :class:`lm.evaluate.SplitPerplexity` fields per (split, context)."""
+    None = the training context): :class:`lm.eval.perplexity.SplitPerplexity` fields per (split, context)."""
     import dataclasses
 
-    from lm.checkpoint import load_for_inference
-    from lm.evaluate import evaluate_split, tokenize_split
+    from lm.inference.loading import load_for_inference
+    from lm.eval.perplexity import evaluate_split, tokenize_split
 
     inference = load_for_inference(run_dir, device=device)
     cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
@@ -72,7 +68,7 @@ def child_main(argv: Sequence[str]) -> int:
     from lm.config import load_config
     from lm.device import resolve_device
     from lm.stability.verdict import Outcome
-    from lm.train import TrainingStopped, train
+    from lm.training.loop import TrainingStopped, train
 
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
@@ -92,7 +88,7 @@ def child_main(argv: Sequence[str]) -> int:
         train_s = time.perf_counter() - t0
         if outcome.status == "completed":
             evaluations = evaluate_run(run_dir, spec["evaluate"], resolve_device(cfg.device))
-    except _USER_ERRORS as e:
+    except UserError as e:
         atomic_write_text(run_dir / RESULT, json.dumps({"spec": spec, "error": str(e)}, indent=1) + "\n")
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

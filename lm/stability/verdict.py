@@ -1,12 +1,12 @@
 """What one run of a study says about stability: the fields of a run in ``summary.json``, from the run's
-``steps.jsonl`` records (:mod:`lm.steplog`) and how its trainer ended.
+``steps.jsonl`` records (:mod:`lm.training.steplog`) and how its trainer ended.
 
-The training loop skips bad steps (:mod:`lm.divergence`: a non-finite loss or gradients, or a loss spike above
+The training loop skips bad steps (:mod:`lm.training.divergence`: a non-finite loss or gradients, or a loss spike above
 ``spike_factor`` x the median of the last good losses) and stops a run after ``max_bad_steps`` of them in a row.
 Skipping is what lets a run survive a bad step, so the study must not take survival for stability. A run
 **diverged** when any of these holds:
 
-1. the trainer stopped it (:class:`lm.train.TrainingStopped`): ``max_bad_steps`` bad steps in a row (non-finite or
+1. the trainer stopped it (:class:`lm.training.loop.TrainingStopped`): ``max_bad_steps`` bad steps in a row (non-finite or
    spikes: the weights of the last update failed on that many batches), the last step inside a streak of bad
    steps, or a final loss above ``final_loss_factor`` x its first loss;
 2. **any** step had a non-finite loss or non-finite gradients, even if the run then went on: without the skip, the
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 NONFINITE = ("loss", "gradients")
-"""``bad`` reasons of :mod:`lm.steplog` records that mean a non-finite step."""
+"""``bad`` reasons of :mod:`lm.training.steplog` records that mean a non-finite step."""
 
 RUN_FIELDS = ("seed", "diverged", "first_bad_step", "steps_completed", "final_valid_ppl", "max_grad_norm",
               "loss_spikes")
@@ -39,7 +39,7 @@ RUN_FIELDS = ("seed", "diverged", "first_bad_step", "steps_completed", "final_va
 @dataclass(frozen=True)
 class Outcome:
     """How a run's trainer ended: ``status`` "completed" (it returned) or "stopped" (it raised
-    :class:`lm.train.TrainingStopped`: ``kind`` is its kind, ``step`` its last step, ``message`` its message)."""
+    :class:`lm.training.loop.TrainingStopped`: ``kind`` is its kind, ``step`` its last step, ``message`` its message)."""
 
     status: str
     kind: str = ""

@@ -1,6 +1,6 @@
 """Sampling from a causal LM: prefill the prompt with the parallel op, then recurrent decode steps.
 
-The loop runs over :func:`lm.decoding.prefill` / :func:`lm.decoding.decode_step`, whose per-layer state is
+The loop runs over :func:`lm.inference.decoding.prefill` / :func:`lm.inference.decoding.decode_step`, whose per-layer state is
 constant-size for clipped RPE, a growing feature cache for general RPE and a KV cache for softmax.
 One sequence at a time: a long context's cache is held once, and text streams as it is produced.
 """
@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lm.decoding import decode_step, prefill
+from lm.inference.decoding import decode_step, prefill
 
 
 @dataclass(frozen=True)

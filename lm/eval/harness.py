@@ -7,7 +7,7 @@ Needs the optional extra ``pip install -e '.[eval]'``; importing this module wit
 
 Conventions (where lm-eval leaves a choice to the model):
 
-- Every scored sequence starts at BOS, as in :mod:`lm.evaluate` (an empty context is BOS alone).
+- Every scored sequence starts at BOS, as in :mod:`lm.eval.perplexity` (an empty context is BOS alone).
 - ``loglikelihood``: trailing whitespace of the context moves to the front of the continuation (lm-eval's own
   rule), then context and continuation are tokenized *separately* and concatenated. Our tokenizer starts a
   piece at every whitespace, so for the usual boundary (a continuation starting with a space or newline) this is
@@ -15,10 +15,10 @@ Conventions (where lm-eval leaves a choice to the model):
   would merge across it (``"▁cat"``); lm-eval's HF rule, ``encode(whole)[len(encode(context)):]``, then
   silently scores the wrong tokens (here none), while ours scores the continuation's own tokens.
   Sequences longer than ``max_length`` are left-truncated: the continuation keeps its full context window and
-  the oldest context tokens (BOS first) are dropped, like :func:`lm.evaluate.score_tokens`'s later windows.
-- ``loglikelihood_rolling``: each string is one document scored by :func:`lm.evaluate.score_tokens` (BOS, then
+  the oldest context tokens (BOS first) are dropped, like :func:`lm.eval.perplexity.score_tokens`'s later windows.
+- ``loglikelihood_rolling``: each string is one document scored by :func:`lm.eval.perplexity.score_tokens` (BOS, then
   windows of ``max_length`` tokens, ``rolling_stride`` new targets per window; every token scored exactly once).
-- ``generate_until``: :func:`lm.generate.generate` (prefill + recurrent decode), greedy unless ``do_sample`` /
+- ``generate_until``: :func:`lm.inference.generation.generate` (prefill + recurrent decode), greedy unless ``do_sample`` /
   ``temperature > 0``; stops at EOS, at ``max_gen_toks`` or once the text holds a stop sequence (cut before it).
 """
 from __future__ import annotations
@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm.checkpoint import Inference, load_for_inference
+from lm.inference.loading import Inference, load_for_inference
 from lm.data.hub import hub_offline
 from lm.device import resolve_device
-from lm.evaluate import score_tokens
-from lm.generate import Sampling, TextStream, generate
+from lm.errors import UserError
+from lm.eval.perplexity import score_tokens
+from lm.inference.generation import Sampling, TextStream, generate
 
 INSTALL_HINT = ("lm-eval (EleutherAI's lm-evaluation-harness) is not installed: run `pip install -e '.[eval]'` "
                 "in the repository (or `pip install 'lm-eval>=0.4.13,<0.5'`)")
@@ -60,7 +61,7 @@ MODEL_NAME = "lm-kernelized"
 """The name under which :class:`HarnessLM` is registered with lm-eval (``--model lm-kernelized``)."""
 
 
-class HarnessError(ValueError):
+class HarnessError(UserError, ValueError):
     """A request the adapter cannot serve; the message says what to change."""
 
 

@@ -8,7 +8,7 @@ Fields of a record (strict JSON: a non-finite number is written ``null``):
                   bf16 / fp16 optimizers skip a spike by making its gradients non-finite)
     lr            learning rate of the step
     skipped       the weights were left unchanged (a bad step, or an fp16 loss-scale overflow)
-    bad           "" for a good step, else "loss" / "gradients" (non-finite) or "spike" (lm.divergence)
+    bad           "" for a good step, else "loss" / "gradients" (non-finite) or "spike" (lm.training.divergence)
     loss_limit    the spike limit the step ran under (null while the rule is not armed or is off)
     bad_in_a_row  length of the streak of bad steps this step ends (0 after a good step)
 
@@ -73,7 +73,7 @@ class StepLog:
             self.file = open(path, "ab", buffering=0)
 
     def write(self, step: int, stats, loss_limit: float, bad_in_a_row: int) -> None:
-        """Record step ``step``; ``stats`` is the engine's :class:`lm.engine.StepStats`."""
+        """Record step ``step``; ``stats`` is the engine's :class:`lm.training.engine.StepStats`."""
         if self.file is None:
             return
         record = {"step": step, "loss": _number(stats.loss), "grad_norm": _number(stats.grad_norm),

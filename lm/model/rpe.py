@@ -13,7 +13,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PerOffsetRPE", "BucketedRPE", "t5_causal_buckets", "relative_bias", "dense_causal_bias"]
+from lm.config import check_buckets
+from lm.ops.rpe_matrix import causal_rpe_bias
+
+__all__ = ["PerOffsetRPE", "BucketedRPE", "t5_causal_buckets", "relative_bias"]
 
 
 class _ClippedRPE(nn.Module):
@@ -87,10 +90,7 @@ class BucketedRPE(_ClippedRPE):
 
     def __init__(self, num_heads: int | None, num_buckets: int, max_distance: int):
         super().__init__()
-        if num_buckets < 2 or max_distance <= num_buckets // 2:
-            raise ValueError(f"BucketedRPE needs num_buckets >= 2 and max_distance > num_buckets // 2; got "
-                             f"num_buckets={num_buckets}, max_distance={max_distance} (raise "
-                             f"model.attention.rpe_max_distance or lower model.attention.rpe_num_buckets)")
+        check_buckets(num_buckets, max_distance)
         self.num_heads = num_heads
         shape = (num_buckets,) if num_heads is None else (num_heads, num_buckets)
         self.bias = nn.Parameter(torch.zeros(shape))
@@ -121,12 +121,4 @@ def relative_bias(table: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor)
     Entry ``[i, j]`` is ``table[..., min(q_pos[i] - k_pos[j], L - 1)]`` where ``k_pos[j] <= q_pos[i]``, else -inf
     (causal mask). ``q_pos`` ``(Nq,)`` and ``k_pos`` ``(Nk,)`` are absolute positions (long).
     """
-    offsets = q_pos[:, None] - k_pos[None, :]
-    bias = table[..., offsets.clamp(0, table.shape[-1] - 1)]
-    return bias.masked_fill(offsets < 0, float("-inf"))
-
-
-def dense_causal_bias(table: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`relative_bias` for one sequence of ``n`` tokens attending to itself: ``(H, n, n)`` or ``(n, n)``."""
-    pos = torch.arange(n, device=table.device)
-    return relative_bias(table, pos, pos)
+    return causal_rpe_bias(table, q_pos, k_pos)

@@ -2,15 +2,15 @@
 ``launch.sh``).
 
 Everything that decides the numbers of a step is a pure function of (config, step, rank): the batch
-(:func:`lm.data.global_batch`), the learning rate (:func:`lm.schedule.lr_at`), the dropout RNG and the random
+(:func:`lm.data.global_batch`), the learning rate (:func:`lm.training.schedule.lr_at`), the dropout RNG and the random
 features (both seeded from ``seed`` and ``step``). So a resumed run repeats the uninterrupted one exactly, given
 the weights and optimizer state of its checkpoint.
 
 What can go wrong, and what the loop does about it (README, "What happens when things go wrong"): bad steps
-(non-finite, or a loss spike: :mod:`lm.divergence`) are skipped, no checkpoint is written while the run is in a
+(non-finite, or a loss spike: :mod:`lm.training.divergence`) are skipped, no checkpoint is written while the run is in a
 streak of them, and a run that diverges stops naming its last good checkpoint; one trainer at a time holds the
 run directory (:class:`lm.fileio.OwnerLock` on ``RUN/train.lock``); every step is recorded in ``RUN/steps.jsonl``
-(:mod:`lm.steplog`).
+(:mod:`lm.training.steplog`).
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ from typing import Optional
 import torch
 
 from lm import checkpoint
+from lm.training import checkpointing
 from lm.checkpoint import CheckpointError
 from lm.config import ConfigError, TrainConfig, as_dict, to_yaml
 from lm.data import global_batch, prepare_corpus, shard
-from lm.distributed import DistInfo, barrier, broadcast, init_distributed
-from lm.divergence import DivergenceMonitor
-from lm.engine import Engine, build_engine
+from lm.training.distributed import DistInfo, barrier, broadcast, init_distributed
+from lm.training.divergence import DivergenceMonitor
+from lm.training.engine import Engine, build_engine
 from lm.fileio import LockHeld, OwnerLock, describe_holder
-from lm.schedule import lr_at
-from lm.steplog import StepLog
+from lm.training.schedule import lr_at
+from lm.training.steplog import StepLog
 
 LOCK = "train.lock"
 """The run directory's lock file (never delete it while a trainer may run)."""
@@ -92,11 +93,11 @@ class RunLog:
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
 
     def valid(self, step: int, nll, split) -> None:
-        """Log the validation NLL ``nll`` (an :class:`lm.evaluate.NLL`) of the valid ``split`` (a TokenSplit):
+        """Log the validation NLL ``nll`` (an :class:`lm.eval.perplexity.NLL`) of the valid ``split`` (a TokenSplit):
         loss, token perplexity and word perplexity (WikiText-103 convention, as ``tools/eval_ppl.py``)."""
         if not self.enabled:
             return
-        from lm.evaluate import format_perplexity, split_word_perplexity
+        from lm.eval.perplexity import format_perplexity, split_word_perplexity
         word_ppl = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
         for name, value in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), ("valid/word_ppl", word_ppl)]:
             self.writer.add_scalar(name, value, step)
@@ -118,7 +119,7 @@ def _hms(seconds: float) -> str:
 
 def validate(engine: Engine, cfg: TrainConfig, valid_tokens, bos_id: int):
     """Validation NLL on rank 0 (the number ``tools/eval_ppl.py`` prints at context ``data.seq_len``)."""
-    from lm.evaluate import score_tokens
+    from lm.eval.perplexity import score_tokens
     max_windows = cfg.eval_batches * cfg.micro_batch_size if cfg.eval_batches else None
     return score_tokens(engine.module, valid_tokens, context=cfg.data.seq_len,
                         stride=cfg.eval_stride or cfg.data.seq_len, batch_size=cfg.micro_batch_size,
@@ -162,7 +163,7 @@ def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLo
                                   f"one run directory would overwrite each other's checkpoints; wait for it to end, "
                                   f"stop it, or choose another run_dir") from None
             _report_takeover(lock, previous)
-            checkpoint.clean_debris(run_dir)
+            checkpointing.clean_debris(run_dir)
             found = _resume_point(cfg, run_dir)
             step = -1 if found is None else checkpoint.checkpoint_step(found)
         except (ConfigError, CheckpointError) as e:
@@ -236,7 +237,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
     engine = build_engine(cfg, model, info)
     start, counters = 0, {}
     if resume_from is not None:
-        meta = checkpoint.load_training_state(resume_from, engine, corpus.tokenizer.hash)
+        meta = checkpointing.load_training_state(resume_from, engine, corpus.tokenizer.hash)
         start, counters = meta["step"], meta["counters"]
         if info.is_main:
             print(f"resumed from {resume_from} at step {start}", flush=True)
@@ -274,7 +275,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
                 barrier()
             if (step % cfg.save_every == 0 or last) and not monitor.bad_in_a_row:  # never in a bad streak
                 steps.sync()
-                checkpoint.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer, monitor.state_dict(),
+                checkpointing.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer, monitor.state_dict(),
                                            cfg.keep_checkpoints)
         if monitor.bad_in_a_row or monitor.ended_far_above_start():
             kind = "bad_streak_at_end" if monitor.bad_in_a_row else "ended_far_above_start"
@@ -300,7 +301,7 @@ def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: Dive
                 f"run_dir and {lower}.")
     last = monitor.streak[-1][0]
     if monitor.diverged:
-        good, renamed = checkpoint.set_aside_diverged(run_dir, monitor.last_good_step)
+        good, renamed = checkpointing.set_aside_diverged(run_dir, monitor.last_good_step)
         what = (f"training diverged at step {last}: {monitor.bad_in_a_row} bad steps in a row "
                 f"(divergence.max_bad_steps={cfg.divergence.max_bad_steps}); ")
     else:

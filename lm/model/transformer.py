@@ -1,7 +1,7 @@
 """Decoder-only Transformer: token embedding (tied to the output), pre-norm blocks of attention + GELU MLP,
 final LayerNorm. Built only from :class:`lm.config.ModelConfig`; knows nothing of devices, launchers or files.
 
-Positions: ``kernelized_rpe`` and ``softmax`` (with RPE) use the relative bias of :mod:`lm.rpe` only;
+Positions: ``kernelized_rpe`` and ``softmax`` (with RPE) use the relative bias of :mod:`lm.model.rpe` only;
 ``kernelized`` (no RPE) adds sinusoidal absolute positions, which extend past the training length.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lm.attention import KernelizedAttention, build_attention
 from lm.config import ModelConfig
+from lm.model.attention import KernelizedAttention, build_attention
+from lm.model.cache import ModelCache
+from lm.model.rpe import BucketedRPE, PerOffsetRPE
 from lm.ops.precision import far_field_risk, updated_policy
-from lm.rpe import BucketedRPE, PerOffsetRPE
 
 __all__ = ["Transformer", "Block", "sinusoidal_positions", "INIT_STD"]
 
@@ -25,13 +26,13 @@ INIT_STD = 0.02
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al.'s sinusoids for ``positions`` ``(N,)`` -> ``(N, dim)`` float32, each component with
-    RMS ``INIT_STD`` (the token embeddings' scale at initialisation, so neither swamps the other)."""
+    """Vaswani et al.'s sinusoids for ``positions`` of any shape ``(...)`` -> ``(..., dim)`` float32, each
+    component with RMS ``INIT_STD`` (the token embeddings' scale at initialisation, so neither swamps the other)."""
     half = dim // 2
     freq = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float64) * (-math.log(10000.0) / half))
-    angle = positions.to(torch.float64)[:, None] * freq[None]
-    pe = torch.zeros(positions.shape[0], dim, dtype=torch.float64, device=positions.device)
-    pe[:, 0:2 * half:2], pe[:, 1:2 * half:2] = torch.sin(angle), torch.cos(angle)
+    angle = positions.to(torch.float64)[..., None] * freq
+    pe = torch.zeros(*positions.shape, dim, dtype=torch.float64, device=positions.device)
+    pe[..., 0:2 * half:2], pe[..., 1:2 * half:2] = torch.sin(angle), torch.cos(angle)
     return (pe * (INIT_STD * math.sqrt(2.0))).float()
 
 
@@ -60,10 +61,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + drop(attn(ln(x)))`` then ``x + drop(mlp(ln(x)))``; ``(B, N, d)`` -> same.
-
-    ``cached_attention`` (used by :mod:`lm.decoding`) replaces the call ``attn(h, rpe_table)`` by
-    ``cached_attention(attn, h)``, so that cached decoding runs the very same block.
-    """
+    ``cache``, ``shard`` and ``key_mask`` go to the attention layer (see its ``forward``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,11 +71,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None,
-                cached_attention=None, shard=None) -> torch.Tensor:
-        h = self.norm1(x)
-        a = self.attn(h, rpe_table, shard) if cached_attention is None else cached_attention(self.attn, h)
-        x = x + self.drop(a)
+    def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None, *, cache=None, shard=None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rpe_table, cache=cache, shard=shard, key_mask=key_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -177,38 +173,73 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.redraw_features(generator)
 
-    def embed(self, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """``ids`` ``(B, N)`` -> ``(B, N, d_model)``: token embedding (+ absolute positions from ``start_pos``)."""
+    def new_cache(self, batch_size: int) -> ModelCache:
+        """An empty decoding cache for ``batch_size`` sequences (pass it to :meth:`forward` as ``cache``)."""
+        return ModelCache([block.attn.new_cache() for block in self.blocks], 0, batch_size)
+
+    def embed(self, ids: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids`` ``(B, N)`` -> ``(B, N, d_model)``: token embedding, plus absolute positions (``kernelized``
+        only) ``positions`` ``(B, N)`` / ``(N,)``, by default ``start_pos .. start_pos + N - 1``."""
         x = self.tok_emb(ids)
         if self.absolute_positions:
-            pos = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
-            x = x + sinusoidal_positions(pos, x.shape[-1]).to(x.dtype)
+            if positions is None:
+                positions = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
+            x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         return self.drop(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, d_model)`` -> float32 logits ``(B, N, vocab_size)`` (output weights tied to the embedding)."""
         return F.linear(self.norm(x), self.tok_emb.weight).float()
 
-    def forward(self, ids: torch.Tensor, shard=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, shard=None, *, cache: ModelCache | None = None,
+                key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """``ids`` ``(B, N)`` long token ids -> logits ``(B, N, vocab_size)`` float32; position ``i`` sees ``<= i``.
 
-        Sequence parallel (``shard``, a :class:`lm.distributed.SequenceShard` of ``P`` ranks): ``ids`` ``(B, n)``
-        is this rank's block of a sequence of ``N = n P`` tokens, starting at token ``shard.rank * n``; the
-        logits are those of the block's tokens. Embeddings, norms, MLPs and the output layer work on the block;
-        absolute positions are the block's global ones; attention sees the whole sequence (see
-        :class:`lm.attention._Attention`), so the logits equal the unsharded model's on the same tokens."""
+        Sequence parallel (``shard``, a :class:`lm.training.distributed.SequenceShard` of ``P`` ranks): ``ids``
+        ``(B, n)`` is this rank's block of a sequence of ``N = n P`` tokens, starting at token ``shard.rank * n``;
+        the logits are those of the block's tokens. Embeddings, norms, MLPs and the output layer work on the
+        block; absolute positions are the block's global ones; attention sees the whole sequence (see
+        :class:`lm.model.attention._Attention`), so the logits equal the unsharded model's on the same tokens.
+
+        Decoding (``cache``, from :meth:`new_cache`; the model in eval mode): ``ids`` are the next tokens after
+        the ``cache.position`` the cache holds (all of a prompt first, then one at a time); the logits equal
+        those of a full forward over every token so far, and the cache is advanced.
+
+        ``key_mask`` ``(B, N)`` bool: False at padding tokens, which then take no part in the attention of the
+        others (a left-padded batch gives each row what it gets alone). ``positions``: the absolute positions of
+        ``kernelized`` models, ``(B, N)`` (e.g. counting only real tokens) or ``(N,)``; RPE offsets are the
+        distances in the batch. ``logits_to_keep`` > 0 returns only the last that many positions' logits.
+        """
         if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"Transformer.forward expects token ids of shape (B, N) and dtype long, got "
                              f"{tuple(ids.shape)} {ids.dtype}")
+        if cache is not None:
+            if shard is not None:
+                raise ValueError("Transformer.forward takes a decoding cache or a sequence-parallel shard, not both")
+            if self.training:
+                raise ValueError("decoding with a cache needs the model in eval mode (dropout would make steps "
+                                 "disagree): call model.eval() first")
+            if len(cache.layers) != len(self.blocks) or cache.batch_size != ids.shape[0]:
+                raise ValueError(f"the cache holds {len(cache.layers)} layers x {cache.batch_size} sequences, the "
+                                 f"call {len(self.blocks)} layers x {ids.shape[0]}: build it with "
+                                 f"model.new_cache({ids.shape[0]})")
+        if key_mask is not None and tuple(key_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"key_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(key_mask.shape)}")
         if not torch.compiler.is_compiling() and self._rpe_versions() != self._policy_versions:
             self.refresh_precision_policy()  # eager only: the RPE changed since the last refresh
         parts, part = (1, 0) if shard is None else (shard.size, shard.rank)
-        x = self.embed(ids, start_pos=part * ids.shape[1])
-        if ids.shape[1] == 0:
-            return self.head(x)
-        for block, table in zip(self.blocks, self.rpe_tables(ids.shape[1] * parts)):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, table, None, shard, use_reentrant=False)
-            else:
-                x = block(x, table, shard=shard)
-        return self.head(x)
+        start = cache.position if cache is not None else part * ids.shape[1]
+        x = self.embed(ids, start_pos=start, positions=positions)
+        if ids.shape[1] > 0:
+            # decoding needs each whole table (the state outlives this call); a pass over N tokens reads N entries
+            tables = self.rpe_tables(None if cache is not None else ids.shape[1] * parts)
+            mask = None if key_mask is None else key_mask.to(torch.bool)
+            for block, table, layer_cache in zip(self.blocks, tables, [None] * len(tables) if cache is None else cache.layers):
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, table, shard=shard, key_mask=mask, use_reentrant=False)
+                else:
+                    x = block(x, table, cache=layer_cache, shard=shard, key_mask=mask)
+        if cache is not None:
+            cache.position += ids.shape[1]
+        return self.head(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)

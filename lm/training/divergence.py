@@ -32,6 +32,17 @@ BAD_REASONS = ("loss", "gradients", "spike")
 _NAMES = {"loss": "non-finite loss", "gradients": "non-finite gradients", "spike": "loss spike"}
 
 
+def bad_step(loss: float, loss_limit: float = math.inf, gradients_finite: bool = True) -> str:
+    """The verdict of one step (the one place it is decided): ``"loss"`` when its loss is not finite, else
+    ``"gradients"`` when its gradients are not, else ``"spike"`` when its loss is above ``loss_limit``, else
+    ``""`` (a good step)."""
+    if not math.isfinite(loss):
+        return "loss"
+    if not gradients_finite:
+        return "gradients"
+    return "spike" if loss > loss_limit else ""
+
+
 def spike_limit(good_losses: Sequence[float], spike_factor: float) -> float:
     """The loss above which the next step is a spike: ``spike_factor x median(good_losses)``; ``inf`` when the rule
     is off (``spike_factor == 0``) or there is no good step yet."""
@@ -48,8 +59,7 @@ def replay(losses: Sequence[float], cfg: DivergenceConfig, nonfinite_gradients: 
     for i, loss in enumerate(losses):
         limit = monitor.loss_limit()
         grads_bad = i < len(nonfinite_gradients) and nonfinite_gradients[i]
-        bad = ("loss" if not math.isfinite(loss) else "gradients" if grads_bad else
-               "spike" if loss > limit else "")
+        bad = bad_step(loss, limit, gradients_finite=not grads_bad)
         monitor.record(i + 1, loss, bad, limit)
         out.append(bad)
     return out

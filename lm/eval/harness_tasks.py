@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from lm.data import DataError, LineEnds
-from lm.evaluate import word_level_tokens
+from lm.eval.perplexity import word_level_tokens
 from lm.fileio import atomic_write_text
 
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
@@ -103,8 +103,8 @@ def next_word_questions(text: str, num_questions: int, num_choices: int = 4, min
     return questions
 
 
-_UTILS = '"""process_results for the local tasks (written by lm.harness_tasks)."""\n' \
-         "from lm.harness_tasks import rolling_process_results  # noqa: F401\n"
+_UTILS = '"""process_results for the local tasks (written by lm.eval.harness_tasks)."""\n' \
+         "from lm.eval.harness_tasks import rolling_process_results  # noqa: F401\n"
 
 
 def _task_yaml(name: str, data: Path, output_type: str, body: str) -> str:

@@ -1,8 +1,8 @@
 """One training step, two interchangeable engines: DeepSpeed, and a plain-torch twin with the same interface.
 
 ``train.py`` calls only :meth:`Engine.train_step`, :meth:`Engine.save_state` / :meth:`Engine.load_state` and
-:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`lm.distributed.init_distributed`.
-Collectives go through :mod:`lm.distributed` (on the device the backend takes).
+:meth:`Engine.consolidated_state_dict`; which engine runs is decided once by :func:`lm.training.distributed.init_distributed`.
+Collectives go through :mod:`lm.training.distributed` (on the device the backend takes).
 
 Loss normalisation: every micro-batch contributes ``sum of token NLLs / global_tokens``, where ``global_tokens``
 counts the targets of the whole optimizer step (all ranks, all micro-batches). Gradients are then summed over
@@ -16,7 +16,7 @@ DeepSpeed sums gradients over all ranks (its sequence-data-parallel group) and d
 size, so with the multiplier above the update is again that of the mean token NLL of the global batch.
 
 Skipped steps: a step whose loss or gradients are non-finite, or whose loss exceeds the ``loss_limit`` the
-caller passes (a loss spike, see :mod:`lm.divergence`), leaves the parameters and the optimizer state untouched,
+caller passes (a loss spike, see :mod:`lm.training.divergence`), leaves the parameters and the optimizer state untouched,
 whichever engine and DeepSpeed optimizer runs it (:class:`GuardedAdamW` is told to skip; DeepSpeed's own ZeRO /
 bf16 / fp16 optimizers skip a step whose gradients are non-finite, so a spike's last backward is given a NaN loss).
 """
@@ -34,8 +34,9 @@ from torch import nn
 
 from lm.config import ConfigError, TrainConfig
 from lm.device import set_tf32
-from lm.distributed import DistInfo, all_reduce, broadcast
-from lm.optimizer_state import MomentsUnsupported, gather_moments, scatter_master_weights, scatter_moments
+from lm.training.distributed import DistInfo, all_reduce, broadcast
+from lm.training.divergence import bad_step
+from lm.training.optimizer_state import MomentsUnsupported, gather_moments, scatter_master_weights, scatter_moments
 
 MOMENTS = "adam_moments.pt"
 """Beside DeepSpeed's checkpoint: the Adam moments by parameter name, for resuming on another layout."""
@@ -51,20 +52,23 @@ class StepStats:
     lr: float
     skipped: bool
     """True when the parameters were left unchanged."""
-    nonfinite: str
-    """"" when all was finite, else what went non-finite: "loss" or "gradients"."""
-    spike: bool = False
-    """The loss was finite but above the step's ``loss_limit``, so the step was skipped."""
+    bad: str = ""
+    """Why the step counts as bad (:func:`lm.training.divergence.bad_step`): "loss" / "gradients" (non-finite),
+    "spike" (a finite loss above the step's ``loss_limit``), or "" for a good step."""
 
     @property
-    def bad(self) -> str:
-        """Why the step counts as bad: "loss" / "gradients" (non-finite), "spike", or "" for a good step."""
-        return self.nonfinite or ("spike" if self.spike else "")
+    def nonfinite(self) -> str:
+        """What went non-finite: "loss", "gradients", or ""."""
+        return self.bad if self.bad in ("loss", "gradients") else ""
+
+    @property
+    def spike(self) -> bool:
+        return self.bad == "spike"
 
 
 def token_nll_sum(model: nn.Module, batch: torch.Tensor, shard=None) -> torch.Tensor:
     """Sum of next-token NLLs (nats, float32 scalar) of a ``(B, N + 1)`` window batch: inputs ``[:, :-1]``,
-    targets ``[:, 1:]``. With a sequence-parallel ``shard`` (:class:`lm.distributed.SequenceShard`), only this
+    targets ``[:, 1:]``. With a sequence-parallel ``shard`` (:class:`lm.training.distributed.SequenceShard`), only this
     rank's block of inputs and targets (cut after the shift): the NLL sum of the block's tokens."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if shard is None:
@@ -123,7 +127,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed JSON config, derived from ``cfg`` (never written by hand).
 
-    The learning rate is not scheduled by DeepSpeed: :func:`lm.schedule.lr_at` sets it before every step, so a
+    The learning rate is not scheduled by DeepSpeed: :func:`lm.training.schedule.lr_at` sets it before every step, so a
     skipped step or a resume can never shift the schedule. With ``deepspeed.torch_adam=true`` the optimizer is
     torch's AdamW passed as a client optimizer (:class:`GuardedAdamW` under plain stage 0 fp32; no extension
     to compile); otherwise DeepSpeed builds its
@@ -232,14 +236,15 @@ class TorchEngine(Engine):
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         _set_lr(self.optimizer, lr)
-        spike = not loss_bad and loss_sum / global_tokens > loss_limit
-        if loss_bad or spike:  # the guard itself only sees gradients
+        loss = math.nan if loss_bad else loss_sum / global_tokens
+        known = bad_step(loss, loss_limit)  # what the loss alone says, before the update
+        if known:  # the guard itself only sees gradients
             self.optimizer.skip_next_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         skipped = self.optimizer.overflow
-        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not spike else "")
-        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite, spike)
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped,
+                         bad_step(loss, loss_limit, gradients_finite=not (skipped and not known)))
 
     def save_state(self, directory):
         if self.info.is_main:
@@ -308,7 +313,8 @@ class DeepSpeedEngine(Engine):
             scale = self.info.dp_size / global_tokens  # DeepSpeed averages over data-parallel replicas
             if i == len(micro_batches) - 1:  # the step's loss is known before its last backward
                 loss_sum, loss_bad = self._global_loss(nll)
-                spike = not loss_bad and loss_sum / global_tokens > loss_limit
+                known = bad_step(math.nan if loss_bad else loss_sum / global_tokens, loss_limit)
+                spike = known == "spike"
                 if spike and not guarded:  # DeepSpeed's own optimizers skip a step whose gradients are non-finite
                     scale = math.nan
             engine.backward(loss * scale, scale_wrt_gas=False)
@@ -318,7 +324,7 @@ class DeepSpeedEngine(Engine):
         if guarded:
             grads = [p.grad.float() for p in self.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if loss_bad or spike:  # DeepSpeed steps this optimizer itself and counts the step skipped on overflow
+            if known:  # DeepSpeed steps this optimizer itself and counts the step skipped on overflow
                 engine.optimizer.skip_next_step()
         scaler = _LossScaleState(engine.optimizer) if spike and not guarded else None
         engine.step()
@@ -329,9 +335,11 @@ class DeepSpeedEngine(Engine):
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         skipped = engine.skipped_steps > skipped_before
-        fp16_overflow = skipped and not loss_bad and not spike and self.cfg.compute.precision == "fp16"
-        nonfinite = "loss" if loss_bad else ("gradients" if skipped and not spike and not fp16_overflow else "")
-        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped, nonfinite, spike)
+        # a skip the loss did not ask for: non-finite gradients, unless fp16's loss scaler overflowed (not a bad step)
+        unasked = skipped and not known and self.cfg.compute.precision != "fp16"
+        return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped,
+                         bad_step(math.nan if loss_bad else loss_sum / global_tokens, loss_limit,
+                                  gradients_finite=not unasked))
 
     def layout(self) -> dict:
         """What DeepSpeed's own optimizer files depend on (not the sequence-parallel degree: DeepSpeed partitions
@@ -341,7 +349,7 @@ class DeepSpeedEngine(Engine):
 
     def save_state(self, directory):
         """DeepSpeed's checkpoint (``deepspeed/``, exact resume on the same layout) and, beside it, the Adam moments
-        by parameter name (``adam_moments.pt``, see :mod:`lm.optimizer_state`) for a resume on another layout."""
+        by parameter name (``adam_moments.pt``, see :mod:`lm.training.optimizer_state`) for a resume on another layout."""
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
         try:
             moments = gather_moments(self.module, self.engine.optimizer)  # collective
