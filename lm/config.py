@@ -187,15 +187,54 @@ class SyntheticConfig:
 
 
 @dataclass
+class DataFilesConfig:
+    """Local files by glob, one per split (``**`` matches folders recursively), read as documents: one per JSONL
+    line / Parquet row (its data.text_field), one per .txt file. Formats: .jsonl .json .parquet .txt, and .jsonl,
+    .json, .txt compressed as .gz or .zst."""
+
+    train: Optional[str] = None
+    """Glob of the train files, e.g. shards/train-*.jsonl.gz. Setting it selects data.source=files."""
+    valid: Optional[str] = None
+    """Glob of the valid files; null = carve data.valid_fraction of the train documents out."""
+    test: Optional[str] = None
+    """Glob of the test files; null = carve data.valid_fraction of the train documents out."""
+
+
+@dataclass
+class HubSplitsConfig:
+    """The hub dataset's split names for our train, valid and test splits."""
+
+    train: str = "train"
+    valid: Optional[str] = None
+    """null = "validation" or "valid" when the dataset has it; otherwise (documents) carved out of train."""
+    test: Optional[str] = None
+    """null = "test" when the dataset has it; otherwise (documents) carved out of train."""
+
+
+@dataclass
 class DataConfig:
     source: str = "hf"
-    """hf (Hugging Face datasets hub) | local (files under data.path) | synthetic (built in, no download).
-    Setting data.path selects local."""
+    """hf (Hugging Face datasets hub, or a folder written by save_to_disk) | local (WikiText files under
+    data.path) | files (documents by glob: data.files) | synthetic (built in, no download). Setting data.path
+    selects local; setting data.files.train selects files."""
     path: Optional[str] = None
     """Directory with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt."""
+    files: DataFilesConfig = field(default_factory=DataFilesConfig)
+    text_field: str = "text"
+    """The column holding the text (JSONL key, Parquet or hub column) for data.files and hub datasets."""
+    valid_fraction: float = 0.005
+    """A documents corpus without a valid split gets this fraction of its train documents as one, chosen by a
+    hash of each document's text (deterministic, disjoint from train); a missing test split takes another
+    fraction of the same size."""
     hf_name: str = "wikitext"
-    hf_config: str = "wikitext-103-raw-v1"
-    """wikitext-103-raw-v1 (raw text) or wikitext-103-v1 (tokenized, with <unk>)."""
+    """A dataset on the Hugging Face hub, or a folder written by datasets' save_to_disk."""
+    hf_config: Optional[str] = "wikitext-103-raw-v1"
+    """wikitext-103-raw-v1 (raw text) or wikitext-103-v1 (tokenized, with <unk>); null for datasets without
+    configs."""
+    hf_splits: HubSplitsConfig = field(default_factory=HubSplitsConfig)
+    hf_rows: str = "auto"
+    """What a row of the hub dataset is: documents (an EOS token ends each) | lines (of one running text, no EOS,
+    word-level perplexity: WikiText's layout) | auto (lines for wikitext, documents for any other dataset)."""
     cache_dir: str = "cache"
     """Where tokenizers and memory-mapped token caches are kept (shared by runs, keyed by fingerprints)."""
     seq_len: int = 512
@@ -208,12 +247,37 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        files_given = [k for k in ("train", "valid", "test") if getattr(self.files, k) is not None]
+        if self.path is not None and files_given:
+            raise ConfigError(f"data.path (a WikiText folder) and data.files.{files_given[0]} (globs) are two "
+                              f"sources: set one of them")
         if self.path is not None:
             self.source = "local"
-        _choice("data.source", self.source, ["hf", "local", "synthetic"])
+        if files_given:
+            if self.source not in ("hf", "files"):  # hf is the default, so it cannot have been chosen on purpose
+                raise ConfigError(f"data.files.{files_given[0]} is for data.source=files, not data.source="
+                                  f"{self.source}: drop one of them")
+            self.source = "files"
+        _choice("data.source", self.source, ["hf", "local", "files", "synthetic"])
         if self.source == "local" and not self.path:
             raise ConfigError("data.source=local needs data.path=DIR (a folder with wiki.{train,valid,test}.tokens "
                               "or {train,valid,test}.txt)")
+        if self.source == "files" and not self.files.train:
+            raise ConfigError("data.source=files needs data.files.train=GLOB (e.g. 'shards/train-*.jsonl.gz'); "
+                              "data.files.valid and data.files.test are optional")
+        if not self.text_field:
+            raise ConfigError("data.text_field must name the column that holds the text, e.g. text")
+        if self.text_field != "text" and self.source in ("local", "synthetic"):
+            raise ConfigError(f"data.text_field={self.text_field} names a column of data.files or a hub dataset; "
+                              f"data.source={self.source} reads plain text: drop it")
+        _in_range("data.valid_fraction", self.valid_fraction, 0.0, 0.5, low_open=True, high_open=True,
+                  hint=" (the share of documents carved out as a missing valid or test split)")
+        _choice("data.hf_rows", self.hf_rows, ["auto", "documents", "lines"])
+        if self.source != "hf":
+            if self.hf_rows != "auto":
+                raise ConfigError(f"data.hf_rows is for data.source=hf, not data.source={self.source}: drop it")
+            if self.hf_splits != HubSplitsConfig():
+                raise ConfigError(f"data.hf_splits is for data.source=hf, not data.source={self.source}: drop it")
         _positive("data.seq_len", self.seq_len)
         if self.num_proc < 0:
             raise ConfigError("data.num_proc must be >= 0 (0 = all cores)")
@@ -266,7 +330,7 @@ class DivergenceConfig:
     is armed from the first good step)."""
     final_loss_factor: float = 1.5
     """A run whose final loss (median of the last spike_window good steps) exceeds final_loss_factor x its first
-    step's loss fails (exit status 1) even if no step was bad. 0 = off."""
+    step's loss fails (exit status 3) even if no step was bad. 0 = off."""
 
     def __post_init__(self) -> None:
         _positive("divergence.max_bad_steps", self.max_bad_steps)
@@ -314,6 +378,32 @@ class DeepSpeedConfig:
         _positive("deepspeed.sequence_parallel_size", self.sequence_parallel_size)
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
+"""The signals ``preemption.signals`` may name: those schedulers and people send to end a job."""
+
+
+@dataclass
+class PreemptionConfig:
+    """How a run stops early and cleanly when asked to (docs/clusters.md): every rank finishes the step in flight,
+    the step is saved, and the trainer exits with status 75 (re-running the same command resumes)."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals that stop training after the step in flight, with a checkpoint of it (any rank receiving one is
+    enough). [] = none: a signal then ends the process at once, as without this."""
+    requeue: bool = False
+    """Under SLURM (SLURM_JOB_ID set): after a stop by time_limit_minutes or by a signal other than SIGTERM and
+    SIGINT (e.g. sbatch --signal=USR1@120), rank 0 runs `scontrol requeue $SLURM_JOB_ID` before exiting.
+    SIGTERM (scancel) and SIGINT (Ctrl-C) never requeue."""
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            if name not in STOP_SIGNALS:
+                raise ConfigError(f"preemption.signals: {name!r} is not one of {list(STOP_SIGNALS)} (e.g. "
+                                  f"preemption.signals=[SIGTERM,SIGUSR1]; [] handles none)")
+        if len(set(self.signals)) != len(self.signals):
+            raise ConfigError(f"preemption.signals={list(self.signals)} names a signal twice")
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -342,6 +432,14 @@ class TrainConfig:
     """auto (DeepSpeed when started by launch.sh / the deepspeed launcher, else plain torch) | deepspeed | torch."""
     eval_stride: int = 0
     """Validation window stride in tokens (each scored token sees >= seq_len - stride of history); 0 = seq_len."""
+    save_every_minutes: float = 0.0
+    """Also save after the step during which this many minutes of wall clock have passed since the last save (or
+    the start of this command), whatever save_every says; all ranks agree. 0 = off."""
+    time_limit_minutes: float = 0.0
+    """Stop with a checkpoint (exit status 75, like a preemption) after the step that leaves less than one more
+    step's time before this many minutes since the start of this command; leave room for one save in a job's
+    limit. Re-running the same command continues exactly. 0 = off."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -352,6 +450,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints"):
             _positive(k, getattr(self, k))
+        for k in ("save_every_minutes", "time_limit_minutes"):
+            _in_range(k, getattr(self, k), 0.0, math.inf, high_open=True, hint=" (0 = off)")
         sp = self.deepspeed.sequence_parallel_size
         if self.model.n_heads % sp:
             raise ConfigError(f"deepspeed.sequence_parallel_size={sp} must divide model.n_heads={self.model.n_heads} "

@@ -175,10 +175,14 @@ class Tokenizer:
             if failed:
                 raise failed[0] from None
             msg = str(e)
+            detail = msg.split('] ')[-1]
+            if "smaller than required_chars" in msg:
+                raise TokenizerError(f"data.tokenizer.vocab_size={vocab_size} is smaller than the characters the "
+                                     f"train split needs: raise data.tokenizer.vocab_size or lower "
+                                     f"data.tokenizer.character_coverage (SentencePiece: {detail})") from None
             if "Vocabulary size" in msg:
                 raise TokenizerError(f"data.tokenizer.vocab_size={vocab_size} is larger than the train split "
-                                     f"supports: lower data.tokenizer.vocab_size (SentencePiece: "
-                                     f"{msg.split('] ')[-1]})") from None
+                                     f"supports: lower data.tokenizer.vocab_size (SentencePiece: {detail})") from None
             raise TokenizerError(f"SentencePiece training failed: {msg}") from None
         return cls(writer.getvalue(), meta)
 

@@ -10,7 +10,10 @@ import collections
 import math
 import os
 import shutil
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -243,3 +246,198 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+# ---------------------------------------------------------------------------------------------- WikiText runs
+@pytest.fixture(scope="session")
+def wikitext_run(tmp_path_factory, sample_dir) -> Path:
+    """A tiny model trained 30 steps on the WikiText-103 sample (its tokenizer knows English: 512 pieces)."""
+    return train_run(tmp_path_factory.mktemp("wikitext"), "max_steps=30", "data.source=local",
+                     f"data.path={sample_dir}", "data.tokenizer.vocab_size=512")
+
+
+@pytest.fixture(scope="session")
+def five_test_articles(tmp_path_factory, sample_dir) -> Path:
+    """A data directory whose test split is the sample's first 5 test articles (~1/12 of it, to keep tests short);
+    train is the sample's (eval_ppl locates every split)."""
+    from lm.eval.harness_tasks import wikitext_articles
+
+    d = tmp_path_factory.mktemp("subset")
+    docs = wikitext_articles((sample_dir / "wiki.test.tokens").read_text(encoding="utf-8"))
+    (d / "wiki.test.tokens").write_text("".join(docs[:5]), encoding="utf-8")
+    (d / "wiki.train.tokens").symlink_to(sample_dir / "wiki.train.tokens")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (run them with ``pytest -m cuda``) are skipped, with the reason "CUDA not available",
+    where torch sees no CUDA device, so the suite stays green on machines without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CUDA not available")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+def norm_relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative error in norm, ``|got - want| / max(|want|, 1e-3)`` (float64, on the CPU): a gradient that is 0
+    in theory (N = 1, the bias when L = 1) is compared absolutely."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return ((got - want).norm() / want.norm().clamp_min(1e-3)).item()
+
+
+# ---------------------------------------------------------------------------------------------- documents corpora
+_DOC_WORDS = ["river", "stone", "lamp", "quiet", "bright", "moves", "under", "over", "the", "a", "of", "and", "42",
+              "café", "naïve", "über", "x=1;", "def", "return", "(", ")", "–"]
+
+
+def sample_documents(num_docs: int, seed: int = 0, max_lines: int = 4) -> list[str]:
+    """``num_docs`` distinct small documents of 1 to ``max_lines`` lines of words (some non-ASCII, some code-like;
+    about one in three ends with a newline), fixed by ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for k in range(num_docs):
+        lines = [" ".join(rng.choices(_DOC_WORDS, k=rng.randint(2, 12))) for _ in range(rng.randint(1, max_lines))]
+        docs.append(f"doc {k}: " + "\n".join(lines) + ("\n" if rng.random() < 0.3 else ""))
+    return docs
+
+
+def write_documents(path: Path, docs: list[str], text_field: str = "text", **columns) -> Path:
+    """Write ``docs`` in the format ``path``'s name says: one JSON object per line (``.jsonl``, ``.json``, also
+    ``.gz`` / ``.zst``), a Parquet table (``.parquet``), or one document as plain text (``.txt``, ``.txt.gz``).
+    ``columns`` are extra columns (lists as long as ``docs``)."""
+    import gzip
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({text_field: pa.array(docs, pa.string()), **columns}), path, row_group_size=64)
+        return path
+    if ".txt" in name:
+        assert len(docs) == 1, "a .txt file holds one document"
+        data = docs[0].encode()
+    else:
+        rows = [{text_field: d, **{k: v[i] for k, v in columns.items()}} for i, d in enumerate(docs)]
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    if name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    elif name.endswith(".zst"):
+        import zstandard
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- real trainer processes
+TRAIN_PY = REPO / "tools" / "train.py"
+
+
+def train_command(*argv: str) -> list[str]:
+    """``python tools/train.py ARGV`` with this interpreter."""
+    return [sys.executable, str(TRAIN_PY), *argv]
+
+
+def same_threads_env(**env) -> dict:
+    """This process's environment with ``OMP_NUM_THREADS=1`` (bit equality between runs needs the same
+    floating-point reduction order, which depends on the thread count) and ``env`` on top."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **env}
+
+
+class TrainerProcess:
+    """A command (a trainer, ``launch.sh``, ``torchrun``) run as a real process, leader of a process group of its
+    own; its output (stdout and stderr together) is read as it comes, so that a test can wait for a line and
+    then send a signal. As a context manager it kills whatever of the process tree is still alive at the end."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 300) -> str:
+        """The first output line containing ``text``, once it is there; fails when the process ends first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if text in line), None)
+                if found is not None:
+                    return found
+                assert self._reader.is_alive(), f"ended before printing {text!r}:\n{''.join(self.lines)[-4000:]}"
+                assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{''.join(self.lines)[-4000:]}"
+                self._changed.wait(0.5)
+
+    def wait_until(self, condition, what: str, timeout: float = 300) -> None:
+        """Poll ``condition()`` every 10 ms until it holds; fails when the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"ended before {what}:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{self.output[-4000:]}"
+            time.sleep(0.01)
+
+    def send(self, sig: int) -> None:
+        """``sig`` to the process itself."""
+        os.kill(self.proc.pid, sig)
+
+    def send_group(self, sig: int) -> None:
+        """``sig`` to its process group, as a terminal's Ctrl-C does to the command in the foreground."""
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 600) -> int:
+        """Wait for the exit; returns the exit status."""
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def __enter__(self) -> "TrainerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+        try:
+            tree = [*psutil.Process(self.proc.pid).children(recursive=True), psutil.Process(self.proc.pid)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+        self._reader.join(10)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the newest checkpoint of ``run_dir``."""
+    from lm.checkpoint import find_checkpoint
+    return torch.load(find_checkpoint(run_dir) / "model.pt", weights_only=True)
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The newest checkpoints of two runs hold bit-identical weights."""
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between {run_a} and {run_b}"
+

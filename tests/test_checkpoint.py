@@ -93,9 +93,15 @@ def test_damaged_meta_is_a_clear_error(trained_run, tmp_path):
         load_for_inference(damaged)
 
 
-def _as_written_before_compute_existed(checkpoint_dir):
-    """Rewrite a checkpoint's stored config (meta.json and config.yaml) in the layout of the previous version:
-    compute.precision / compute.activation_checkpointing under deepspeed, no compute section."""
+LATER_KEYS = {"data": ("files", "text_field", "valid_fraction", "hf_splits", "hf_rows"),
+              "": ("save_every_minutes", "time_limit_minutes", "preemption")}
+"""Config keys added after the first stored checkpoints: such a checkpoint lacks them."""
+
+
+def _as_written_by_an_older_version(checkpoint_dir):
+    """Rewrite a checkpoint's stored config (meta.json and config.yaml) in the layout of an older version:
+    compute.precision / compute.activation_checkpointing under deepspeed, no compute section, none of
+    :data:`LATER_KEYS`."""
     import json
 
     import yaml
@@ -105,15 +111,19 @@ def _as_written_before_compute_existed(checkpoint_dir):
         compute = stored.pop("compute")
         stored["deepspeed"].update(precision=compute["precision"],
                                    activation_checkpointing=compute["activation_checkpointing"])
+        for section, keys in LATER_KEYS.items():
+            for key in keys:
+                (stored[section] if section else stored).pop(key)
     (checkpoint_dir / checkpoint.META).write_text(json.dumps(meta, indent=1))
     (checkpoint_dir / "config.yaml").write_text(yaml.safe_dump(stored))
 
 
-def test_checkpoints_written_before_the_compute_section_load_and_resume(trained_run, tmp_path):
+def test_checkpoints_of_an_older_version_load_and_resume(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     for ckpt in list_checkpoints(run):
-        _as_written_before_compute_existed(ckpt)
-    assert "compute" not in (find_checkpoint(run) / checkpoint.META).read_text()
+        _as_written_by_an_older_version(ckpt)
+    stored = (find_checkpoint(run) / checkpoint.META).read_text()
+    assert "compute" not in stored and "text_field" not in stored and "preemption" not in stored
     old, new = load_for_inference(run), load_for_inference(trained_run)
     assert old.cfg == new.cfg and old.step == 6
     ids = torch.tensor([new.tokenizer.encode("what is kelo ? 37 .")])

@@ -47,8 +47,8 @@ def test_yaml_file_and_dict_round_trip(tmp_path):
 
 # ------------------------------------------------------------------ keys that moved (deepspeed.* -> compute.*)
 OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint_v0"
-"""meta.json and config.yaml of a checkpoint written by the code before compute.* existed (commit 14aa89b, smoke
-config with deepspeed.precision=bf16 deepspeed.activation_checkpointing=true)."""
+"""meta.json and config.yaml of a checkpoint written by a version before compute.* existed (the smoke config with
+deepspeed.precision=bf16 deepspeed.activation_checkpointing=true)."""
 
 
 @pytest.mark.parametrize("override, new", [

@@ -68,6 +68,76 @@ def test_sample_counts_match_the_files(sample_corpus):
             assert split.num_word_level_tokens == WIKITEXT_TOKEN_COUNT[name]
 
 
+PREVIOUS_SAMPLE_CACHE = {
+    "tokenizer": ("tokenizers/de6f7104b2e49be743f6",
+                  "9b179888fde778775a04f0eece89278abc23c963c0dc39d0d95305e9c24a8963"),
+    "train": ("tokens/9b179888fde77877/train-8d4a00bc91005a91",
+              "ad955022baa4f6d54bb9f1a960e17d6356b2c95761629100543d7b0f5792d7ea", 1_186_535, 538_708, 9_702, 2_867_095),
+    "valid": ("tokens/9b179888fde77877/valid-9aee9f52d6e77de6",
+              "f6564dd5d4705851c852e476bbaa1f2faca798daec3b951ff9b023d331712df5", 475_620, 213_886, 3_760, 1_142_309),
+    "test": ("tokens/9b179888fde77877/test-56db52eb157b1ab5",
+             "8c052e6cdd4990e54da0322fe08e61bc85ac57453a7d2d0f9a9ca587fedce583", 535_609, 241_211, 4_358, 1_281_077),
+}
+"""What the previous data layer (WikiText layouts only, before documents corpora) wrote for the sample of
+``sample_corpus``: the tokenizer's cache folder and model hash; per split the token file's stem, its sha256, and the
+sidecar's tokens, words, line ends and bytes."""
+PREVIOUS_SAMPLE_PERPLEXITY = {"valid": (2_760_956.5291132927, 331.94293010954584, 323_042.01075399667,
+                                        3.486988452915763)}
+"""(NLL sum, token ppl, word ppl, bits per byte) that the previous data layer's eval_ppl path (tokenize_split +
+evaluate_split, context 128) gave the sample's valid split under the add-one unigram model of its train tokens
+(:class:`Unigram`); the test split gave (3_110_335.6427135468, 332.653416052878, 316_738.49427125545,
+3.502729193672996), left out here to save time (its tokens are checked by the test above)."""
+
+
+def test_sample_caches_are_those_of_the_previous_data_layer(sample_corpus):
+    """The WikiText-103 sample gives byte for byte the caches of the previous data layer (the values of
+    :data:`PREVIOUS_SAMPLE_CACHE`, which that code wrote on this sample): the same tokenizer under the same key,
+    the same token files under the same names, the same sidecars but for ``origin`` (the sample's path)."""
+    cfg, corpus = sample_corpus
+    cache = Path(cfg.cache_dir)
+    folder, model_hash = PREVIOUS_SAMPLE_CACHE["tokenizer"]
+    assert corpus.tokenizer.hash == model_hash == file_sha(cache / folder / "tokenizer.model")
+    for name in ("train", "valid", "test"):
+        stem, sha, tokens, words, line_ends, num_bytes = PREVIOUS_SAMPLE_CACHE[name]
+        split = corpus.split(name)
+        assert split.path == cache / f"{stem}.bin" and file_sha(split.path) == sha
+        side = json.loads(split.path.with_suffix(".json").read_text())
+        del side["origin"]
+        assert side == {"format": 1, "split": name, "tokenizer_hash": model_hash,
+                        "source_fingerprint": file_sha(SAMPLE_DIR / f"wiki.{name}.tokens"), "dtype": "uint16",
+                        "num_tokens": tokens, "num_words": words, "num_line_ends": line_ends, "num_bytes": num_bytes,
+                        "tokens_sha256": sha}
+        assert split.num_documents == 0 and isinstance(split.tokens, np.memmap)
+
+
+class Unigram(torch.nn.Module):
+    """Add-one unigram model of a token stream: the same logits at every position (a model that needs no
+    training code, so the perplexities below depend on the data layer and the scorer alone)."""
+
+    def __init__(self, tokens, vocab_size: int):
+        super().__init__()
+        counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+        logp = np.log((counts + 1) / (counts.sum() + vocab_size))
+        self.register_buffer("logp", torch.tensor(logp, dtype=torch.float32))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.logp.expand(*ids.shape, -1)
+
+
+def test_sample_perplexities_are_those_of_the_previous_data_layer(sample_corpus):
+    from lm.eval.perplexity import evaluate_split, tokenize_split
+
+    cfg, corpus = sample_corpus
+    model = Unigram(corpus.split("train").tokens, corpus.tokenizer.vocab_size)
+    for name, (nll_sum, token_ppl, word_ppl, bpb) in PREVIOUS_SAMPLE_PERPLEXITY.items():
+        split = tokenize_split(cfg, corpus.tokenizer, name)
+        assert np.array_equal(split.tokens, corpus.split(name).tokens) and split.num_documents == 0
+        (row,) = evaluate_split(model, split, [128], None, 64, corpus.tokenizer.bos_id, "cpu")
+        assert row.num_word_level_tokens == WIKITEXT_TOKEN_COUNT[name]
+        got = (row.nll_sum, row.token_perplexity, row.word_perplexity, row.bits_per_byte)
+        assert got == pytest.approx((nll_sum, token_ppl, word_ppl, bpb), rel=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["wiki.{}.tokens", "wiki.{}.raw", "{}.txt"])
 def test_line_ends_count_a_missing_final_newline_in_every_layout(tmp_path, layout):
     """words + line ends is the same with and without the trailing newline, whatever the file layout."""

@@ -97,3 +97,32 @@ def test_decoding_needs_eval_mode_and_the_right_inputs():
     m.train()
     with pytest.raises(ValueError, match="eval"):
         prefill(m, torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_left_padded_batch_gives_each_row_what_it_gets_alone(form):
+    """Padding keys take no part (key_mask), positions count real tokens only, RPE offsets are unchanged: the
+    full forward and prefill + decode of a left-padded batch equal each row's own, at every real position."""
+    m = trained_looking_model(**FORMS[form]).double()
+    lengths, extra = [9, 4, 13], 6
+    n = max(lengths)
+    rows = [torch.randint(3, 50, (length + extra,), generator=torch.Generator().manual_seed(length))
+            for length in lengths]
+    ids = torch.zeros(len(rows), n, dtype=torch.long)  # pad id 0, on the left
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        ids[b, n - length:], mask[b, n - length:] = rows[b][:length], True
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = m(ids, key_mask=mask, positions=positions)
+        cache = m.new_cache(len(rows))
+        prompt = m(ids, cache=cache, key_mask=mask, positions=positions)
+        steps = [m(torch.stack([r[length + t] for r, length in zip(rows, lengths)])[:, None], cache=cache,
+                   positions=positions[:, -1:] + 1 + t) for t in range(extra)]
+    for b, length in enumerate(lengths):
+        with torch.no_grad():
+            alone = m(rows[b][None])[0]
+        assert_close(full[b, n - length:], alone[:length], rtol=1e-10, what=f"row {b} full forward")
+        assert_close(prompt[b, n - length:], alone[:length], rtol=1e-10, what=f"row {b} prefill")
+        got = torch.stack([s[b, 0] for s in steps])
+        assert_close(got, alone[length:], rtol=1e-10, what=f"row {b} decoding")

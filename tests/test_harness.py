@@ -4,7 +4,7 @@
 The adapter's numbers are checked against direct scoring with the model (one sequence, one forward pass, the
 joined text tokenized as a whole) and, end to end through lm-eval, against tools/eval_ppl.py.
 
-Conventions that differ between the rolling task and eval_ppl (see README "Evaluation harness"):
+Conventions that differ between the rolling task and eval_ppl (see docs/evaluation.md, "lm-evaluation-harness"):
 - documents vs one stream: the task scores each article on its own (BOS, then fresh windows), eval_ppl scores
   the split as one stream (BOS once; windows cross article boundaries);
 - word counts: the task's ``word_perplexity`` divides by words + line ends (the WikiText-103 convention, as
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import lm.eval
-from conftest import REPO, train_run
+from conftest import REPO
 from lm.cli.harness import main as harness_main
 from lm.cli.harness_tasks import main as harness_tasks_main
 from lm.inference.generation import Sampling, generate
@@ -262,24 +262,6 @@ def test_task_writer_tool_writes_the_tasks_and_reports_bad_input_in_one_line(tmp
 
 
 # ------------------------------------------------------------------------------------------ WikiText sample
-@pytest.fixture(scope="module")
-def wikitext_run(tmp_path_factory, sample_dir) -> Path:
-    """A tiny model trained 30 steps on the WikiText-103 sample (its tokenizer knows English)."""
-    return train_run(tmp_path_factory.mktemp("wikitext"), "max_steps=30", "data.source=local",
-                     f"data.path={sample_dir}", "data.tokenizer.vocab_size=512")
-
-
-@pytest.fixture(scope="module")
-def five_test_articles(tmp_path_factory, sample_dir) -> Path:
-    """A data directory whose test split is the sample's first 5 test articles (~1/12 of it, to keep the test
-    short); train is the sample's (eval_ppl locates every split)."""
-    d = tmp_path_factory.mktemp("subset")
-    docs = wikitext_articles((sample_dir / "wiki.test.tokens").read_text(encoding="utf-8"))
-    (d / "wiki.test.tokens").write_text("".join(docs[:5]), encoding="utf-8")
-    (d / "wiki.train.tokens").symlink_to(sample_dir / "wiki.train.tokens")
-    return d
-
-
 @pytest.mark.slow
 def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, five_test_articles, tmp_path, capsys):
     text = (five_test_articles / "wiki.test.tokens").read_text(encoding="utf-8")

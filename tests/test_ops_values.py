@@ -80,10 +80,10 @@ def test_no_leakage_from_the_future(method):
 @pytest.mark.parametrize("n, num_offsets, expected", [
     (100, None, "dense"), (8192, None, "prefix"), (100, 100, "dense"), (256, 256, "dense"), (512, 512, "band"),
     (512, 64, "band"), (8192, 257, "band"), (16384, 1024, "band"), (8192, 8192, "fft"), (1024, 1024, "band"),
-    (2048, 2048, "fft"), (65536, 4096, "fft"),
+    (2048, 2048, "fft"), (65536, 4096, "fft"), (16384, 2048, "band"), (4096, 2048, "fft"),
 ])
 def test_auto_choice(n, num_offsets, expected):
-    """The CPU crossovers measured in README ("The op")."""
+    """The CPU crossovers measured in docs/op.md ("The auto rule")."""
     assert choose_method(n, num_offsets) == expected
     assert choose_method(n, num_offsets, "cpu") == expected
 

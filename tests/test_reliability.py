@@ -19,7 +19,7 @@ from lm import checkpoint
 from lm.checkpoint import CheckpointError, damage, find_checkpoint
 from lm.inference.loading import load_for_inference
 from lm.cli import eval_ppl, generate
-from lm.cli.train import main
+from lm.cli.train import EXIT_DIVERGED, main
 from lm.config import load_config
 from lm.fileio import LockHeld, OwnerLock, sha256_file
 from lm.training.steplog import read_steps
@@ -55,7 +55,7 @@ def test_a_diverging_run_with_frequent_saves_keeps_a_usable_checkpoint_and_resum
     run = tmp_path / "run"
     argv = smoke_argv(run, cache_dir, "max_steps=40", "optim.lr=1", "optim.warmup_steps=20", "save_every=1",
                       "keep_checkpoints=1")
-    assert main(argv) == 1
+    assert main(argv) == EXIT_DIVERGED
     err = capsys.readouterr()
     message = err.err.strip().splitlines()[-1]
     assert message.startswith("error: training diverged at step") and "bad steps in a row" in message
@@ -91,7 +91,8 @@ def test_nonfinite_steps_are_never_checkpointed_and_the_stop_is_an_error(tmp_pat
     run = tmp_path / "run"
     # lr=1e9 blows the weights up at the first update; every later loss is non-finite
     assert main(smoke_argv(run, cache_dir, "max_steps=30", "optim.lr=1e9", "optim.warmup_steps=0", "optim.grad_clip=0",
-                           "save_every=1", "divergence.max_bad_steps=3", "divergence.spike_factor=0")) == 1
+                           "save_every=1", "divergence.max_bad_steps=3",
+                           "divergence.spike_factor=0")) == EXIT_DIVERGED
     message = capsys.readouterr().err
     assert "3 bad steps in a row" in message and "3 x non-finite loss" in message
     assert "The weights of step 1 failed on all of them" in message and "No checkpoint was written before" in message
@@ -101,7 +102,8 @@ def test_nonfinite_steps_are_never_checkpointed_and_the_stop_is_an_error(tmp_pat
 
 def test_a_run_that_ends_inside_a_streak_of_bad_steps_fails_without_checkpointing_them(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"  # lr 1 spikes from step 4 on (see the divergence test); the run ends at step 5
-    assert main(smoke_argv(run, cache_dir, "max_steps=5", "optim.lr=1", "optim.warmup_steps=20", "save_every=1")) == 1
+    assert main(smoke_argv(run, cache_dir, "max_steps=5", "optim.lr=1", "optim.warmup_steps=20",
+                           "save_every=1")) == EXIT_DIVERGED
     message = capsys.readouterr().err
     assert "the run reached step 5 in a streak of bad steps, so its last checkpoint was not written" in message
     assert f"Last good checkpoint: {ckpt(run, 3)} (step 3)" in message
@@ -118,7 +120,7 @@ def test_a_run_ending_far_above_its_first_loss_fails(run, cache_dir, capsys):
     assert stopped.value.kind == "ended_far_above_start" and stopped.value.step == 8
     message = str(stopped.value)
     assert "the run ended with a training loss of" in message and "its first step's 0.5" in message
-    assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2")) == 1  # the same command again fails
+    assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2")) == EXIT_DIVERGED  # again fails
     assert "the run ended with a training loss of" in capsys.readouterr().err
     assert main(smoke_argv(run, cache_dir, "max_steps=10", "save_every=2", "divergence.final_loss_factor=0")) == 0
 

@@ -321,7 +321,7 @@ def test_command_line_errors_are_one_line(capsys, tmp_path):
 # ------------------------------------------------------------------ the mechanism probe
 @pytest.mark.parametrize("feature_map", ["prf", "nprf"])
 def test_large_queries_and_keys_kill_prf_normalisers_and_gradients_but_not_nprf(feature_map):
-    """The mechanism the probe found in the diverged runs (README, Stability): as |q| and |k| grow, PRF key
+    """The mechanism the probe found in the diverged runs (docs/results.md, "The mechanism"): as |q| and |k| grow, PRF key
     log-features fall below float32's exp range (keys die), the normaliser of some queries underflows, and the
     backward of 1 / normaliser overflows into non-finite gradients while the loss stays finite. NPRF normalises q
     and k first: the same weights leave it untouched."""

@@ -72,9 +72,13 @@ def test_load_errors(tok, tmp_path):
         Tokenizer.load(d2)
 
 
-def test_vocab_too_large_names_the_key():
+def test_a_vocab_too_large_or_too_small_names_the_key_and_the_way_to_change_it():
     with pytest.raises(TokenizerError, match=r"data\.tokenizer\.vocab_size=5000.*lower"):
         Tokenizer.train(iter(["a tiny corpus", "of two lines"]), vocab_size=5000)
+    many_characters = ["".join(chr(0x4E00 + i + j) for j in range(5)) for i in range(0, 600, 5)]
+    with pytest.raises(TokenizerError, match=r"vocab_size=300 is smaller than the characters .* raise "
+                                             r"data\.tokenizer\.vocab_size"):
+        Tokenizer.train(iter(many_characters * 3), vocab_size=300)
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])

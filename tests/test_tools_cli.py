@@ -208,7 +208,7 @@ def test_word_and_token_counts_on_the_wikitext_sample(tmp_path, sample_dir):
                           "--no-progress"]) == 0
     (row,) = json.loads(out.read_text())["results"]
     text = (sample_dir / "wiki.test.tokens").read_text(encoding="utf-8")
-    assert row["num_words"] == len(text.split()) == 241_211  # the README's count
+    assert row["num_words"] == len(text.split()) == 241_211  # docs/evaluation.md's count
     assert row["num_line_ends"] == text.count("\n") == 4_358
     assert row["num_word_level_tokens"] == 245_569  # WikiText-103's test token count, as in the literature
     assert row["word_perplexity"] == pytest.approx(math.exp(row["nll_sum"] / 245_569))

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, SMOKE_CONFIG, scalars, smoke_argv
 from lm import checkpoint
-from lm.cli.train import main
+from lm.cli.train import EXIT_DIVERGED, main
 from lm.config import load_config
 from lm.training.loop import train
 
@@ -100,7 +100,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, cache_dir):
 def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path, cache_dir, capsys):
     # lr=1e9 blows the weights up at once; later steps have non-finite loss and are skipped
     assert main(smoke_argv(tmp_path / "run", cache_dir, "max_steps=30", "optim.lr=1e9", "optim.warmup_steps=0",
-                     "optim.grad_clip=0", "divergence.max_bad_steps=3", "divergence.spike_factor=0")) == 1
+                     "optim.grad_clip=0", "divergence.max_bad_steps=3", "divergence.spike_factor=0")) == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "3 bad steps in a row" in err and "non-finite loss" in err and "training diverged at step" in err
 

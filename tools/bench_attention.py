@@ -2,7 +2,8 @@
 
     python tools/bench_attention.py                        # N = 1k..64k, every case, CPU, 2 threads
     python tools/bench_attention.py --n 4096 16384 --cases fft band sdpa --bias decay --rounds 3
-    python tools/bench_attention.py --device cuda          # GPU: SDPA flash (bf16), each op case also in float64
+    python tools/bench_attention.py --device cuda          # GPU: SDPA flash (bf16), each op case also on float64
+                                                           # and on bfloat16 inputs
 
 Cases: ``fft`` / ``band`` (clipped RPE, L = --band-l) / ``prefix`` (no RPE) / ``dense`` = lm.ops.kernelized_attention
 with that method forced, its FFT precision chosen as the model does (lm.ops.precision policy from the bias, passed
@@ -14,12 +15,19 @@ and transformed at once, plain autograd). ``--fp64`` adds each op case run on fl
 ``--baseline-src DIR`` adds each op case run with the ``lm`` package of another checkout (suffix ``@base``; e.g.
 a ``git worktree`` of an older commit), so old and new code are measured in the same interleaved rounds.
 
+``--bf16`` adds each op case run on bfloat16 inputs (suffix ``@bf16``; the op computes in float32 inside, as
+under DeepSpeed bf16).
+
 Every case runs in a fresh subprocess, so peak memory is clean: on CPU the peak resident set (VmHWM, reset via
 /proc/self/clear_refs) minus the resident set once the inputs exist; on CUDA max_memory_allocated minus the
-memory allocated by the inputs. Cases are interleaved: ``--rounds`` passes over all cases at one N, so a machine
-whose load changes biases them alike; each process times --repeats forward + backward runs after one warm-up
-(skipped when a run takes over 20 s), and the best over all rounds is kept. Prints a table with the ratio to
-SDPA at the same N, and writes results.json and plot.png under --out.
+memory allocated by the inputs. ``--no-isolate`` runs the cases in this process instead (CUDA: peak memory
+stats are reset per case, so the figure stays exact, and no case pays a CUDA start-up; a case that runs out of
+memory is reported and the run goes on; CPU: the resident set then carries what earlier cases left).
+Cases are interleaved: ``--rounds`` passes over all cases at one N, so a machine whose load changes biases them
+alike; each case times --repeats forward + backward runs after one warm-up (skipped when a run takes over 20 s),
+and the best over all rounds is kept. Prints a table with the ratio to SDPA at the same N, the case's fewest
+FLOPs and bytes (:func:`case_cost`, its roofline) and the rates they imply, and writes results.json and plot.png
+under --out.
 """
 from __future__ import annotations
 
@@ -47,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="what to run")
     p.add_argument("--fp64", action=argparse.BooleanOptionalAction, default=None,
                    help="also run every op case on float64 inputs (default: on for CUDA, off for CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run every op case on bfloat16 inputs (default: on for CUDA, off for CPU)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="each case in a fresh process (default); --no-isolate: all in this one")
     p.add_argument("--baseline-src", type=Path, default=None,
                    help="a checkout whose lm package is benchmarked too (op cases, suffix @base)")
     p.add_argument("--bias", default="init", choices=sorted(BIASES), help="RPE bias for fft/band/dense/materialised")
@@ -63,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-max-n", type=int, default=2048, help="largest N for the float64 reference")
     p.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="skip cases whose estimated memory exceeds this (materialised FFT, dense, reference)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before it is abandoned")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds per case before it is abandoned (isolated cases only)")
     p.add_argument("--cpu-threads", type=int, default=0, help="the op's cpu_threads (0: --threads)")
     p.add_argument("--out", type=Path, default=Path("bench_results/attention"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -123,7 +136,8 @@ def run_case(spec: dict) -> dict:
     B, H, N, D, M = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"]
     case, fp64 = spec["case"].split("@")[0], spec["case"].endswith("@fp64")
     g = torch.Generator().manual_seed(0)
-    dtype = torch.float64 if case == "reference" or fp64 else torch.float32
+    dtype = (torch.float64 if case == "reference" or fp64 else
+             torch.bfloat16 if spec["case"].endswith("@bf16") else torch.float32)
     L = spec["band_l"] if case == "band" else N
     bias = make_bias(spec["bias"], H, L, g)
     precision = None
@@ -194,6 +208,68 @@ def run_case(spec: dict) -> dict:
     return {"time_s": min(times), "peak_mem_bytes": max(peak, 0), "fft_precision": precision}
 
 
+def case_cost(spec: dict) -> dict | None:
+    """The roofline of one forward + backward of ``spec``'s case: its fewest FLOPs, the fewest bytes it must move,
+    and the arithmetic they run in (``compute``: bf16 / fp32 / fp64, which ceiling applies). None for the float64
+    reference and the paper's materialised FFT (they are not candidates).
+
+    FLOPs per (batch, head), a multiply-add counting 2, ``E = D + 1`` columns (values and the normaliser), backward
+    = 2 x forward for the op (2.5 x for SDPA, FlashAttention's convention), forward:
+    prefix ``4 N M E`` (running sums of ``k (x) u``, then ``q . S``); band adds the exact near band
+    ``2 N L (M + E)``; fft a band of ``NEAR_BAND`` offsets plus, for each of the ``M E`` far-field channels, the
+    products ``k (x) u`` (N), a real FFT of length ``nfft ~ 2N`` each way (``2.5 nfft log2 nfft`` each), the
+    spectral product (``3 nfft``) and the contraction with ``q`` (2N); dense ``N^2 (M + E)`` (causal half);
+    SDPA ``2 N^2 D`` (causal halves of ``QK^T`` and ``PV``). Bytes: each input read by forward and again by
+    backward, the output written and grad_out read once, each gradient written once, in the inputs' dtype
+    (op: ``6 N M + 5 N D`` elements per (batch, head) and the bias three times; SDPA: ``12 N D`` and its float32
+    log-sum-exp twice)."""
+    import math
+    from lm.ops.fft import fft_size
+    from lm.ops.precision import NEAR_BAND
+    case, _, variant = spec["case"].partition("@")
+    B, H, N, D, M = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"]
+    E, BH = D + 1, B * H
+    if case in ("reference", "materialised"):
+        return None
+    if case == "sdpa":
+        bf16 = spec["device"].startswith("cuda")
+        return {"flops": 3.5 * 2 * N * N * D * BH, "min_bytes": BH * (12 * N * D * (2 if bf16 else 4) + 8 * N),
+                "compute": "bf16" if bf16 else "fp32"}
+    elt = {"fp64": 8, "bf16": 2}.get(variant, 4)
+    compute = "fp64" if variant == "fp64" or case == "fft_far64" else "fp32"
+    prefix = 4 * N * M * E
+    if case == "prefix":
+        forward, L = prefix, 0
+    elif case == "band":
+        L = spec["band_l"]
+        forward = 2 * N * min(L, N) * (M + E) + prefix
+    elif case == "dense":
+        forward, L = N * N * (M + E), N
+    else:  # fft, fft_far64
+        nfft, L = fft_size(2 * N - 1), N
+        per_channel = N + 5 * nfft * math.log2(nfft) + 3 * nfft + 2 * N
+        forward = 2 * N * min(NEAR_BAND, N) * (M + E) + prefix + M * E * per_channel
+    return {"flops": 3.0 * forward * BH, "min_bytes": elt * (BH * (6 * N * M + 5 * N * D) + 3 * H * L),
+            "compute": compute}
+
+
+def run_here(spec: dict) -> dict:
+    """``run_case`` in this process; a failure (e.g. out of memory) becomes a skipped result and the run goes on."""
+    import gc
+    import torch
+    cuda = spec["device"].startswith("cuda")
+    try:
+        return run_case(spec)
+    except Exception as e:  # reported in the table like a failed subprocess
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+        return {"skipped": "failed (out of memory)" if oom else
+                f"failed ({type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]})"}
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def skip_reason(case: str, n: int, a: argparse.Namespace) -> str | None:
@@ -238,6 +314,8 @@ def main(argv=None) -> int:
             raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
     a.out.mkdir(parents=True, exist_ok=True)
     cases = sorted(a.cases, key=lambda c: c != "sdpa")  # SDPA first: the others are ratios to it
+    if a.bf16 or (a.bf16 is None and a.device.startswith("cuda")):
+        cases += [f"{c}@bf16" for c in a.cases if c in OP_CASES]
     if a.fp64 or (a.fp64 is None and a.device.startswith("cuda")):
         cases += [f"{c}@fp64" for c in a.cases if c in OP_CASES]
     if a.baseline_src:
@@ -249,7 +327,8 @@ def main(argv=None) -> int:
           f"threads={a.threads}; bias '{a.bias}': {BIASES[a.bias]}; SDPA {sdpa}; forward + backward, best of "
           f"{a.rounds} interleaved round(s) x {a.repeats}")
     rows = []
-    header = f"{'N':>6} {'case':<18} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  fft"
+    header = (f"{'N':>6} {'case':<18} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  {'fft':<7} {'GFLOP':>9} "
+              f"{'TFLOP/s':>8} {'min MB':>8} {'GB/s':>7}")
     print(header)
     print("-" * len(header))
     for n in a.n:
@@ -263,14 +342,19 @@ def main(argv=None) -> int:
                     continue
                 reason = skip_reason(c.split("@")[0], n, a)
                 source = a.baseline_src if c.endswith("@base") else None
-                results[c].append({"skipped": reason} if reason else run_in_subprocess(specs[c], a.timeout, source))
+                if reason:
+                    results[c].append({"skipped": reason})
+                elif a.isolate or source is not None:
+                    results[c].append(run_in_subprocess(specs[c], a.timeout, source))
+                else:
+                    results[c].append(run_here(specs[c]))
         sdpa_time = None
         for c in cases:
             done = [r for r in results[c] if "time_s" in r]
             res = ({"time_s": min(r["time_s"] for r in done), "times_s": [r["time_s"] for r in done],
                     "peak_mem_bytes": max(r["peak_mem_bytes"] for r in done), "fft_precision": done[0]["fft_precision"]}
                    if done else results[c][-1])
-            row = dict(specs[c], **res)
+            row = dict(specs[c], **res, **(case_cost(specs[c]) or {}))
             if c == "sdpa" and "time_s" in res:
                 sdpa_time = res["time_s"]
             if "time_s" in res and sdpa_time:
@@ -280,8 +364,11 @@ def main(argv=None) -> int:
                 print(f"{n:>6} {c:<18} skipped: {res['skipped']}")
             else:
                 ratio = f"{row['ratio_to_sdpa']:.3f}" if "ratio_to_sdpa" in row else "-"
+                roofline = (f" {row['flops'] / 1e9:>9.4g} {row['flops'] / res['time_s'] / 1e12:>8.4g} "
+                            f"{row['min_bytes'] / 1e6:>8.4g} {row['min_bytes'] / res['time_s'] / 1e9:>7.4g}"
+                            if "flops" in row else "")
                 print(f"{n:>6} {c:<18} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
-                      f"  {res['fft_precision'] or ''}", flush=True)
+                      f"  {res['fft_precision'] or '':<7}{roofline}", flush=True)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                                      "bias": BIASES[a.bias], "rows": rows}, indent=1))
     plot(rows, a.out / "plot.png", f"{a.device}, {a.threads} threads, B={a.batch} H={a.heads} D={a.head_dim} "

@@ -19,6 +19,13 @@ Building the context: kernelized models prefill the n tokens with the parallel o
 prefill needs an (H, n, n) bias (128 GB at 64k), so softmax prefills at most ``--softmax-max-prefill`` real
 tokens and fills the rest of the KV cache by repeating those keys and values: a decode step then costs what it
 costs at n tokens (attention over n cached entries; the cost does not depend on the cached values).
+
+Roofline of a decode step (JSON ``param_bytes``, ``bytes_per_token``, ``flops_per_token``): it must read every
+weight and the whole decoding state once per token (batch 1), and do :func:`decode_flops_per_token`; the table's
+``GB/s`` is ``bytes_per_token x tok/s``. On CUDA the table adds the GPU memory held while decoding (``dev MiB``,
+``torch.cuda.memory_allocated``) and its peak including the prefill. ``--no-isolate`` measures every (model,
+context) in this process instead of a fresh one each (on CUDA: no CUDA start-up per row, peak statistics reset
+per row; on CPU the RSS columns then carry what earlier rows left).
 """
 from __future__ import annotations
 
@@ -69,9 +76,12 @@ def rss_bytes() -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def release_free_memory() -> None:
-    """Return freed heap to the OS, so RSS shows what decoding holds rather than what prefill left behind."""
+def release_free_memory(device: str = "cpu") -> None:
+    """Return freed heap to the OS (and, on CUDA, cached blocks to the driver), so the memory figures show what
+    decoding holds rather than what prefill left behind."""
     gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -122,6 +132,23 @@ def timed_steps(model: Transformer, cache: DecodeCache, token: torch.Tensor, ste
     return token, times
 
 
+def decode_flops_per_token(model: Transformer, context: int) -> float:
+    """FLOPs of one decode step at ``context`` (a multiply-add counts 2): 2 per weight of the layers' matmuls and
+    of the output layer, plus each layer's attention over what it keeps: kernelized, the random features of q and
+    k (``4 d M``), the prefix-sum state (``4 M (d / H + 1) H``) and the exact offsets of its table (the ring:
+    ``2 min(L - 1, n) (M + d / H + 1) H``); softmax ``4 n d`` (``q.k`` and ``p v`` over ``n`` cached keys)."""
+    cfg = model.cfg
+    d, heads, M = cfg.d_model, cfg.n_heads, cfg.attention.num_features
+    weights = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2) + model.tok_emb.weight.numel()
+    if cfg.attention.kind == "softmax":
+        attention = 4 * context * d
+    else:
+        E = d // heads + 1
+        exact = min(cfg.attention.rpe_max_distance - 1, context)
+        attention = 4 * d * M + 4 * M * E * heads + 2 * exact * (M + E) * heads
+    return 2.0 * weights + cfg.n_layers * attention
+
+
 def measure(name: str, context: int, reference: int, max_context: int, rounds: int, block: int, vocab_size: int,
             device: str, softmax_max_prefill: int) -> dict:
     """One (model, context) measurement in this process.
@@ -131,15 +158,21 @@ def measure(name: str, context: int, reference: int, max_context: int, rounds: i
     (the CPU is shared). Memory is read once the prefill's temporaries are freed, before the reference cache
     exists, so it is what decoding at ``context`` holds.
     """
+    cuda = device == "cuda"
+    if cuda:
+        release_free_memory(device)
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = Transformer(model_config(name, max_context, vocab_size))
     model.init_weights()
     model.to(device).eval()
     token, cache, prefill_seconds = build_context(model, name, context, vocab_size, softmax_max_prefill, device)
     token, _ = timed_steps(model, cache, token, 4, device)  # warm-up
-    release_free_memory()
+    release_free_memory(device)
     rss, peak = rss_bytes()
     cache_bytes = cache.nbytes()
+    device_bytes = torch.cuda.memory_allocated() if cuda else None
+    device_peak = torch.cuda.max_memory_allocated() if cuda else None
     ref_token, ref_cache, _ = build_context(model, name, reference, vocab_size, softmax_max_prefill, device)
     ref_token, _ = timed_steps(model, ref_cache, ref_token, 4, device)
     times, ref_times = [], []
@@ -149,11 +182,14 @@ def measure(name: str, context: int, reference: int, max_context: int, rounds: i
         token, t = timed_steps(model, cache, token, block, device)
         times += t
     median, ref_median = statistics.median(times), statistics.median(ref_times)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"model": name, "context": context, "reference_context": reference,
             "prefilled_tokens": min(context, softmax_max_prefill) if name == "softmax" else context,
             "prefill_seconds": prefill_seconds, "decode_steps": len(times), "median_step_seconds": median,
             "tokens_per_second": 1.0 / median, "speed_vs_reference": ref_median / median,
-            "cache_bytes": cache_bytes, "rss_bytes": rss, "peak_rss_bytes": peak}
+            "cache_bytes": cache_bytes, "rss_bytes": rss, "peak_rss_bytes": peak,
+            "device_bytes": device_bytes, "device_peak_bytes": device_peak, "param_bytes": param_bytes,
+            "bytes_per_token": param_bytes + cache_bytes, "flops_per_token": decode_flops_per_token(model, context)}
 
 
 def run_isolated(args: argparse.Namespace, name: str, context: int, reference: int, max_context: int) -> dict:
@@ -173,16 +209,20 @@ def mib(x: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """tok/s at each context, its speed relative to the shortest context measured alongside it, memory."""
+    """tok/s at each context, its speed relative to the shortest context measured alongside it, memory, and the
+    bytes per second a step's weights and state imply; GPU memory when measured on CUDA."""
+    gpu = any(r.get("device_bytes") is not None for r in rows)
     head = (f"{'model':<9}{'context':>8}{'tok/s':>9}{'vs ref':>8}{'cache MiB':>11}{'RSS MiB':>10}{'vs 1st':>8}"
-            f"{'peak MiB':>10}{'prefill s':>11}")
+            f"{'peak MiB':>10}{'prefill s':>11}{'GB/s':>8}" + (f"{'dev MiB':>10}{'dev peak':>10}" if gpu else ""))
     lines = [head, "-" * len(head)]
     first = {}
     for r in rows:
         f = first.setdefault(r["model"], r)
+        device = f"{mib(r['device_bytes']):>10}{mib(r['device_peak_bytes']):>10}" if gpu else ""
         lines.append(f"{r['model']:<9}{r['context']:>8}{r['tokens_per_second']:>9.1f}{r['speed_vs_reference']:>8.3f}"
                      f"{mib(r['cache_bytes']):>11}{mib(r['rss_bytes']):>10}{r['rss_bytes'] / f['rss_bytes']:>8.3f}"
-                     f"{mib(r['peak_rss_bytes']):>10}{r['prefill_seconds']:>11.2f}")
+                     f"{mib(r['peak_rss_bytes']):>10}{r['prefill_seconds']:>11.2f}"
+                     f"{r['bytes_per_token'] * r['tokens_per_second'] / 1e9:>8.3f}{device}")
     return "\n".join(lines)
 
 
@@ -196,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--softmax-max-prefill", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="each (model, context) in a fresh process (default); --no-isolate: all in this one")
     p.add_argument("--json", type=Path, default=Path("bench_results/generate.json"))
     p.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--max-context", type=int, help=argparse.SUPPRESS)
@@ -210,13 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in models if m not in MODELS]
     if bad or not contexts or min(contexts) < 2 or args.rounds < 1 or args.block < 1:
         p.error(f"--models must be among {MODELS}, --contexts >= 2, --rounds and --block >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda given but torch.cuda.is_available() is False")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), device {args.device}; model: {SIZE}, 64 features, "
-          f"vocab {args.vocab_size}, random init, fp32", file=sys.stderr)
+          f"vocab {args.vocab_size}, random init, fp32" + ("" if args.isolate else "; all rows in one process"),
+          file=sys.stderr)
     rows = []
     for name in models:
         for context in contexts:
-            rows.append(run_isolated(args, name, context, contexts[0], max(contexts)))
+            if args.isolate:
+                rows.append(run_isolated(args, name, context, contexts[0], max(contexts)))
+            else:
+                rows.append(measure(name, context, contexts[0], max(contexts), args.rounds, args.block,
+                                    args.vocab_size, args.device, args.softmax_max_prefill))
             r = rows[-1]
             print(f"{name} @ {context}: {r['tokens_per_second']:.1f} tok/s, cache {mib(r['cache_bytes'])} MiB, "
                   f"RSS {mib(r['rss_bytes'])} MiB", file=sys.stderr, flush=True)

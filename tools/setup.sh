@@ -2,8 +2,8 @@
 # Creates .venv and installs lm with its dependencies (idempotent: a no-op once done, until pyproject.toml or
 # constraints-cpu.txt change). Without a GPU (no nvidia-smi) torch and deepspeed are pinned to CPU builds by
 # constraints-cpu.txt; with a GPU, pip keeps/installs the CUDA torch. PYTHON=python3.x picks the interpreter.
-# The eval extra (lm-eval, for tools/harness.py) is installed too, so the harness tests run everywhere; it pulls no
-# torch of its own (lm-eval's base install needs none).
+# The eval extra (lm-eval, for tools/harness.py) and the hf extra (transformers, safetensors, for tools/export_hf.py)
+# are installed too, so their tests run everywhere; neither pulls a torch of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,7 +15,8 @@ WANT="$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16) ${CONST
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then exit 0; fi
 echo "lm set-up: installing into .venv (torch, deepspeed, ...; about a minute)" >&2
 python -m pip install -q --disable-pip-version-check --upgrade pip
-python -m pip install -q --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev,eval]"
-python -c "import torch, deepspeed, sentencepiece, datasets, omegaconf, tensorboard, lm_eval; \
-print('lm set-up done: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| lm-eval', lm_eval.__version__)" 2>&1 | grep -v WARNING >&2
+python -m pip install -q --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev,eval,hf]"
+python -c "import torch, deepspeed, sentencepiece, datasets, omegaconf, tensorboard, lm_eval, transformers; \
+print('lm set-up done: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| lm-eval', lm_eval.__version__, \
+'| transformers', transformers.__version__)" 2>&1 | grep -v WARNING >&2
 echo "$WANT" > "$STAMP"

@@ -1,7 +1,8 @@
-"""Perplexity of a trained model on a WikiText-103 split (token, word and bits per byte), sliding windows.
+"""Perplexity of a trained model on a split of its corpus (token, word and bits per byte), sliding windows.
 
     python tools/eval_ppl.py RUN_DIR_OR_CHECKPOINT [--split valid|test] [--context N | --contexts 512,1024,...]
-                             [--stride S] [--batch-size B] [--json PATH] [--plot PATH] [key=value ...]
+                             [--stride S] [--batch-size B] [--per-document] [--json PATH] [--plot PATH]
+                             [key=value ...]
 
 Every token of the split is scored exactly once, each with at least ``context - stride`` tokens of history
 (stride defaults to the context: non-overlapping windows). The context defaults to the training context
@@ -10,6 +11,10 @@ work (RPE offsets beyond the table clamp). ``key=value`` overrides apply to the 
 ``data.path=DIR`` to read the split from local files. The split is always tokenized with the checkpoint's own
 tokenizer, never one re-derived from the data settings, so it cannot be scored with token ids the model was not
 trained on.
+
+Word perplexity is reported for a text of lines (WikiText's convention: words + line ends); a documents corpus
+(data.files, a hub dataset of documents) gets token perplexity and bits per byte, and with ``--per-document`` each
+document is scored on its own, from BOS, never seeing the document before it.
 
 Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>_ctx<contexts>[_stride<S>].json, so that
 evaluations at other contexts never overwrite each other) and, for several contexts, a PNG of perplexity against
@@ -41,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--contexts", help="comma-separated contexts, e.g. 512,1024,2048: the extrapolation curve")
     p.add_argument("--stride", type=int, help="new tokens scored per window (default: the context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--per-document", action="store_true",
+                   help="documents corpus: score each document on its own, from BOS (default: the packed stream)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="PNG of perplexity vs context (default: the JSON path, .png)")
@@ -72,11 +79,12 @@ def parse_contexts(args: argparse.Namespace) -> list[int] | None:
     return contexts
 
 
-def default_json_path(checkpoint: Path, split: str, contexts: list[int], stride: int | None = None) -> Path:
-    """RUN_DIR/eval/<checkpoint name>_<split>_ctx<c1-c2-...>[_stride<S>].json for RUN_DIR/checkpoints/<name>, else
-    the same name inside the checkpoint."""
+def default_json_path(checkpoint: Path, split: str, contexts: list[int], stride: int | None = None,
+                      per_document: bool = False) -> Path:
+    """RUN_DIR/eval/<checkpoint name>_<split>_ctx<c1-c2-...>[_stride<S>][_perdoc].json for
+    RUN_DIR/checkpoints/<name>, else the same name inside the checkpoint."""
     name = f"{checkpoint.name}_{split}_ctx{'-'.join(map(str, contexts))}{f'_stride{stride}' if stride else ''}"
-    return eval_dir(checkpoint) / f"{name}.json"
+    return eval_dir(checkpoint) / f"{name}{'_perdoc' if per_document else ''}.json"
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -98,16 +106,26 @@ def check_writable(path: Path, flag: str) -> None:
 def format_table(rows: list[SplitPerplexity]) -> str:
     """The results as a text table: columns separated by at least two spaces whatever the values (perplexities
     past 1e6 in exponent notation, a diverged model's as inf). ``word ppl`` is per word-level token (words + line
-    ends: the WikiText-103 convention, as in the literature)."""
-    head = ["split", "context", "stride", "tokens", "words+eol", "token ppl", "word ppl", "bits/byte", "tok/s"]
-    body = [[r.split, f"{r.context}", f"{r.stride}", f"{r.num_tokens:,}", f"{r.num_word_level_tokens:,}",
-             format_perplexity(r.token_perplexity), format_perplexity(r.word_perplexity), f"{r.bits_per_byte:.4f}",
+    ends: the WikiText-103 convention, as in the literature); a documents corpus has none ("-") and a ``docs``
+    column instead."""
+    documents = any(r.num_documents for r in rows)
+    head = ["split", "context", "stride", "tokens", "docs" if documents else "words+eol", "token ppl", "word ppl",
+            "bits/byte", "tok/s"]
+    body = [[r.split, f"{r.context}", f"{r.stride}", f"{r.num_tokens:,}",
+             f"{r.num_documents:,}" if documents else f"{r.num_word_level_tokens:,}",
+             format_perplexity(r.token_perplexity),
+             "-" if r.word_perplexity is None else format_perplexity(r.word_perplexity), f"{r.bits_per_byte:.4f}",
              f"{r.num_tokens / r.seconds:.0f}" if r.seconds > 0 else "-"] for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    note = "word ppl = exp(NLL / (whitespace words + line ends)): the WikiText-103 convention of the literature"
+    if documents:
+        how = "each document on its own, from BOS" if any(r.per_document for r in rows) else "the packed stream"
+        note = (f"documents corpus ({how}): tokens include an EOS per document; no word ppl (bits/byte compares "
+                f"tokenizers)")
+    else:
+        note = "word ppl = exp(NLL / (whitespace words + line ends)): the WikiText-103 convention of the literature"
     return "\n".join([line(head), "-" * len(line(head)), *map(line, body), note])
 
 
@@ -143,14 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):
             raise CommandError(f"--stride={args.stride} must be <= the context ({min(contexts)})")
-        json_path = args.json or default_json_path(inference.path, args.split, contexts, args.stride)
+        json_path = args.json or default_json_path(inference.path, args.split, contexts, args.stride,
+                                                   args.per_document)
         check_writable(json_path, "--json")
         split = tokenize_split(cfg.data, tokenizer, args.split)
+        if args.per_document and not split.num_documents:
+            raise CommandError(f"--per-document needs a documents corpus; the {args.split} split of this run's "
+                               f"corpus is a text of lines (WikiText): drop --per-document")
+        what = f"{split.num_documents:,} documents" if split.num_documents else f"{split.num_line_ends:,} lines"
         print(f"checkpoint {inference.path} (step {inference.step}, {cfg.model.attention.kind}, trained at context "
               f"{cfg.data.seq_len}) on {device}; {args.split}: {split.num_tokens:,} tokens, {split.num_words:,} "
-              f"words, {split.num_line_ends:,} lines", file=sys.stderr)
+              f"words, {what}", file=sys.stderr)
         rows = evaluate_split(model, split, contexts, args.stride, args.batch_size, tokenizer.bos_id, device,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              per_document_eos=tokenizer.eos_id if args.per_document else None)
     except USER_ERRORS as e:
         return report_error(e, status=2)
 

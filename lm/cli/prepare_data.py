@@ -2,7 +2,8 @@
 
     python tools/prepare_data.py CONFIG [key=value ...]
 
-Prints one line per split: tokens, words, bytes, tokens per word, and the cache file.
+Prints one line per split: tokens, words, lines (or documents, for a documents corpus), bytes, tokens per word,
+and the cache file (a folder of token files for a documents corpus).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer {tok.hash[:16]} vocab {tok.vocab_size} (built: {', '.join(corpus.built) or 'nothing'}; "
           f"{seconds:.1f} s)")
     for s in corpus.splits.values():
-        print(f"{s.name:5s} {s.num_tokens:>12,} tokens {s.num_words:>12,} words {s.num_line_ends:>9,} lines "
-              f"{s.num_bytes:>13,} bytes "
+        units = f"{s.num_documents:>9,} docs " if s.num_documents else f"{s.num_line_ends:>9,} lines"
+        print(f"{s.name:5s} {s.num_tokens:>12,} tokens {s.num_words:>12,} words {units} {s.num_bytes:>13,} bytes "
               f"{s.num_tokens / max(1, s.num_words):.3f} tokens/word  {s.path}")
     return 0

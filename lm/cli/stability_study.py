@@ -6,7 +6,7 @@
 
 Grids (lm.stability.grid): ``stability`` (default) = 5 variants (kernelized PRF / NPRF without RPE,
 kernelized_rpe PRF / NPRF, softmax + RPE) x 3 learning rates x 3 seeds of a 2-layer model for 300 steps;
-``quality`` = kernelized_rpe NPRF, kernelized NPRF and softmax + RPE at the README's Results settings, 3 seeds,
+``quality`` = kernelized_rpe NPRF, kernelized NPRF and softmax + RPE at the settings of docs/results.md, 3 seeds,
 scored on the test split at contexts 64..2048. ``--quick``: 2 variants x the top learning rate x 2 seeds, 100
 steps. ``key=value`` overrides apply to every run (e.g. ``data.path=DIR`` for local WikiText-103 files,
 ``max_steps=50``); the learning rate, seed, attention kind, feature map, RPE and run_dir are the grid's.

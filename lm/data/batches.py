@@ -12,12 +12,16 @@ import numpy as np
 import torch
 
 from lm.config import accumulation_steps
+from lm.data.sharded_tokens import ShardedTokens
 from lm.data.source import DataError
 
 
-def _as_tokens(split) -> np.ndarray:
-    """The token ids of a :class:`~lm.data.token_cache.TokenSplit` (its memmap), or of an array-like."""
-    return split.tokens if hasattr(split, "tokens") else np.asarray(split)
+def _as_tokens(split) -> np.ndarray | ShardedTokens:
+    """The token ids of a :class:`~lm.data.token_cache.TokenSplit` (its memmap, or its token files indexed as one
+    stream), of a :class:`ShardedTokens` (never concatenated), or of an array-like."""
+    if hasattr(split, "tokens"):
+        return split.tokens
+    return split if isinstance(split, ShardedTokens) else np.asarray(split)
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,7 +47,8 @@ def global_batch(split, seq_len: int, batch_size: int, step: int, seed: int) -> 
     A pure function of its arguments (so resuming at a step reproduces the order exactly). Sample
     ``g = step * batch_size + row`` is window ``g mod W`` of epoch ``g // W`` (``W`` windows per epoch); each
     epoch is a seeded permutation of non-overlapping window starts shifted by a seeded offset. ``split`` is a
-    :class:`TokenSplit` or a 1-D array of token ids.
+    :class:`TokenSplit`, a :class:`ShardedTokens` or a 1-D array of token ids; each row is read from the stream
+    on its own (a row that crosses a token file boundary is gathered from both files).
     """
     if step < 0 or batch_size <= 0 or seq_len <= 0:
         raise DataError(f"need step >= 0, batch_size > 0, seq_len > 0 (got {step}, {batch_size}, {seq_len})")

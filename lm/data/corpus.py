@@ -1,5 +1,10 @@
 """The corpus of a config: its text sources, its tokenizer and a token cache per split, prepared on first use
-and reused after (:func:`prepare_corpus`)."""
+and reused after (:func:`prepare_corpus`).
+
+Two kinds of source: a text of lines (:class:`SplitSource`: WikiText's files, a hub dataset of lines, the
+synthetic corpus), tokenized into one token file per split as it always was; and documents
+(:class:`DocumentSource`: data.files globs, a hub dataset of documents), an EOS after each, into a folder of
+token files per split (:mod:`lm.data.document_cache`)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 from lm.config import DataConfig
-from lm.data.hub import hub_source, load_hub_dataset
+from lm.data.document_cache import prepare_document_split
+from lm.data.documents import DocumentSource
+from lm.data.files import file_sources
+from lm.data.hub import hub_rows, hub_source, load_dataset_dict
+from lm.data.hub_documents import hub_document_sources
 from lm.data.local import local_source
 from lm.data.source import SPLITS, DataError, SplitSource
 from lm.data.synthetic import synthetic_source
@@ -17,7 +26,7 @@ from lm.data.tokenizer_cache import install_in_run_dir, prepare_tokenizer
 from lm.tokenizer import Tokenizer
 
 
-def resolve_sources(cfg: DataConfig, splits: Sequence[str]) -> dict[str, SplitSource]:
+def resolve_sources(cfg: DataConfig, splits: Sequence[str]) -> dict[str, SplitSource | DocumentSource]:
     """Locate and fingerprint ``splits`` (train is always included: the tokenizer is trained on it)."""
     bad = [s for s in splits if s not in SPLITS]
     if bad:
@@ -30,7 +39,11 @@ def resolve_sources(cfg: DataConfig, splits: Sequence[str]) -> dict[str, SplitSo
         return {s: local_source(directory, s, Path(cfg.cache_dir) / "datasets") for s in names}
     if cfg.source == "synthetic":
         return {s: synthetic_source(cfg, s) for s in names}
-    dataset_dict = load_hub_dataset(cfg)
+    if cfg.source == "files":
+        return file_sources(cfg, names)
+    dataset_dict = load_dataset_dict(cfg)
+    if hub_rows(cfg) == "documents":
+        return hub_document_sources(dataset_dict, cfg, names)
     return {s: hub_source(dataset_dict, cfg, s) for s in names}
 
 
@@ -71,7 +84,9 @@ def prepare_corpus(cfg: DataConfig, run_dir: str | Path | None = None,
     prepared: dict[str, TokenSplit] = {}
     built = ["tokenizer"] if tok_built else []
     for name in splits:
-        prepared[name], split_built = prepare_split(cfg, tok, sources[name])
+        src = sources[name]
+        prepare = prepare_document_split if isinstance(src, DocumentSource) else prepare_split
+        prepared[name], split_built = prepare(cfg, tok, src)
         if split_built:
             built.append(name)
     return Corpus(tok, prepared, tuple(built))

@@ -1,5 +1,6 @@
-"""What every text source produces: a :class:`SplitSource` (one split, located and fingerprinted, not loaded),
-and the helpers that cut text into line-aligned chunks and fingerprint it.
+"""What a text source of lines produces: a :class:`SplitSource` (one split, located and fingerprinted, not
+loaded), and the helpers that cut text into line-aligned chunks and fingerprint it; :class:`DataError`, the error
+of every data problem the user can fix. (A corpus of documents is a :class:`lm.data.documents.DocumentSource`.)
 
 A source fingerprint is the sha256 of the split's exact UTF-8 text; caches are keyed by it.
 """

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm.config import DataConfig
+from lm.data.sharded_tokens import ShardedTokens
 from lm.data.source import DataError, LineEnds, SplitSource
 from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir, sha256_file
 from lm.tokenizer import Tokenizer, encode_chunk, encode_chunk_with, init_worker
@@ -45,28 +46,35 @@ class TokenSplit:
     """One tokenized split: a 1-D memory-mapped stream of token ids and the counts for per-word metrics."""
 
     name: str
-    tokens: np.memmap
-    """Token ids, shape (num_tokens,), dtype uint16 or uint32, read-only."""
+    tokens: np.memmap | ShardedTokens
+    """Token ids, shape (num_tokens,), dtype uint16 or uint32, read-only: one memory-mapped file, or several
+    indexed as one (:class:`~lm.data.sharded_tokens.ShardedTokens`)."""
     num_tokens: int
     num_words: int
     """Whitespace-delimited words of the original text."""
     num_bytes: int
     """UTF-8 bytes of the original text."""
     path: Path
+    """The token file (a folder of token files for a documents corpus); its sidecar is ``path.with_suffix(".json")``."""
     num_line_ends: int
     """Lines of the original text (:class:`lm.data.source.LineEnds`)."""
+    num_documents: int = 0
+    """Documents, each followed by the EOS id in ``tokens``; 0 for a text of lines (WikiText, synthetic)."""
 
     @property
     def num_word_level_tokens(self) -> int:
-        """Words + line ends: the denominator of word-level perplexity (the WikiText-103 convention)."""
-        return self.num_words + self.num_line_ends
+        """Words + line ends: the denominator of word-level perplexity (the WikiText-103 convention); 0 for a
+        documents corpus, which has no word-level perplexity."""
+        return 0 if self.num_documents else self.num_words + self.num_line_ends
 
 
-def _num_proc(cfg: DataConfig) -> int:
+def worker_count(cfg: DataConfig) -> int:
+    """Processes to tokenize with: ``data.num_proc``, 0 = every core."""
     return cfg.num_proc or os.cpu_count() or 1
 
 
-def _dtype_for(vocab_size: int) -> np.dtype:
+def dtype_for(vocab_size: int) -> np.dtype:
+    """The token files' dtype: uint16 while every id fits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
@@ -83,7 +91,7 @@ def _check_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
         meta = json.loads(side_path.read_text())
         dtype = np.dtype(meta["dtype"])
         expected = {"format": CACHE_FORMAT, "tokenizer_hash": tok.hash, "source_fingerprint": src.fingerprint,
-                    "dtype": _dtype_for(tok.vocab_size).name}
+                    "dtype": dtype_for(tok.vocab_size).name}
         stale = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
         if stale:
             log.warning("rebuilding %s: stale cache (%s)", bin_path, stale)
@@ -135,7 +143,7 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
     side_path.unlink(missing_ok=True)  # from here on the cache is incomplete until the new sidecar lands
     for stale in bin_path.parent.glob(f".{bin_path.name}.tmp*"):  # left by a killed process (we hold the lock)
         stale.unlink(missing_ok=True)
-    dtype = _dtype_for(tok.vocab_size)
+    dtype = dtype_for(tok.vocab_size)
     tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
     h = hashlib.sha256()
     n_tokens = n_words = n_bytes = 0
@@ -183,7 +191,7 @@ def prepare_split(cfg: DataConfig, tok: Tokenizer, src: SplitSource) -> tuple[To
         meta = _check_cache(bin_path, side_path, tok, src)
         built = meta is None
         if built:
-            meta = _build_cache(bin_path, side_path, tok, src, _num_proc(cfg), cfg.progress)
+            meta = _build_cache(bin_path, side_path, tok, src, worker_count(cfg), cfg.progress)
     if meta["num_tokens"] == 0:
         raise DataError(f"{src.origin} has no tokens")
     tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))

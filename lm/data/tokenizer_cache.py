@@ -13,9 +13,10 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from lm.config import DataConfig
+from lm.data.documents import DocumentSource, spread_order
 from lm.data.source import DataError, SplitSource
 from lm.data.token_cache import CACHE_FORMAT
 from lm.fileio import exclusive_lock, fsync_dir
@@ -24,13 +25,14 @@ from lm.tokenizer import MODEL_FILE, Tokenizer, TokenizerError
 log = logging.getLogger(__name__)
 
 
-def _training_lines(src: SplitSource, max_bytes: int, max_line_bytes: int) -> Iterator[str]:
-    """Non-blank lines of ``src``, an evenly spread sample of about ``max_bytes`` bytes, none longer than
-    ``max_line_bytes`` (longer lines are cut, which SentencePiece would otherwise skip)."""
-    keep = min(1.0, max_bytes / src.num_bytes)
+def _sampled_lines(chunks: Iterable[str], num_bytes: int, max_bytes: int, max_line_bytes: int) -> Iterator[str]:
+    """Non-blank lines of a text of about ``num_bytes`` bytes read in ``chunks``, an evenly spread sample of about
+    ``max_bytes`` bytes, none longer than ``max_line_bytes`` (longer lines are cut, which SentencePiece would
+    otherwise skip)."""
+    keep = min(1.0, max_bytes / num_bytes)
     credit = 0.0
     piece = max(1, max_line_bytes // 4)  # characters; a character is at most 4 UTF-8 bytes
-    for chunk in src.chunks():
+    for chunk in chunks:
         for line in chunk.split("\n"):
             if not line.strip():
                 continue
@@ -44,7 +46,26 @@ def _training_lines(src: SplitSource, max_bytes: int, max_line_bytes: int) -> It
                 yield from (line[i:i + piece] for i in range(0, len(line), piece))
 
 
-def tokenizer_key(cfg: DataConfig, train: SplitSource) -> str:
+def _training_lines(src: SplitSource, max_bytes: int, max_line_bytes: int) -> Iterator[str]:
+    """The tokenizer's sample of a text of lines: :func:`_sampled_lines` of the whole split."""
+    return _sampled_lines(src.chunks(), src.num_bytes, max_bytes, max_line_bytes)
+
+
+def _document_training_lines(src: DocumentSource, max_bytes: int, max_line_bytes: int) -> Iterator[str]:
+    """The tokenizer's sample of the train documents: :func:`_sampled_lines` with the shards visited in
+    :func:`~lm.data.documents.spread_order`, stopping at ``max_bytes`` (the sampled share comes from the shards'
+    sizes on disk, an underestimate of the text of compressed files, so the sample may fill up early; the order
+    keeps it spread over the corpus)."""
+    texts = (text for text, _ in src.segments(spread_order(len(src.shards))))
+    taken = 0
+    for line in _sampled_lines(texts, max(1, src.disk_bytes), max_bytes, max_line_bytes):
+        yield line
+        taken += len(line)
+        if taken >= max_bytes:
+            return
+
+
+def tokenizer_key(cfg: DataConfig, train: SplitSource | DocumentSource) -> str:
     """The cache key of the tokenizer ``cfg`` trains on ``train``."""
     settings = {"format": CACHE_FORMAT, "train_fingerprint": train.fingerprint, **asdict(cfg.tokenizer)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
@@ -61,7 +82,8 @@ def _try_load(path: Path, key: str) -> Tokenizer | None:
     return tok if tok.meta.get("key") == key else None
 
 
-def prepare_tokenizer(cfg: DataConfig, train: SplitSource, run_dir: Path | None) -> tuple[Tokenizer, bool]:
+def prepare_tokenizer(cfg: DataConfig, train: SplitSource | DocumentSource, run_dir: Path | None
+                      ) -> tuple[Tokenizer, bool]:
     """The tokenizer for ``cfg`` and the train text: from the cache, else from ``run_dir``, else trained.
     Returns it and whether it was trained by this call."""
     cache = Path(cfg.cache_dir)
@@ -77,8 +99,9 @@ def prepare_tokenizer(cfg: DataConfig, train: SplitSource, run_dir: Path | None)
             log.info("training a %d-piece %s tokenizer on %s", t.vocab_size, t.model_type, train.origin)
             start = time.perf_counter()
             try:
+                sample = _document_training_lines if isinstance(train, DocumentSource) else _training_lines
                 tok = Tokenizer.train(
-                    _training_lines(train, t.train_max_bytes, t.max_sentence_length), vocab_size=t.vocab_size,
+                    sample(train, t.train_max_bytes, t.max_sentence_length), vocab_size=t.vocab_size,
                     model_type=t.model_type, character_coverage=t.character_coverage,
                     max_sentence_length=t.max_sentence_length, num_threads=t.num_threads,
                     meta={"key": key, "train_fingerprint": train.fingerprint, "settings": asdict(t)})

@@ -1,4 +1,5 @@
-"""Local lm-evaluation-harness tasks over a WikiText-format text file (``wiki.*.tokens``): no hub needed.
+"""Local lm-evaluation-harness tasks over a WikiText-format text file (``wiki.*.tokens``) or a file of documents
+(JSONL / Parquet, the documents' text in one column): no hub needed.
 
 :func:`write_tasks` writes into a directory (pass it as ``--include-path``) the documents as JSONL, one task
 YAML each and the ``utils.py`` they reference:
@@ -12,12 +13,14 @@ YAML each and the ``utils.py`` they reference:
     ``len(re.split(r"\\s+", page))``: the words plus one empty string at each end of a page that begins and ends
     with whitespace (a WikiText page begins with a space and ends with a newline), i.e. about words + 2 per
     page, so it reads ~1.8% x ln(ppl) higher than ``word_perplexity`` on WikiText-103;
-  - ``byte_perplexity`` and ``bits_per_byte`` over the UTF-8 bytes.
+  - ``byte_perplexity`` and ``bits_per_byte`` over the UTF-8 bytes (the only metrics for a file of documents,
+    whose text need not be words).
 - ``<prefix>_next_word``: multiple choice: a line's first words, then the true next word among
   ``num_choices - 1`` distractors drawn from the text's frequent words (``acc``, ``acc_norm``).
 
 Articles start at a `` = Title = `` heading line; text before the first heading joins the first article, so the
-documents concatenate to the file's text exactly.
+documents concatenate to the file's text exactly. A file of documents gives one document per row (its text
+column; empty rows are skipped), and its questions come from the documents' lines.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from lm.data import DataError, LineEnds
+from lm.data import DataError, DocumentSource, LineEnds
+from lm.data.files import file_kind, file_shards
 from lm.eval.perplexity import word_level_tokens
 from lm.fileio import atomic_write_text
 
@@ -70,6 +74,22 @@ def rolling_process_results(doc: dict, results: list[float]) -> dict[str, tuple[
             "byte_perplexity": (ll, num_bytes), "bits_per_byte": (ll, num_bytes)}
 
 
+def document_process_results(doc: dict, results: list[float]) -> dict[str, tuple[float, int]]:
+    """``process_results`` of the rolling task over a file of documents: per-byte metrics only."""
+    (ll,) = results
+    num_bytes = len(doc["text"].encode("utf-8"))
+    return {"byte_perplexity": (ll, num_bytes), "bits_per_byte": (ll, num_bytes)}
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """The documents of a JSONL / Parquet file (``text_field`` of each row; empty rows skipped), read as
+    ``data.files`` reads them (one-line :class:`DataError` for a bad file)."""
+    import glob
+
+    shards = file_shards(glob.escape(str(path)), str(path), text_field, None)
+    return [text for text, _ in DocumentSource("test", shards, str(path), text_field).segments()]
+
+
 def next_word_questions(text: str, num_questions: int, num_choices: int = 4, min_context_words: int = 8,
                         seed: int = 0) -> list[dict]:
     """Multiple-choice questions from ``text``'s paragraph lines: ``context`` (a line's leading space and first
@@ -104,7 +124,7 @@ def next_word_questions(text: str, num_questions: int, num_choices: int = 4, min
 
 
 _UTILS = '"""process_results for the local tasks (written by lm.eval.harness_tasks)."""\n' \
-         "from lm.eval.harness_tasks import rolling_process_results  # noqa: F401\n"
+         "from lm.eval.harness_tasks import document_process_results, rolling_process_results  # noqa: F401\n"
 
 
 def _task_yaml(name: str, data: Path, output_type: str, body: str) -> str:
@@ -139,6 +159,18 @@ metric_list:
     higher_is_better: false
 """
 
+_DOCUMENT_ROLLING_BODY = """doc_to_text: ""
+doc_to_target: "{{text}}"
+process_results: !function utils.document_process_results
+metric_list:
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+
 _CHOICE_BODY = """doc_to_text: "{{context}}"
 doc_to_choice: "{{choices}}"
 doc_to_target: "{{label}}"
@@ -157,16 +189,24 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def write_tasks(text_file: str | Path, out_dir: str | Path, prefix: str = "wikitext_local",
-                num_questions: int = 200, num_choices: int = 4, seed: int = 0) -> list[str]:
+                num_questions: int = 200, num_choices: int = 4, seed: int = 0, text_field: str = "text") -> list[str]:
     """Write the two local tasks for ``text_file`` into ``out_dir`` (created; files of the same names are
-    replaced, each atomically). Returns the task names."""
+    replaced, each atomically). ``text_file`` is WikiText-format text, or documents in a ``.jsonl`` / ``.json``
+    (also ``.gz`` / ``.zst``) / ``.parquet`` file with their text in column ``text_field``. Returns the task
+    names."""
     text_file, out_dir = Path(text_file), Path(out_dir)
-    text = text_file.read_text(encoding="utf-8")
+    documents = file_kind(text_file) in ("json", "parquet")
+    if documents:
+        docs = read_documents(text_file, text_field)
+        text, body = "\n".join(docs), _DOCUMENT_ROLLING_BODY
+    else:
+        text = text_file.read_text(encoding="utf-8")
+        docs, body = wikitext_articles(text), _ROLLING_BODY
     rolling, choice = f"{prefix}_rolling", f"{prefix}_next_word"
-    files = {f"{rolling}.jsonl": _jsonl([{"text": t} for t in wikitext_articles(text)]),
+    files = {f"{rolling}.jsonl": _jsonl([{"text": t} for t in docs]),
              f"{choice}.jsonl": _jsonl(next_word_questions(text, num_questions, num_choices, seed=seed)),
              f"{rolling}.yaml": _task_yaml(rolling, (out_dir / f"{rolling}.jsonl").resolve(), "loglikelihood_rolling",
-                                           _ROLLING_BODY),
+                                           body),
              f"{choice}.yaml": _task_yaml(choice, (out_dir / f"{choice}.jsonl").resolve(), "multiple_choice",
                                           _CHOICE_BODY),
              "utils.py": _UTILS}

@@ -191,18 +191,25 @@ class SplitPerplexity:
     """Whitespace-delimited words of the original split text."""
     num_line_ends: int
     """Lines of the original split text (a missing final newline counts as one)."""
-    num_word_level_tokens: int
-    """``num_words + num_line_ends``: WikiText-103's own token count (valid 217,646, test 245,569)."""
+    num_word_level_tokens: int | None
+    """``num_words + num_line_ends``: WikiText-103's own token count (valid 217,646, test 245,569); None for a
+    documents corpus."""
     num_bytes: int
     """UTF-8 bytes of the original split text."""
     token_perplexity: float
-    word_perplexity: float
+    word_perplexity: float | None
     """``exp(total NLL / (words + line ends))``: word-level perplexity by the WikiText-103 convention, as in the
-    literature (word-level models predict an end-of-line token per line, and our model pays for the newlines)."""
-    whitespace_word_perplexity: float
+    literature (word-level models predict an end-of-line token per line, and our model pays for the newlines).
+    None for a documents corpus: its tokens include an EOS per document and its text need not be words."""
+    whitespace_word_perplexity: float | None
     """``exp(total NLL / whitespace words)``: the same NLL over the words alone (higher; not the literature's)."""
     bits_per_byte: float
+    """Total NLL in bits over the text's UTF-8 bytes (a documents corpus's EOS tokens are part of the NLL)."""
     seconds: float
+    num_documents: int = 0
+    """Documents of a documents corpus (each ends with an EOS token); 0 for a text of lines (WikiText)."""
+    per_document: bool = False
+    """Each document scored on its own from BOS (no context from the document before it)."""
 
 
 def word_level_tokens(num_words: int, num_line_ends: int) -> int:
@@ -214,35 +221,44 @@ def split_word_perplexity(nll: NLL, split_tokens: int, words_and_lines: int) -> 
     """Word-level perplexity (WikiText-103 convention) of a split of ``split_tokens`` tokens and
     ``words_and_lines`` word-level tokens, from the NLL of the tokens scored. Exactly
     :attr:`SplitPerplexity.word_perplexity` when every token was scored; from a sample of windows (training's
-    bounded validation) the sample's mean token NLL stands for the split's, so it is an estimate."""
+    bounded validation) the sample's mean token NLL stands for the split's, so it is an estimate. NaN when the
+    split has no word-level count (a documents corpus: ``words_and_lines == 0``)."""
+    if words_and_lines <= 0:
+        return math.nan
     return _exp(nll.mean * split_tokens / words_and_lines)
 
 
 def split_perplexity(nll: NLL, split: str, num_words: int, num_line_ends: int, num_bytes: int, context: int,
-                     stride: int, seconds: float = math.nan) -> SplitPerplexity:
-    """Token and word perplexity and bits per byte of a split from its summed NLL and the split's counts."""
-    if num_words < 1 or num_bytes < 1:
+                     stride: int, seconds: float = math.nan, num_documents: int = 0,
+                     per_document: bool = False) -> SplitPerplexity:
+    """Token perplexity and bits per byte of a split from its summed NLL and the split's counts, and word
+    perplexity for a text of lines (``num_documents == 0``: WikiText's convention)."""
+    if num_bytes < 1 or (not num_documents and num_words < 1):
         raise ValueError(f"split {split!r} has {num_words} words and {num_bytes} bytes: nothing to normalise by")
-    words_and_lines = word_level_tokens(num_words, num_line_ends)
+    words_and_lines = None if num_documents else word_level_tokens(num_words, num_line_ends)
     return SplitPerplexity(split, context, stride, nll.nll_sum, nll.num_tokens, num_words, num_line_ends,
                            words_and_lines, num_bytes, token_perplexity=nll.perplexity,
-                           word_perplexity=_exp(nll.nll_sum / words_and_lines),
-                           whitespace_word_perplexity=_exp(nll.nll_sum / num_words),
-                           bits_per_byte=nll.nll_sum / (math.log(2) * num_bytes), seconds=seconds)
+                           word_perplexity=None if num_documents else _exp(nll.nll_sum / words_and_lines),
+                           whitespace_word_perplexity=None if num_documents else _exp(nll.nll_sum / num_words),
+                           bits_per_byte=nll.nll_sum / (math.log(2) * num_bytes), seconds=seconds,
+                           num_documents=num_documents, per_document=per_document)
 
 
 @dataclass(frozen=True)
 class EvalSplit:
-    """A split tokenized for evaluation: ``tokens`` (T,) int64 and the original text's counts."""
+    """A split tokenized for evaluation: ``tokens`` (T,) and the original text's counts."""
 
     name: str
     tokens: np.ndarray
+    """Token ids: int64, or a documents split's memory-mapped token cache (uint16/uint32, read window by window)."""
     num_words: int
     """Whitespace-delimited words of the original text."""
     num_line_ends: int
     """Lines of the original text (:class:`lm.data.LineEnds`)."""
     num_bytes: int
     """UTF-8 bytes of the original text."""
+    num_documents: int = 0
+    """Documents (each followed by the tokenizer's EOS id in ``tokens``); 0 for a text of lines (WikiText)."""
 
     @property
     def num_tokens(self) -> int:
@@ -254,12 +270,26 @@ def tokenize_split(data_cfg, tokenizer, name: str) -> EvalSplit:
 
     Not :func:`lm.data.prepare_corpus`: that derives the tokenizer from the data settings, and a checkpoint
     must be scored with the tokenizer it was trained with even when those settings (or the tokenizer code, or
-    the cache) have changed since. Valid and test splits are small (~1 MB for WikiText-103), so they are
-    tokenized in memory; the text is read through the same loader as training's, in line-aligned chunks.
+    the cache) have changed since. Valid and test splits of a text of lines are small (~1 MB for WikiText-103),
+    so they are tokenized in memory; the text is read through the same loader as training's, in line-aligned
+    chunks. A documents split uses its token cache when one was built with this very tokenizer (caches are keyed
+    by the tokenizer's hash), else it is tokenized in memory, an EOS after each document.
     """
-    from lm.data import LineEnds, resolve_sources
+    from lm.data import DataError, DocumentSource, LineEnds, cached_document_split, pack, resolve_sources
+    from lm.data.documents import tasks
+    from lm.data.token_cache import worker_count
 
     source = resolve_sources(data_cfg, [name])[name]
+    if isinstance(source, DocumentSource):
+        cached = cached_document_split(data_cfg, tokenizer, source)
+        if cached is not None:
+            return EvalSplit(name, cached.tokens, cached.num_words, cached.num_line_ends, cached.num_bytes,
+                             cached.num_documents)
+        tokens, counts = pack(tokenizer, tasks(source.segments()), num_threads=worker_count(data_cfg))
+        if counts.num_documents == 0:
+            raise DataError(f"the {name} split of {source.origin} has no documents")
+        return EvalSplit(name, tokens, counts.num_words, counts.num_line_ends, counts.num_bytes,
+                         counts.num_documents)
     pieces, words, line_ends = [], 0, LineEnds()
     for chunk in map(line_ends.add, source.chunks()):
         pieces.append(tokenizer.encode_array(chunk))
@@ -268,15 +298,55 @@ def tokenize_split(data_cfg, tokenizer, name: str) -> EvalSplit:
     return EvalSplit(name, tokens.astype(np.int64, copy=False), words, line_ends.count, source.num_bytes)
 
 
+def document_spans(tokens, eos_id: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each document of a packed stream, its EOS included (a last document without one
+    ends at the stream's end). Reads the stream in blocks, so a memory-mapped cache is never loaded whole."""
+    ends, block = [], 1 << 24
+    for a in range(0, len(tokens), block):
+        ends.extend((a + np.flatnonzero(np.asarray(tokens[a:a + block]) == eos_id) + 1).tolist())
+    if not ends or ends[-1] != len(tokens):
+        ends.append(len(tokens))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def score_documents(model: torch.nn.Module, tokens, eos_id: int, context: int, stride: int, batch_size: int,
+                    bos_id: int, device: str | torch.device = "cpu", progress: bool = False) -> NLL:
+    """Summed NLL of a packed stream with each document scored on its own: from BOS, its windows never reaching
+    into the document before it (:func:`score_tokens` per document, EOS included). What a long-context model is
+    judged on per document; costs one forward pass per window of each document."""
+    total, count = 0.0, 0
+    spans = document_spans(tokens, eos_id)
+    bar = tqdm(total=len(spans), unit="doc", desc="documents", disable=not progress, dynamic_ncols=True)
+    try:
+        for start, end in spans:
+            nll = score_tokens(model, tokens[start:end], context, stride, batch_size, bos_id, device)
+            total += nll.nll_sum
+            count += nll.num_tokens
+            bar.update(1)
+    finally:
+        bar.close()
+    return NLL(total, count)
+
+
 def evaluate_split(model: torch.nn.Module, split: EvalSplit, contexts: Sequence[int], stride: int | None,
-                   batch_size: int, bos_id: int, device: str, progress: bool = False) -> list[SplitPerplexity]:
+                   batch_size: int, bos_id: int, device: str, progress: bool = False,
+                   per_document_eos: int | None = None) -> list[SplitPerplexity]:
     """:func:`split_perplexity` of ``split`` at each context (tokens per window), with ``stride`` new tokens per
-    window (None: the context, non-overlapping windows)."""
+    window (None: the context, non-overlapping windows). With ``per_document_eos`` (the tokenizer's EOS id; a
+    documents split only) every document is scored on its own (:func:`score_documents`)."""
+    if per_document_eos is not None and not split.num_documents:
+        raise ValueError(f"split {split.name!r} is a text of lines, not documents: it has no per-document score")
     rows = []
     for context in contexts:
         start = time.perf_counter()
-        nll = score_tokens(model, split.tokens, context, stride or context, batch_size, bos_id, device,
-                           progress=progress)
+        if per_document_eos is None:
+            nll = score_tokens(model, split.tokens, context, stride or context, batch_size, bos_id, device,
+                               progress=progress)
+        else:
+            nll = score_documents(model, split.tokens, per_document_eos, context, stride or context, batch_size,
+                                  bos_id, device, progress=progress)
         rows.append(split_perplexity(nll, split.name, split.num_words, split.num_line_ends, split.num_bytes,
-                                     context, stride or context, seconds=time.perf_counter() - start))
+                                     context, stride or context, seconds=time.perf_counter() - start,
+                                     num_documents=split.num_documents,
+                                     per_document=per_document_eos is not None))
     return rows

@@ -102,6 +102,8 @@ class ModelCache:
     layers: list = field(default_factory=list)
     position: int = 0
     batch_size: int = 0
+    padded: bool = False
+    """Set by a caller whose first call had padding (a left-padded prompt), so that later calls keep masking."""
 
     @property
     def empty(self) -> bool:

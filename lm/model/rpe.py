@@ -94,22 +94,26 @@ class BucketedRPE(_ClippedRPE):
         self.num_heads = num_heads
         shape = (num_buckets,) if num_heads is None else (num_heads, num_buckets)
         self.bias = nn.Parameter(torch.zeros(shape))
-        # Config arithmetic on the host (also when the model is built on another device, e.g. meta).
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        # Config arithmetic on the host, once (also when the model is built on another device, e.g. meta).
         buckets = t5_causal_buckets(torch.arange(max_distance + 1, device="cpu"), num_buckets, max_distance)
-        last = int(torch.nonzero(buckets == num_buckets - 1)[0])
-        # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("bucket_of_offset", buckets[: last + 1].to(torch.get_default_device()),
-                             persistent=False)
+        self._table_len = int(torch.nonzero(buckets == num_buckets - 1)[0]) + 1
 
     @property
     def table_len(self) -> int:
-        return self.bucket_of_offset.shape[0]
+        return self._table_len
+
+    def bucket_of_offset(self, n: int) -> torch.Tensor:
+        """The bucket of each offset ``0 .. n - 1`` ``(n,)``, on the parameters' device. Computed, not stored: a
+        few arithmetic kernels, and nothing that a loader (a checkpoint, transformers' meta-device loading) can
+        leave unset."""
+        return t5_causal_buckets(torch.arange(n, device=self.bias.device), self.num_buckets, self.max_distance)
 
     def full_table(self) -> torch.Tensor:
-        return self.bias[..., self.bucket_of_offset]
+        return self.bias[..., self.bucket_of_offset(self.table_len)]
 
     def table(self, n: int) -> torch.Tensor:
-        return self.bias[..., self.bucket_of_offset[: max(1, min(n, self.table_len))]]
+        return self.bias[..., self.bucket_of_offset(max(1, min(n, self.table_len)))]
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)

@@ -42,11 +42,11 @@ METHODS = ("auto", "dense", "fft", "band", "prefix")
 RPE_METHODS = ("auto", "dense", "fft", "band")
 """The methods that take an RPE: ``prefix`` is plain causal linear attention (``band`` without RPE is ``prefix``)."""
 
-# Crossovers of method="auto" on CPU (measured: README, "The op"): dense up to these lengths, then band while
+# Crossovers of method="auto" on CPU (measured: docs/op.md, "The auto rule"): dense up to these lengths, then band while
 # L + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * log2(N) (band costs ~N (L + 64), the FFT ~N log2 N), else FFT.
 DENSE_MAX_N_NO_RPE = 160
 DENSE_MAX_N = 256
-BAND_COST_PER_LOG2N = 150
+BAND_COST_PER_LOG2N = 160
 BAND_OVERHEAD = 64
 # The same on GPUs: ESTIMATES until measured on one (the dense form's matmuls run far closer to peak there).
 CUDA_DENSE_MAX_N_NO_RPE = 512

@@ -15,7 +15,7 @@ scales like ``eps * risk`` with
 (largest over heads). Decaying biases (what LMs learn) keep the far residual small against the near mass;
 flat ones have no residual at all; biases that rise with distance, spiky or i.i.d. random ones put weight far
 from the diagonal and need float64. The constant between ``eps * risk`` and the measured error, and so
-:data:`FP32_MAX_RISK`, come from the measurements in README ("Float32 FFT policy") and are checked by
+:data:`FP32_MAX_RISK`, come from the measurements in docs/op.md ("FFT precision policy") and are checked by
 ``tests/test_ops_precision.py``.
 
 ``risk`` grows with ``N``, so the answer for one bias is a length: :func:`fp32_max_lengths` returns, for each
@@ -38,7 +38,7 @@ NEAR_BAND = 64
 its mass), the FFT carries only offsets ``>= NEAR_BAND``."""
 FP32_MAX_RISK = 300.0
 """Largest ``risk`` run with a float32 FFT. Measured over 18 bias families at N = 4096 and 16384 and 6 at 65536
-(README, "Float32 FFT policy"; ``tools/bench_fft_precision.py``): worst per-position error <= 1e-6 + 0.98 *
+(docs/op.md, "FFT precision policy"; ``tools/bench_fft_precision.py``): worst per-position error <= 1e-6 + 0.98 *
 eps * risk, so 300 keeps it <= 4e-5 (target 1e-4)."""
 DATA_RANGE_TYPICAL = 1.2
 """``data_range`` of the calibration inputs (uniform features, Gaussian values: 1.07 - 1.11)."""

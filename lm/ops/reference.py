@@ -72,7 +72,7 @@ def kernelized_attention_reference(phi_q: torch.Tensor, phi_k: torch.Tensor, v: 
     """
     q, k, val = phi_q.double(), phi_k.double(), v.double()
     n = q.shape[-2]
-    w = (q @ k.transpose(-1, -2)) * rpe_weights(rpe_bias, q.shape[1], n)  # (B, H, N, N)
+    w = (q @ k.transpose(-1, -2)) * rpe_weights(rpe_bias, q.shape[1], n).to(q.device)  # (B, H, N, N)
     return (w @ val) / w.sum(-1, keepdim=True)
 
 

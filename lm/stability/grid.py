@@ -5,7 +5,7 @@ Two grids:
 
 - ``stability`` (the default): five variants (PRF and NPRF, with and without RPE, and softmax with RPE) at three learning rates, three seeds each, on a small
   model trained briefly; what is measured is whether and when training breaks (:mod:`lm.stability.verdict`).
-- ``quality``: the three attention kinds at the README's "Results" settings (the paper's model scaled down to
+- ``quality``: the three attention kinds at the settings of docs/results.md ("Quality") (the paper's model scaled down to
   the CPU), three seeds, one learning rate; what is measured is test perplexity and length extrapolation.
 
 ``--quick`` shrinks the stability grid to 2 variants x the top learning rate x 2 seeds and fewer steps.
@@ -71,7 +71,7 @@ _RUN = ("engine=torch", "compute.precision=fp32", "data.num_proc=1", "data.progr
 
 STABILITY_LRS = (1e-2, 5e-2, 1.5e-1)
 """Comfortable (every variant trained in single-seed probes up to 1.5e-2), where PRF broke in the probes (3e-2 and
-5e-2), and where NPRF without RPE broke too (1.5e-1) while NPRF + RPE and softmax did not (README, "Stability":
+5e-2), and where NPRF without RPE broke too (1.5e-1) while NPRF + RPE and softmax did not (docs/results.md, "Stability":
 how the learning rates were chosen)."""
 
 STABILITY = Grid(
@@ -95,7 +95,7 @@ QUALITY = Grid(
     settings=(*_SMALL_MODEL, *_RUN, "data.seq_len=256", "model.attention.rpe_max_distance=256", "batch_size=16",
               "micro_batch_size=16", "max_steps=400", "optim.warmup_steps=40", "log_every=50"),
     evaluate=(("valid", None), ("test", (64, 128, 256, 512, 1024, 2048))),
-    notes="the README's Results model: 2 layers, d_model 128, 4 heads, d_ff 512, 64 features, context 256, batch "
+    notes="the Results model (docs/results.md): 2 layers, d_model 128, 4 heads, d_ff 512, 64 features, context 256, batch "
           "16 x 256, 400 steps (warmup 40, cosine to 0.1 x lr), lr 2e-3, fp32",
 )
 

@@ -8,6 +8,7 @@
     divergence.py       which steps are bad, when a run has diverged
     steplog.py          RUN/steps.jsonl, one record per step
     checkpointing.py    saving, pruning and resuming checkpoints (their format is lm.checkpoint)
+    preemption.py       stopping early and saved on a signal or a time limit; saving by the clock; SLURM requeue
 
 Nothing outside training imports this package except the stability study and the command lines: evaluation,
 generation and export load checkpoints through :mod:`lm.inference`, without DeepSpeed or a process group.

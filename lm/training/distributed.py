@@ -8,10 +8,11 @@ cannot see a collective on the wrong device: nothing outside this module calls `
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -102,14 +103,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLURM_PORTS = (15000, 10000)
+"""MASTER_PORT under SLURM when none is set: ``15000 + SLURM_JOB_ID % 10000`` (below the ephemeral ports; every
+task of a job derives the same one, a requeued job too)."""
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list in its compressed form: ``node[007-009,012],gpu1`` -> ``node007``,
+    ``rack[1-2]-n[01-04]`` -> ``rack1-n01``, ``a,b`` -> ``a``."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if first is None:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR to the first node's name")
+    return re.sub(r"\[([^,\]-]*)[^\]]*\]", r"\1", first.group(0))
+
+
+def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``torch.distributed`` variables of a task that ``srun`` started (one task per rank), from SLURM's:
+    RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), LOCAL_RANK = SLURM_LOCALID (0 when
+    SLURM bound one GPU to the task: CUDA_VISIBLE_DEVICES names one), MASTER_ADDR = the first node of
+    SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST), MASTER_PORT from SLURM_JOB_ID (:data:`SLURM_PORTS`). MASTER_*
+    already set are kept. Nothing (``{}``) outside a job step (``SLURM_STEP_ID`` is set by srun, not in the batch
+    script itself) or when a launcher already set RANK (``srun torchrun ...``, ``srun launch.sh``)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or not env.get("SLURM_STEP_ID", "").isdigit():
+        return {}
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not world or (not nodes and "MASTER_ADDR" not in env):
+        raise ConfigError("srun started this task but SLURM_NTASKS or SLURM_JOB_NODELIST is not set; start it "
+                          "with srun inside a job (sbatch / salloc), or set RANK, WORLD_SIZE, LOCAL_RANK, "
+                          "MASTER_ADDR and MASTER_PORT yourself")
+    one_gpu = len([d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]) == 1
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world,
+           "LOCAL_RANK": "0" if one_gpu else env.get("SLURM_LOCALID", "0"),
+           "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes)}
+    job = env.get("SLURM_JOB_ID", "")
+    port = SLURM_PORTS[0] + (int(job) % SLURM_PORTS[1] if job.isdigit() else 0)
+    out["MASTER_PORT"] = env.get("MASTER_PORT") or str(port)
+    return out
+
+
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Pick the engine and the device, start the process group, and (``deepspeed.sequence_parallel_size > 1``)
     DeepSpeed's sequence-parallel groups.
 
     ``engine=auto`` means DeepSpeed when a launcher started this process (``WORLD_SIZE`` is set, as by
-    ``launch.sh`` / ``deepspeed``), the plain-torch twin otherwise. Backend: nccl on CUDA, gloo on CPU. The
-    sequence-parallel size is checked against the world size here, before anything is built.
+    ``launch.sh`` / ``deepspeed`` / ``torchrun``, or derived here from SLURM's variables under ``srun``:
+    :func:`slurm_environment`, written into ``os.environ`` where DeepSpeed reads them), the plain-torch twin
+    otherwise. Backend: nccl on CUDA, gloo on CPU. The sequence-parallel size is checked against the world size
+    here, before anything is built.
     """
+    os.environ.update(slurm_environment(os.environ))
     launched = "WORLD_SIZE" in os.environ
     kind = cfg.engine if cfg.engine != "auto" else ("deepspeed" if launched else "torch")
     sp = cfg.deepspeed.sequence_parallel_size

@@ -26,7 +26,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from lm.training.optimizer_state import MomentsUnsupported, gather_moments, scat
 
 MOMENTS = "adam_moments.pt"
 """Beside DeepSpeed's checkpoint: the Adam moments by parameter name, for resuming on another layout."""
+
+Flags = Callable[[], Sequence[bool]]
+"""This rank's booleans for a step's reduction, read when the reduction runs (:meth:`Engine.train_step`)."""
 
 
 @dataclass
@@ -55,6 +58,9 @@ class StepStats:
     bad: str = ""
     """Why the step counts as bad (:func:`lm.training.divergence.bad_step`): "loss" / "gradients" (non-finite),
     "spike" (a finite loss above the step's ``loss_limit``), or "" for a good step."""
+    flags: tuple[bool, ...] = ()
+    """The caller's ``flags`` (see :meth:`Engine.train_step`), each true when any rank raised it: agreed by every
+    rank in the step's one reduction (e.g. "stop after this step", :mod:`lm.training.preemption`)."""
 
     @property
     def nonfinite(self) -> str:
@@ -167,10 +173,11 @@ class Engine:
         set_tf32(cfg.compute.tf32, info.device)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float,
-                   loss_limit: float = math.inf) -> StepStats:
+                   loss_limit: float = math.inf, flags: Optional[Flags] = None) -> StepStats:
         """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``,
         skipped when the step's loss is non-finite or above ``loss_limit`` (the same on every rank), or its
-        gradients are non-finite."""
+        gradients are non-finite. ``flags``, called once right before the step's reduction, gives this rank's
+        host-side booleans; :attr:`StepStats.flags` says which of them any rank raised (no extra collective)."""
         raise NotImplementedError
 
     def save_state(self, directory: Path) -> None:
@@ -186,12 +193,16 @@ class Engine:
         raise NotImplementedError
 
     @staticmethod
-    def _global_loss(nll: list[torch.Tensor]) -> tuple[float, bool]:
+    def _global_loss(nll: list[torch.Tensor], flags: Optional[Flags] = None) -> tuple[float, bool, tuple[bool, ...]]:
         """(summed token NLL of the whole step over every micro-batch of every rank, whether any of them was
-        non-finite), from this rank's per-micro-batch sums: one all-reduce and one host read per step."""
+        non-finite, which of this rank's ``flags()`` any rank raised), from this rank's per-micro-batch sums: one
+        all-reduce and one host read per step. The flags ride in the same tensor as counts of ranks (SUM > 0 is
+        "any"), written by fill kernels from host scalars: no host-to-device copy to wait for."""
+        total = sum(nll)
         finite = torch.stack([torch.isfinite(x) for x in nll]).all().float()
-        loss_sum, nonfinite = all_reduce(torch.stack([sum(nll), 1.0 - finite]).double()).tolist()
-        return loss_sum, nonfinite > 0
+        votes = [total.new_full((), float(bool(f))) for f in (flags() if flags is not None else ())]
+        loss_sum, nonfinite, *raised = all_reduce(torch.stack([total, 1.0 - finite, *votes]).double()).tolist()
+        return loss_sum, nonfinite > 0, tuple(r > 0 for r in raised)
 
 
 class TorchEngine(Engine):
@@ -218,7 +229,7 @@ class TorchEngine(Engine):
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.compute.precision == "bf16" else nullcontext())
 
-    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None):
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         nll = []
@@ -227,7 +238,7 @@ class TorchEngine(Engine):
                 loss = token_nll_sum(self.module, mb.to(self.info.device))
             nll.append(loss.detach())
             (loss / global_tokens).backward()
-        loss_sum, loss_bad = self._global_loss(nll)
+        loss_sum, loss_bad, raised = self._global_loss(nll, flags)
         if self.info.world_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = all_reduce(torch._utils._flatten_dense_tensors(grads))
@@ -244,7 +255,7 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         skipped = self.optimizer.overflow
         return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped,
-                         bad_step(loss, loss_limit, gradients_finite=not (skipped and not known)))
+                         bad_step(loss, loss_limit, gradients_finite=not (skipped and not known)), raised)
 
     def save_state(self, directory):
         if self.info.is_main:
@@ -297,7 +308,7 @@ class DeepSpeedEngine(Engine):
         if basic is not None:
             _set_lr(basic, lr)
 
-    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None):
         engine = self.engine
         engine.train()
         if len(micro_batches) != engine.gradient_accumulation_steps():
@@ -312,7 +323,7 @@ class DeepSpeedEngine(Engine):
             nll.append(loss.detach())
             scale = self.info.dp_size / global_tokens  # DeepSpeed averages over data-parallel replicas
             if i == len(micro_batches) - 1:  # the step's loss is known before its last backward
-                loss_sum, loss_bad = self._global_loss(nll)
+                loss_sum, loss_bad, raised = self._global_loss(nll, flags)
                 known = bad_step(math.nan if loss_bad else loss_sum / global_tokens, loss_limit)
                 spike = known == "spike"
                 if spike and not guarded:  # DeepSpeed's own optimizers skip a step whose gradients are non-finite
@@ -339,7 +350,7 @@ class DeepSpeedEngine(Engine):
         unasked = skipped and not known and self.cfg.compute.precision != "fp16"
         return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped,
                          bad_step(math.nan if loss_bad else loss_sum / global_tokens, loss_limit,
-                                  gradients_finite=not unasked))
+                                  gradients_finite=not unasked), raised)
 
     def layout(self) -> dict:
         """What DeepSpeed's own optimizer files depend on (not the sequence-parallel degree: DeepSpeed partitions

@@ -10,7 +10,9 @@ What can go wrong, and what the loop does about it (README, "What happens when t
 (non-finite, or a loss spike: :mod:`lm.training.divergence`) are skipped, no checkpoint is written while the run is in a
 streak of them, and a run that diverges stops naming its last good checkpoint; one trainer at a time holds the
 run directory (:class:`lm.fileio.OwnerLock` on ``RUN/train.lock``); every step is recorded in ``RUN/steps.jsonl``
-(:mod:`lm.training.steplog`).
+(:mod:`lm.training.steplog`). A stop signal or ``time_limit_minutes`` ends the run after the step in flight, saved
+(:mod:`lm.training.preemption`): all ranks agree in the step's own reduction; a stop before validating a step
+marks its checkpoint (``validation_pending``) and the resumed run validates that step first.
 """
 from __future__ import annotations
 
@@ -19,24 +21,30 @@ import resource
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 
 from lm import checkpoint
 from lm.training import checkpointing
 from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, TrainConfig, as_dict, to_yaml
+from lm.config import ConfigError, TrainConfig, as_dict, config_from_dict, to_yaml
 from lm.data import global_batch, prepare_corpus, shard
+from lm.errors import UserError
+from lm.fileio import LockHeld, OwnerLock, describe_holder
 from lm.training.distributed import DistInfo, barrier, broadcast, init_distributed
 from lm.training.divergence import DivergenceMonitor
 from lm.training.engine import Engine, build_engine
-from lm.fileio import LockHeld, OwnerLock, describe_holder
+from lm.training.preemption import (Decision, Interrupted, StopControl, StopSignals, TrainingPreempted,
+                                    requeue_slurm_job, stop_line)
 from lm.training.schedule import lr_at
 from lm.training.steplog import StepLog
 
 LOCK = "train.lock"
 """The run directory's lock file (never delete it while a trainer may run)."""
+
+VALIDATION_PENDING = "validation_pending"
+"""In a checkpoint's counters: the run stopped early before validating this step; a resume validates it first."""
 
 
 class TrainingStopped(RuntimeError):
@@ -94,18 +102,29 @@ class RunLog:
 
     def valid(self, step: int, nll, split) -> None:
         """Log the validation NLL ``nll`` (an :class:`lm.eval.perplexity.NLL`) of the valid ``split`` (a TokenSplit):
-        loss, token perplexity and word perplexity (WikiText-103 convention, as ``tools/eval_ppl.py``)."""
+        loss, token perplexity, and word perplexity for a text of lines (WikiText-103's convention, as
+        ``tools/eval_ppl.py``) or bits per byte for a corpus of documents (where words need not exist)."""
         if not self.enabled:
             return
         from lm.eval.perplexity import format_perplexity, split_word_perplexity
-        word_ppl = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
-        for name, value in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), ("valid/word_ppl", word_ppl)]:
-            self.writer.add_scalar(name, value, step)
+        if split.num_documents:  # from a sample of windows, the sample's mean NLL stands for the split's
+            tag, label = "bits_per_byte", "bits/byte"
+            value = nll.mean * split.num_tokens / (math.log(2) * split.num_bytes)
+            shown = f"{value:.4f}"
+        else:
+            tag, label = "word_ppl", "word ppl"
+            value = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
+            shown = format_perplexity(value, decimals=2)
+        for name, v in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), (f"valid/{tag}", value)]:
+            self.writer.add_scalar(name, v, step)
         self.writer.flush()
-        sample = "" if nll.num_tokens == split.num_tokens else ", word ppl estimated from this sample"
+        sample = "" if nll.num_tokens == split.num_tokens else f", {label} estimated from this sample"
         print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {format_perplexity(nll.perplexity, decimals=2)} | "
-              f"valid word ppl {format_perplexity(word_ppl, decimals=2)} ({nll.num_tokens:,} tokens{sample})",
-              flush=True)
+              f"valid {label} {shown} ({nll.num_tokens:,} tokens{sample})", flush=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -137,7 +156,8 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
     if resume_from is None:
         raise CheckpointError(f"no checkpoint of {run_dir} is intact (see the warnings above); restore one, or "
                               f"choose another run_dir")
-    stored = checkpoint.read_meta(resume_from)["config"]
+    # the stored config with today's defaults for keys an older version did not have
+    stored = as_dict(config_from_dict(checkpoint.read_meta(resume_from)["config"]))
     mine = as_dict(cfg)
     movable = ("num_proc", "cache_dir", "path", "progress")  # machine or display settings: the data is the same
     for section in ("model", "data"):
@@ -205,22 +225,28 @@ def _diff(a: dict, b: dict, prefix: str) -> list[str]:
 
 def train(cfg: TrainConfig) -> int:
     """Train according to ``cfg``; returns the number of the last step trained. Raises :class:`TrainingStopped`
-    when the run diverges or ends far above its first loss (the message names the last good checkpoint)."""
-    info = init_distributed(cfg)
-    lock = OwnerLock(Path(cfg.run_dir) / LOCK)
-    try:
-        return _train(cfg, info, lock)
-    finally:
-        lock.release()
+    when the run diverges or ends far above its first loss (the message names the last good checkpoint), and
+    :class:`TrainingPreempted` when a signal of ``preemption.signals`` or ``time_limit_minutes`` stopped it
+    early, after saving (:mod:`lm.training.preemption`; re-running resumes). Handlers for those signals are
+    installed while it runs; the previous ones come back after."""
+    with StopSignals(cfg.preemption.signals) as signals:
+        stop = StopControl(cfg, signals)  # time_limit_minutes counts from here
+        info = init_distributed(cfg)
+        lock = OwnerLock(Path(cfg.run_dir) / LOCK)
+        try:
+            return _train(cfg, info, lock, stop)
+        finally:
+            lock.release()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
+def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl) -> int:
     from lm.model import Transformer
 
     run_dir = Path(cfg.run_dir)
     resume_from = _take_run_dir(cfg, run_dir, info, lock)
     barrier()  # every rank has looked at the run directory before rank 0 writes into it
-    corpus = prepare_corpus(cfg.data, run_dir)
+    corpus = _prepare_data(cfg, run_dir, stop.signals)
+    _stop_before_start(cfg, info, stop, resume_from)  # nothing written yet: no config.yaml, no steps
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = corpus.tokenizer.vocab_size
     elif cfg.model.vocab_size < corpus.tokenizer.vocab_size:
@@ -241,15 +267,52 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
         start, counters = meta["step"], meta["counters"]
         if info.is_main:
             print(f"resumed from {resume_from} at step {start}", flush=True)
+    _stop_before_start(cfg, info, stop, resume_from)
 
     train_split, valid_split = corpus.split("train"), corpus.split("valid")
     log = RunLog(run_dir, info, cfg, start)
     steps = StepLog(run_dir, start, enabled=info.is_main)
     monitor = DivergenceMonitor(cfg.divergence, counters, start, first_loss_guess=math.log(cfg.model.vocab_size))
-    stop_at = cfg.stop_at or cfg.max_steps
+    end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     step = start
+
+    def validation(request: Decision) -> tuple[Decision, bool]:
+        """Validate ``step`` on rank 0 (the others wait); a stop signal reaching rank 0 ends it at once (it only
+        reads). Then every rank agrees on stopping. Returns (the decision, whether the validation is still to be
+        done)."""
+        done = True
+        if info.is_main:
+            try:
+                with stop.signals.interruptible():
+                    nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id)
+            except Interrupted:
+                done = False
+            else:
+                log.valid(step, nll, valid_split)
+        barrier()
+        return stop.agree(request), not done
+
+    def stop_now(reason: str, saved: Optional[Path]) -> NoReturn:
+        steps.sync()
+        log.flush()
+        message = ""
+        if info.is_main:
+            resume_at = saved if saved is not None else checkpoint.newest_intact(run_dir, "training")
+            message = stop_line(reason, step, resume_at, in_bad_streak=saved is None)
+            print(message, flush=True)
+            note = requeue_slurm_job(cfg, reason)
+            if note:
+                print(note, flush=True)
+        raise TrainingPreempted(message or "training stopped early (rank 0 says where it saved)", reason, step,
+                                saved)
+
     try:
-        while step < min(stop_at, cfg.max_steps):
+        if counters.get(VALIDATION_PENDING) and cfg.eval_every:  # stopped before validating its step
+            request, _ = validation(Decision())
+            if request.stop:
+                stop_now(request.stop, resume_from)
+        stop.loop_starts()
+        while step < end:
             if cfg.model.attention.redraw_every and step and step % cfg.model.attention.redraw_every == 0:
                 engine.module.redraw_features(torch.Generator().manual_seed(step_seed(cfg.seed, step)))
             engine.module.refresh_precision_policy()  # FFT precision from the current RPE: one host read per step
@@ -258,7 +321,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
             micro = shard(batch, info.dp_rank, info.dp_size, cfg.micro_batch_size)  # sequence-parallel ranks share rows
             limit = monitor.loss_limit()
             stats = engine.train_step(micro, global_tokens=batch[:, 1:].numel(),
-                                      lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit)
+                                      lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit, flags=stop.flags)
             step += 1
             monitor.record(step, stats.loss, stats.bad, limit)
             steps.write(step, stats, limit, monitor.bad_in_a_row)
@@ -267,16 +330,25 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
             if monitor.diverged:
                 raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), "diverged", step)
             log.train(step, stats, batch[:, 1:].numel())
-            last = step == min(stop_at, cfg.max_steps)
+            request = stop.decide(stats.flags)  # agreed by every rank in the step's own reduction
+            pending = False
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                if info.is_main:
-                    nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id)
-                    log.valid(step, nll, valid_split)
-                barrier()
-            if (step % cfg.save_every == 0 or last) and not monitor.bad_in_a_row:  # never in a bad streak
+                if request.stop:
+                    pending = True  # saving comes first; a resume validates this step before going on
+                else:
+                    request, pending = validation(request)
+            saved = None
+            due = step % cfg.save_every == 0 or step == end or request.save or request.stop
+            if due and not monitor.bad_in_a_row:  # never in a bad streak
                 steps.sync()
-                checkpointing.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer, monitor.state_dict(),
-                                           cfg.keep_checkpoints)
+                saved = checkpointing.save_checkpoint(run_dir, engine, step, cfg, corpus.tokenizer,
+                                                      {**monitor.state_dict(), **_pending(pending)},
+                                                      cfg.keep_checkpoints)
+                stop.saved()
+                if not request.stop:  # a signal while saving: this step is saved, stop now
+                    request = stop.agree(request)
+            if request.stop:
+                stop_now(request.stop, saved)
         if monitor.bad_in_a_row or monitor.ended_far_above_start():
             kind = "bad_streak_at_end" if monitor.bad_in_a_row else "ended_far_above_start"
             raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), kind, step)
@@ -284,6 +356,41 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock) -> int:
         steps.close()
         log.close()
     return step
+
+
+def _pending(pending: bool) -> dict:
+    return {VALIDATION_PENDING: True} if pending else {}
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path, signals: StopSignals):
+    """The corpus (:func:`lm.data.prepare_corpus`); None when a stop signal ended its preparation (caches are
+    written atomically, so it can stop anywhere; a re-run goes on from what is complete)."""
+    try:
+        with signals.interruptible():
+            return prepare_corpus(cfg.data, run_dir)
+    except Interrupted:
+        return None
+    except UserError:
+        if signals.received:  # e.g. a tokenizer worker process ended by the same signal
+            return None
+        raise
+
+
+def _stop_before_start(cfg: TrainConfig, info: DistInfo, stop: StopControl, resume_from: Optional[Path]) -> None:
+    """Before the first step: if any rank received a stop signal, stop with nothing written (the clock never
+    stops a command before its first step). Collective."""
+    request = stop.agree(first_step_done=False)
+    if not request.stop:
+        return
+    step = 0 if resume_from is None else checkpoint.checkpoint_step(resume_from)
+    message = ""
+    if info.is_main:
+        message = stop_line(request.stop, step, resume_from)
+        print(message, flush=True)
+        note = requeue_slurm_job(cfg, request.stop)
+        if note:
+            print(note, flush=True)
+    raise TrainingPreempted(message or "training stopped before its first step", request.stop, step, resume_from)
 
 
 def _stop_message(cfg: TrainConfig, run_dir: Path, info: DistInfo, monitor: DivergenceMonitor) -> str:

@@ -1,0 +1,35 @@
+"""Export a trained model to a Hugging Face transformers model directory.
+
+    python tools/export_hf.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--force] [key=value ...]
+
+Writes config.json, model.safetensors, generation_config.json, the tokenizer files (tokenizer.json: exactly our
+tokenizer's ids, BOS first), the two small Python files that ``trust_remote_code=True`` loads (they import the
+``lm`` package, which must be installed where the model is loaded) and a model card. Load it with
+``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained``;
+after ``import lm.hf`` no remote code is needed. Given a run directory it exports the newest intact checkpoint. The
+export is checked before it is put in place (the written model's logits equal the checkpoint's); an existing
+non-empty OUT_DIR is refused unless --force, and then replaced only once the new export is complete. Needs the
+optional extra: pip install -e '.[hf]'.
+"""
+from __future__ import annotations
+
+from lm.cli.common import USER_ERRORS, command_parser, report_error
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = command_parser(__doc__)
+    p.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
+    p.add_argument("out_dir", help="the Hugging Face model directory to write")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.attention.method=fft")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    args = p.parse_intermixed_args(argv)
+    try:
+        from lm.hf.export import export_checkpoint  # needs the optional extra: the error says how to install it
+
+        done = export_checkpoint(args.path, args.out_dir, args.dtype, args.force, args.overrides)
+    except USER_ERRORS as e:
+        return report_error(e, status=2)
+    print(f"exported step {done.step} ({done.dtype}) to {done.directory} (logits checked: relative error "
+          f"{done.logits_error:.1e})")
+    return 0

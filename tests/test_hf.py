@@ -1,0 +1,260 @@
+"""Export to Hugging Face transformers (lm.hf, tools/export_hf.py) on tiny models of every attention kind: a fresh
+process loads the directory with AutoModelForCausalLM / AutoTokenizer; its tokenizer gives our ids, its logits
+our model's, its greedy generate() our generate's for 200 tokens past the training context; left-padded batches give
+each row what it gets alone; sampling honours temperature, top-k and top-p; the generation cache is ours; and
+lm-evaluation-harness's stock `hf` backend agrees with our `lm-kernelized` adapter."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, assert_close, smoke_argv
+
+pytest.importorskip("transformers")
+
+import lm.hf  # noqa: E402  (registers the classes with the Auto factories)
+from lm.cli.export_hf import main as export_main  # noqa: E402
+from lm.cli.train import main as train_main  # noqa: E402
+from lm.hf import KernelizedCache, KernelizedLMForCausalLM  # noqa: E402
+from lm.inference.generation import Sampling, filter_logits, generate  # noqa: E402
+from lm.inference.loading import load_for_inference  # noqa: E402
+
+KINDS = {
+    "rpe-general": ["model.attention.rpe_max_distance=1024"],
+    "rpe-clipped": ["model.attention.rpe_max_distance=12"],
+    "rpe-bucketed": ["model.attention.rpe=bucketed", "model.attention.rpe_num_buckets=8",
+                     "model.attention.rpe_max_distance=48"],
+    "kernelized-absolute": ["model.attention.kind=kernelized", "model.attention.rpe=none"],
+    "softmax-rpe": ["model.attention.kind=softmax", "model.attention.rpe_max_distance=64"],
+}
+TRAIN_CONTEXT = 128  # configs/smoke.yaml's data.seq_len
+NEW_TOKENS = 200
+PROMPTS = ["what is kelo ? 37 . the red fox sees a small bird . what is kelo ?", "the", "a small bird sees"]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """kind -> (run directory, exported directory): smoke models trained 8 steps (the suite's tokenizer)."""
+    cache, root = trained_run.parent / "cache", tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, overrides in KINDS.items():
+        run = root / name / "run"
+        assert train_main(smoke_argv(run, cache, "max_steps=8", "save_every=8", "log_every=8", *overrides)) == 0
+        assert export_main([str(run), str(root / name / "hf")]) == 0
+        out[name] = run, root / name / "hf"
+    return out
+
+
+FRESH = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, prompts, new_tokens, tensors = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(directory)
+ids = [tok(p)["input_ids"] for p in prompts]
+first = torch.tensor([ids[0]])
+with torch.no_grad():
+    logits = model(first).logits
+greedy = model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=new_tokens, do_sample=False,
+                        min_new_tokens=new_tokens)
+model64 = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float64).eval()
+batch = tok(prompts, return_tensors="pt", padding=True)
+together = model64.generate(**batch, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+alone = [model64.generate(torch.tensor([i]), max_new_tokens=40, min_new_tokens=40, do_sample=False)[0].tolist()
+         for i in ids]
+torch.save({"logits": logits}, tensors)
+print("RESULT " + json.dumps({
+    "model_class": type(model).__module__ + "." + type(model).__name__, "ids": ids,
+    "decoded": [tok.decode(i, skip_special_tokens=True) for i in ids],
+    "greedy": greedy[0, len(ids[0]):].tolist(), "padding_side": tok.padding_side,
+    "together": [row[batch["input_ids"].shape[1]:] for row in together.tolist()],
+    "alone": [row[len(i):] for row, i in zip(alone, ids)]}))
+"""
+
+
+def fresh_process(directory: Path, tmp_path: Path) -> tuple[dict, dict]:
+    tensors = tmp_path / "tensors.pt"
+    done = subprocess.run([sys.executable, "-c", FRESH, str(directory), json.dumps(PROMPTS), str(NEW_TOKENS),
+                           str(tensors)], capture_output=True, text=True, cwd=tmp_path)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):]), torch.load(tensors)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_fresh_process_loads_the_export_and_matches_our_model(kind, exported, tmp_path):
+    run, directory = exported[kind]
+    got, tensors = fresh_process(directory, tmp_path)
+    assert got["model_class"] == "lm.hf.modeling.KernelizedLMForCausalLM"
+    ours = load_for_inference(run)
+    tok = ours.tokenizer
+    assert got["ids"] == [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]  # BOS first, as our tools put it
+    assert got["decoded"] == PROMPTS
+    with torch.no_grad():
+        want = ours.model(torch.tensor([got["ids"][0]]))
+    assert_close(tensors["logits"], want, rtol=1e-5, what="logits")
+    # greedy decoding, token for token, to 100+ tokens past the training context
+    prompt = tok.encode(PROMPTS[0])
+    assert len(prompt) + 1 + NEW_TOKENS >= TRAIN_CONTEXT + 100
+    mine = list(generate(ours.model, prompt, NEW_TOKENS, Sampling(temperature=0.0), tok.bos_id))
+    assert got["greedy"] == mine
+    # a left-padded batch: every row continues as it does alone
+    assert got["padding_side"] == "left"
+    assert got["together"] == got["alone"]
+
+
+def test_export_directory_holds_what_transformers_and_a_reader_need(exported):
+    _, directory = exported["rpe-clipped"]
+    names = {p.name for p in directory.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "configuration_lm_kernelized.py", "modeling_lm_kernelized.py", "README.md",
+            "lm_training_config.yaml"} <= names
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "lm_kernelized" and config["n_positions"] == TRAIN_CONTEXT
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lm_kernelized.KernelizedLMForCausalLM"
+    assert config["lm_model"]["attention"]["rpe_max_distance"] == 12
+    code = (directory / "modeling_lm_kernelized.py").read_text()
+    assert "from lm.hf.modeling import KernelizedLMForCausalLM" in code and "must be installed" in code
+    assert not any(name.startswith(".") for name in names)  # no temporary debris
+
+
+def test_importing_lm_hf_registers_the_auto_classes_without_remote_code(exported, tmp_path):
+    _, directory = exported["softmax-rpe"]
+    script = ("import sys, lm.hf; from transformers import AutoConfig, AutoModelForCausalLM; "
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); c = AutoConfig.from_pretrained(sys.argv[1]); "
+              "print('RESULT', type(m).__module__, type(c).__name__)")
+    done = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT lm.hf.modeling KernelizedLMConfig" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def clipped_model(exported):
+    _, directory = exported["rpe-clipped"]
+    return KernelizedLMForCausalLM.from_pretrained(str(directory)).eval()
+
+
+def test_sampling_honours_temperature_top_k_and_top_p(clipped_model):
+    model = clipped_model
+    ids = torch.tensor([[1, *range(5, 25)]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
+    for settings in (dict(top_k=1), dict(top_p=1e-9), dict(temperature=1e-4, top_k=0)):
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, **settings), greedy), settings
+    n = 300
+    for settings, temperature in ((dict(top_k=3, temperature=0.7), 0.7), (dict(top_p=0.3, top_k=0, temperature=1.5),
+                                                                          1.5)):
+        torch.manual_seed(1)
+        first = model.generate(ids, max_new_tokens=1, do_sample=True, num_return_sequences=n, **settings)[:, -1]
+        allowed = torch.isfinite(filter_logits(logits[None] / temperature, settings.get("top_k", 0),
+                                               settings.get("top_p", 1.0)))[0]
+        assert allowed[first].all(), settings  # never a token outside the top-k / nucleus
+        assert len(set(first.tolist())) > 1  # and it does sample among them
+    torch.manual_seed(2)
+    hot = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=3.0, top_k=0)
+    assert not torch.equal(hot, model.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+@pytest.mark.parametrize("kind, constant", [("rpe-clipped", True), ("rpe-general", False), ("softmax-rpe", False)])
+def test_the_generation_cache_is_ours_and_constant_for_clipped_rpe(kind, constant, exported):
+    _, directory = exported[kind]
+    model = KernelizedLMForCausalLM.from_pretrained(str(directory)).eval()
+    sizes = []
+    for n in (20, 400):
+        ids = torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(n))
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(out.cache, KernelizedCache) and out.cache.get_seq_length() == n + 2
+        sizes.append(out.cache.nbytes())
+    assert (sizes[0] == sizes[1]) == constant, sizes
+
+
+def test_beam_search_runs_on_our_cache(clipped_model):
+    ids = torch.tensor([[1, 7, 9, 11]])
+    out = clipped_model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids.expand(2, -1))
+
+
+def test_bfloat16_export_loads_in_bfloat16_and_stays_close(exported, tmp_path, capsys):
+    run, directory = exported["rpe-clipped"]
+    assert export_main([str(run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    model = KernelizedLMForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert model.model.tok_emb.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[1, *range(5, 40)]])
+    with torch.no_grad():
+        low = model(ids).logits
+        high = KernelizedLMForCausalLM.from_pretrained(str(directory))(ids).logits
+    assert low.dtype == torch.float32
+    assert_close(low, high, rtol=0.05, what="bf16 logits")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_export_errors_are_one_line_and_nothing_is_overwritten(exported, tmp_path, capsys):
+    run, _ = exported["rpe-clipped"]
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    assert export_main([str(run), str(target)]) == 2
+    assert "not empty" in one_line_error(capsys) and (target / "keep.txt").read_text() == "mine"
+    assert export_main([str(run), str(target), "--force"]) == 0
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary debris left beside it
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert "does not exist" in one_line_error(capsys) and not (tmp_path / "x").exists()
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(run, damaged)
+    newest = sorted((damaged / "checkpoints").iterdir())[-1]
+    (newest / "model.pt").write_bytes(b"not a checkpoint")
+    assert export_main([str(newest), str(tmp_path / "y")]) == 2
+    assert "damaged" in one_line_error(capsys) and not (tmp_path / "y").exists()
+
+
+def test_without_transformers_the_tool_says_how_to_install_it(exported, tmp_path):
+    run, _ = exported["rpe-clipped"]
+    script = ("import sys; sys.modules['transformers'] = None; from lm.cli.export_hf import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, str(run), str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 2 and "pip install -e '.[hf]'" in done.stderr
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness's stock hf backend
+@pytest.mark.slow
+def test_lm_eval_hf_backend_agrees_with_our_adapter(wikitext_run, five_test_articles, tmp_path):
+    pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (registers the stock backends, hf among them)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm.data.hub import hub_offline
+    from lm.eval.harness import HarnessLM, run_tasks
+    from lm.eval.harness_tasks import write_tasks
+
+    directory = tmp_path / "hf"
+    assert export_main([str(wikitext_run), str(directory)]) == 0
+    rolling, choice = write_tasks(five_test_articles / "wiki.test.tokens", tmp_path / "tasks", prefix="sample",
+                                  num_questions=20)
+    ours = run_tasks(HarnessLM(wikitext_run, batch_size=8, device="cpu"), [rolling, choice],
+                     include_path=[tmp_path / "tasks"])["results"]
+    with hub_offline(True):
+        theirs = simple_evaluate(model="hf", model_args=f"pretrained={directory},trust_remote_code=True",
+                                 tasks=[rolling, choice], batch_size=8, device="cpu", bootstrap_iters=0,
+                                 task_manager=TaskManager(include_path=[str(tmp_path / "tasks")],
+                                                          include_defaults=False))["results"]
+    ppl_ours, ppl_theirs = ours[rolling]["word_perplexity,none"], theirs[rolling]["word_perplexity,none"]
+    assert math.isfinite(ppl_ours) and abs(ppl_theirs / ppl_ours - 1) <= 0.005, (ppl_ours, ppl_theirs)
+    assert theirs[choice]["acc,none"] == ours[choice]["acc,none"]
