@@ -303,6 +303,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
             note = requeue_slurm_job(cfg, reason)
             if note:
                 print(note, flush=True)
+        _end_together()
         raise TrainingPreempted(message or "training stopped early (rank 0 says where it saved)", reason, step,
                                 saved)
 
@@ -328,7 +329,9 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
             if stats.bad and info.is_main:
                 print(monitor.last_event, flush=True)
             if monitor.diverged:
-                raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), "diverged", step)
+                message = _stop_message(cfg, run_dir, info, monitor)
+                _end_together()
+                raise TrainingStopped(message, "diverged", step)
             log.train(step, stats, batch[:, 1:].numel())
             request = stop.decide(stats.flags)  # agreed by every rank in the step's own reduction
             pending = False
@@ -345,17 +348,28 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
                                                       {**monitor.state_dict(), **_pending(pending)},
                                                       cfg.keep_checkpoints)
                 stop.saved()
-                if not request.stop:  # a signal while saving: this step is saved, stop now
+                if not request.stop and step < end:  # a signal while saving: this step is saved, stop now
                     request = stop.agree(request)
             if request.stop:
                 stop_now(request.stop, saved)
         if monitor.bad_in_a_row or monitor.ended_far_above_start():
             kind = "bad_streak_at_end" if monitor.bad_in_a_row else "ended_far_above_start"
-            raise TrainingStopped(_stop_message(cfg, run_dir, info, monitor), kind, step)
+            message = _stop_message(cfg, run_dir, info, monitor)
+            _end_together()
+            raise TrainingStopped(message, kind, step)
     finally:
         steps.close()
         log.close()
+    _end_together()
     return step
+
+
+def _end_together() -> None:
+    """Where every rank ends a run it agreed to end: a barrier, so that the last collective before the process
+    exits holds no tensor of Python's. (A gloo worker thread still releasing a finished all-reduce of a Python
+    tensor while the interpreter shuts down aborts the process: "terminate called without an active exception".)
+    Never on an error path, where the other ranks may not come."""
+    barrier()
 
 
 def _pending(pending: bool) -> dict:
@@ -390,6 +404,7 @@ def _stop_before_start(cfg: TrainConfig, info: DistInfo, stop: StopControl, resu
         note = requeue_slurm_job(cfg, request.stop)
         if note:
             print(note, flush=True)
+    _end_together()
     raise TrainingPreempted(message or "training stopped before its first step", request.stop, step, resume_from)
 
 
