@@ -16,7 +16,7 @@ from conftest import REPO, assert_close, smoke_argv
 
 pytest.importorskip("transformers")
 
-import lm.hf  # noqa: E402  (registers the classes with the Auto factories)
+import lm.hf  # noqa: E402, F401  (registers the classes with the Auto factories)
 from lm.cli.export_hf import main as export_main  # noqa: E402
 from lm.cli.train import main as train_main  # noqa: E402
 from lm.hf import KernelizedCache, KernelizedLMForCausalLM  # noqa: E402

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, launch_env
 from lm import checkpoint
 from lm.cli.train import main
+from lm.training.distributed import free_port
 
 LAUNCH = str(REPO / "launch.sh")
 
@@ -101,12 +102,15 @@ def test_two_rank_deepspeed_run_then_resume_matches_one_process(tmp_path):
               "data.synthetic.train_tokens=60000", "max_steps=6", "eval_every=3", "eval_batches=1", "log_every=1",
               "deepspeed.zero_stage=1", "deepspeed.torch_adam=true"]
     ds_run = tmp_path / "ds"
-    env = launch_env(NGPU="2", OMP_NUM_THREADS="1",
-                     TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
     for extra in (["stop_at=3"], []):
+        port = free_port()
+        env = launch_env(NGPU="2", OMP_NUM_THREADS="1", MASTER_PORT=str(port),
+                         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
         r = subprocess.run(["bash", LAUNCH, *common, f"run_dir={ds_run}", *extra], env=env, capture_output=True,
                            text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        # DeepSpeed's CPU all-reduce buffers (one per rank, in /dev/shm) are gone with the run
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert "resumed from" in r.stdout and "step 6/6 | loss" in r.stdout and "valid ppl" in r.stdout
     meta = checkpoint.read_meta(checkpoint.find_checkpoint(ds_run))
     assert meta["step"] == 6 and meta["engine"] == "deepspeed" and meta["world_size"] == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -257,11 +258,24 @@ def check_ranks_agree(module: nn.Module) -> None:
                            f"this is a bug in the engine, not in the config")
 
 
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce (its shm comm op, used when the accelerator is the CPU
+    and every rank is on one machine) creates for ``rank`` of this run (named by uid, MASTER_ADDR, MASTER_PORT and
+    rank). DeepSpeed never unlinks it: about 66 MiB of memory (tmpfs) per rank and run, until reboot."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
 def shutdown() -> None:
-    """End the process group, if one was started (at the end of a command), and forget DeepSpeed's
-    sequence-parallel groups (so a later run in the same process may build its own)."""
+    """End the process group, if one was started (at the end of a command), unlink this rank's shared-memory
+    all-reduce buffer of DeepSpeed's (:func:`deepspeed_shm_buffer`; the other ranks have mapped it since the
+    start, and a mapping outlives its name), and forget DeepSpeed's sequence-parallel groups (so a later run in
+    the same process may build its own)."""
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        if "deepspeed" in sys.modules:
+            deepspeed_shm_buffer(rank).unlink(missing_ok=True)
     mpu = sys.modules.get("deepspeed.runtime.sequence_parallel.parallel_state_sp")
     if mpu is not None:
         mpu._SEQUENCE_PARALLEL_GROUP = mpu._SEQUENCE_DATA_PARALLEL_GROUP = None
