@@ -90,9 +90,9 @@ def test_decoding_needs_eval_mode_and_the_right_inputs():
     _, cache = prefill(m, torch.randint(0, 50, (2, 4)))
     with pytest.raises(ValueError, match=r"\(B,\)"):
         decode_step(m, cache, torch.zeros(2, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="cache of 2 sequences"):
+    with pytest.raises(ValueError, match="cache holds 2 layers x 2 sequences, the call 2 layers x 3"):
         decode_step(m, cache, torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="cache holds 0 layers"):
         decode_step(m, DecodeCache([], 0, 2), torch.zeros(2, dtype=torch.long))
     m.train()
     with pytest.raises(ValueError, match="eval"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_close, smoke_argv
+from conftest import REPO, assert_close, copy_run, smoke_argv
 
 pytest.importorskip("transformers")
 
@@ -213,9 +213,7 @@ def test_export_errors_are_one_line_and_nothing_is_overwritten(exported, tmp_pat
     capsys.readouterr()
     assert export_main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "does not exist" in one_line_error(capsys) and not (tmp_path / "x").exists()
-    damaged = tmp_path / "damaged"
-    import shutil
-    shutil.copytree(run, damaged)
+    damaged = copy_run(run, tmp_path / "damaged")
     newest = sorted((damaged / "checkpoints").iterdir())[-1]
     (newest / "model.pt").write_bytes(b"not a checkpoint")
     assert export_main([str(newest), str(tmp_path / "y")]) == 2

@@ -141,35 +141,18 @@ test_split: test
 """
 
 
-_ROLLING_BODY = """doc_to_text: ""
-doc_to_target: "{{text}}"
-process_results: !function utils.rolling_process_results
-metric_list:
-  - metric: word_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: lm_eval_word_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: byte_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: bits_per_byte
-    aggregation: bits_per_byte
-    higher_is_better: false
-"""
+def _rolling_body(process_results: str, metrics: tuple[str, ...]) -> str:
+    """The body of a rolling task: each document scored whole, ``metrics`` from ``utils.<process_results>``."""
+    aggregation = {"bits_per_byte": "bits_per_byte"}
+    entries = "".join(f"  - metric: {m}\n    aggregation: {aggregation.get(m, 'weighted_perplexity')}\n"
+                      f"    higher_is_better: false\n" for m in metrics)
+    return (f'doc_to_text: ""\ndoc_to_target: "{{{{text}}}}"\nprocess_results: !function utils.{process_results}\n'
+            f"metric_list:\n{entries}")
 
-_DOCUMENT_ROLLING_BODY = """doc_to_text: ""
-doc_to_target: "{{text}}"
-process_results: !function utils.document_process_results
-metric_list:
-  - metric: byte_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: bits_per_byte
-    aggregation: bits_per_byte
-    higher_is_better: false
-"""
+
+_ROLLING_BODY = _rolling_body("rolling_process_results",
+                              ("word_perplexity", "lm_eval_word_perplexity", "byte_perplexity", "bits_per_byte"))
+_DOCUMENT_ROLLING_BODY = _rolling_body("document_process_results", ("byte_perplexity", "bits_per_byte"))
 
 _CHOICE_BODY = """doc_to_text: "{{context}}"
 doc_to_choice: "{{choices}}"
