@@ -2,7 +2,7 @@
 
     python tools/eval_ppl.py RUN_DIR_OR_CHECKPOINT [--split valid|test] [--context N | --contexts 512,1024,...]
                              [--stride S] [--batch-size B] [--per-document] [--json PATH] [--plot PATH]
-                             [key=value ...]
+                             [--by-position [--bucket-width W] [--max-windows K]] [key=value ...]
 
 Every token of the split is scored exactly once, each with at least ``context - stride`` tokens of history
 (stride defaults to the context: non-overlapping windows). The context defaults to the training context
@@ -18,7 +18,13 @@ document is scored on its own, from BOS, never seeing the document before it.
 
 Writes the figures as JSON (default RUN_DIR/eval/<checkpoint>_<split>_ctx<contexts>[_stride<S>].json, so that
 evaluations at other contexts never overwrite each other) and, for several contexts, a PNG of perplexity against
-context length next to it. Given a run directory it scores the newest intact checkpoint (warning about newer
+context length next to it.
+
+``--by-position`` reports instead the mean loss at each position of the window, in buckets (powers of two, or
+``--bucket-width W`` positions each), for each context: consecutive full windows of the split (at most
+``--max-windows``, spread evenly), so every position is averaged over the same windows. Table, JSON
+(``..._positions.json``) and a PNG with one line per context: whether later positions are predicted better, and
+where a longer context stops helping. Given a run directory it scores the newest intact checkpoint (warning about newer
 damaged ones); a damaged checkpoint named explicitly is an error.
 """
 from __future__ import annotations
@@ -35,6 +41,8 @@ from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, 
                            report_error, resolve_device)
 from lm.device import set_tf32
 from lm.eval.perplexity import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
+from lm.eval.plots import plot_position_loss
+from lm.eval.position import PositionLoss, loss_by_position
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="PNG of perplexity vs context (default: the JSON path, .png)")
+    p.add_argument("--by-position", action="store_true",
+                   help="mean loss by position in the window (buckets), per context, instead of perplexity")
+    p.add_argument("--bucket-width", type=int,
+                   help="--by-position: positions per bucket (default: powers of two, 0 1 2-3 4-7 ...)")
+    p.add_argument("--max-windows", type=int,
+                   help="--by-position: at most this many windows per context, spread over the split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_intermixed_args(argv)
 
@@ -80,11 +94,11 @@ def parse_contexts(args: argparse.Namespace) -> list[int] | None:
 
 
 def default_json_path(checkpoint: Path, split: str, contexts: list[int], stride: int | None = None,
-                      per_document: bool = False) -> Path:
-    """RUN_DIR/eval/<checkpoint name>_<split>_ctx<c1-c2-...>[_stride<S>][_perdoc].json for
+                      per_document: bool = False, by_position: bool = False) -> Path:
+    """RUN_DIR/eval/<checkpoint name>_<split>_ctx<c1-c2-...>[_stride<S>][_perdoc][_positions].json for
     RUN_DIR/checkpoints/<name>, else the same name inside the checkpoint."""
     name = f"{checkpoint.name}_{split}_ctx{'-'.join(map(str, contexts))}{f'_stride{stride}' if stride else ''}"
-    return eval_dir(checkpoint) / f"{name}{'_perdoc' if per_document else ''}.json"
+    return eval_dir(checkpoint) / f"{name}{'_perdoc' if per_document else ''}{'_positions' if by_position else ''}.json"
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -129,6 +143,29 @@ def format_table(rows: list[SplitPerplexity]) -> str:
     return "\n".join([line(head), "-" * len(line(head)), *map(line, body), note])
 
 
+def format_position_table(results: list[PositionLoss]) -> str:
+    """Mean loss (nats per token) by position bucket: one row per bucket, one column per context; "-" where a
+    context has no such bucket."""
+    buckets = sorted({(lo, hi) for r in results for lo, hi in zip(r.edges[:-1], r.edges[1:])})
+    head = ["positions", *[f"ctx {r.context}" for r in results]]
+    body = []
+    for lo, hi in buckets:
+        cells = []
+        for r in results:
+            pairs = dict(zip(zip(r.edges[:-1], r.edges[1:]), r.bucket_loss))
+            cells.append(f"{pairs[(lo, hi)]:.4f}" if (lo, hi) in pairs else "-")
+        body.append([f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}", *cells])
+    body.append(["all", *[f"{r.mean_loss:.4f}" for r in results]])
+    body.append(["windows", *[f"{r.num_windows}" for r in results]])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(line(head))
+    return "\n".join([line(head), rule, *map(line, body[:-2]), rule, *map(line, body[-2:]),
+                      "mean loss (nats per token) at each position of the window (position p sees p + 1 tokens)"])
+
+
 def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -148,10 +185,55 @@ def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path
     plt.close(fig)
 
 
+def check_position_args(args: argparse.Namespace) -> None:
+    """The flags that go with --by-position (and only with it)."""
+    if not args.by_position:
+        for flag, value in (("--bucket-width", args.bucket_width), ("--max-windows", args.max_windows)):
+            if value is not None:
+                raise CommandError(f"{flag} goes with --by-position: add --by-position or drop {flag}")
+        return
+    if args.stride is not None:
+        raise CommandError("--stride does not apply to --by-position (its windows do not overlap): drop --stride")
+    if args.per_document:
+        raise CommandError("--by-position scores positions of the split's windows, not documents: drop "
+                           "--per-document")
+    for flag, value in (("--bucket-width", args.bucket_width), ("--max-windows", args.max_windows)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag}={value} must be >= 1")
+
+
+def by_position(args: argparse.Namespace, inference, split, contexts: list[int], device: str) -> int:
+    """--by-position: the table, the JSON and the PNG of :func:`lm.eval.position.loss_by_position`."""
+    cfg = inference.cfg
+    json_path = args.json or default_json_path(inference.path, args.split, contexts, by_position=True)
+    plot_path = args.plot or json_path.with_suffix(".png")
+    check_writable(json_path, "--json")
+    check_writable(plot_path, "--plot")
+    too_long = [c for c in contexts if c > split.num_tokens]
+    if too_long:
+        raise CommandError(f"the {args.split} split has {split.num_tokens:,} tokens, fewer than the context "
+                           f"{too_long[0]}: give shorter contexts")
+    results = [loss_by_position(inference.model, split.tokens, c, inference.tokenizer.bos_id, args.batch_size,
+                                args.bucket_width, args.max_windows, device, progress=not args.no_progress)
+               for c in contexts]
+    print(format_position_table(results))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
+              "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "split": args.split,
+              "device": device, "results": [dataclasses.asdict(r) | {"mean_loss": r.mean_loss} for r in results]}
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path}", file=sys.stderr)
+    plot_position_loss(results, plot_path, f"{cfg.model.attention.kind}, {args.split}, step {inference.step}",
+                       train_context=cfg.data.seq_len)
+    print(f"wrote {plot_path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         contexts = parse_contexts(args)
+        check_position_args(args)
         device = resolve_device(args.device)
         if args.plot is not None:
             check_writable(args.plot, "--plot")
@@ -161,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):
             raise CommandError(f"--stride={args.stride} must be <= the context ({min(contexts)})")
+        if args.by_position:
+            split = tokenize_split(cfg.data, tokenizer, args.split)
+            print(f"checkpoint {inference.path} (step {inference.step}, {cfg.model.attention.kind}, trained at "
+                  f"context {cfg.data.seq_len}) on {device}; {args.split}: {split.num_tokens:,} tokens",
+                  file=sys.stderr)
+            return by_position(args, inference, split, contexts, device)
         json_path = args.json or default_json_path(inference.path, args.split, contexts, args.stride,
                                                    args.per_document)
         check_writable(json_path, "--json")

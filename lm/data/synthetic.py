@@ -44,7 +44,8 @@ def make_keys(num_keys: int, seed: int) -> list[str]:
     return keys
 
 
-def _sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random) -> str:
+    """One sentence of the filler grammar, e.g. ``"the red fox sees a small bird ."`` (no numbers, no keys)."""
     subj = f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}" if rng.random() < 0.5 else f"the {rng.choice(_NOUNS)}"
     return f"{subj} {rng.choice(_VERBS)} a {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} ."
 
@@ -53,7 +54,7 @@ def _record(rng: random.Random, keys: list[str], cfg: SyntheticConfig) -> str:
     bound = rng.sample(keys, cfg.num_pairs)
     values = {k: str(rng.randrange(cfg.num_values)) for k in bound}
     listing = " ".join(f"{k} is {values[k]} ." for k in bound)
-    filler = " ".join(_sentence(rng) for _ in range(cfg.filler_sentences))
+    filler = " ".join(filler_sentence(rng) for _ in range(cfg.filler_sentences))
     rng.shuffle(bound)
     # every key follows a space, so it is the same token(s) in the listing and in the queries
     queries = " ".join(f"what is {k} ? {values[k]} ." for k in bound)
