@@ -125,34 +125,44 @@ def _far_states(kb: torch.Tensor, ub: torch.Tensor, lay: BandLayout) -> torch.Te
 
 
 def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, budget: int,
-                 block: int = BLOCK) -> torch.Tensor:
+                 block: int = BLOCK, starts: torch.Tensor | None = None) -> torch.Tensor:
     """``Y (B, H, N, E)`` for weights ``c (H, L)``, computed in ``q``'s dtype; cost ``O(B H N (L + T) (M + E))``.
 
-    ``budget``: elements of one score piece (:func:`band_budget`)."""
+    ``budget``: elements of one score piece (:func:`band_budget`). ``starts`` ``(B, N)``: each token's document
+    start (:mod:`lm.ops.documents`), or None."""
     B, H, N, M = q.shape
     lay = BandLayout(N, c.shape[-1], q.device, block)
     nw, nb = lay.nw, lay.nb
     cw = lay.weights(c)[:, None, None]  # (nw, 1, 1, H, T, T)
     qb = lay.blocks(q)
     kb, ub = lay.blocks(k, front=nw - 1), lay.blocks(v, front=nw - 1, ones_column=True)
-    states = _far_states(kb, ub, lay).mul_(c[:, -1, None, None])  # c[L-1] folded in: (nb, B, H, M, E)
+    docs = None if starts is None else _Documents(starts, lay)
+    if docs is None:
+        states = _far_states(kb, ub, lay)
+    else:
+        states = docs.far_states(kb, ub)
+        qb_far = qb * docs.far_rows.to(q.dtype)
+    states.mul_(c[:, -1, None, None])  # c[L-1] folded in: (nb, B, H, M, E)
     y = torch.empty(nb, B, H, lay.T, ub.shape[-1], dtype=q.dtype, device=q.device)
     step = lay.group(B * H, budget)
     for s0 in range(0, nb, step):
         s1 = min(nb, s0 + step)
         qg, yg = _flat(qb[s0:s1]), _flat(y[s0:s1])
-        torch.bmm(qg, _flat(states[s0:s1]), out=yg)
+        torch.bmm(qg if docs is None else _flat(qb_far[s0:s1]), _flat(states[s0:s1]), out=yg)
         for j in range(nw):
             key = slice(s0 + nw - 1 - j, s1 + nw - 1 - j)
             w = torch.bmm(qg, _flat(kb[key]).transpose(1, 2))
-            w.view(s1 - s0, B, H, lay.T, lay.T).mul_(cw[j])
+            w5 = w.view(s1 - s0, B, H, lay.T, lay.T).mul_(cw[j])
+            if docs is not None:
+                w5.mul_(docs.near_mask(s0, s1, j).to(w5.dtype))
             yg.baddbmm_(w, _flat(ub[key]))
     return lay.unblock(y)
 
 
 def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, g: torch.Tensor,
-                  budget: int, need_dc: bool = True, block: int = BLOCK):
-    """Gradients ``(dq, dk, dv, dc)`` of ``sum(g * Y)`` with ``Y = band_forward(q, k, v, c)``, ``g (B, H, N, E)``.
+                  budget: int, need_dc: bool = True, block: int = BLOCK, starts: torch.Tensor | None = None):
+    """Gradients ``(dq, dk, dv, dc)`` of ``sum(g * Y)`` with ``Y = band_forward(q, k, v, c, starts=starts)``,
+    ``g (B, H, N, E)``.
 
     Recomputes the scores group by group. dq, dk ``(B, H, N, M)``, dv ``(B, H, N, D)``, dc ``(H, L)`` (None
     unless ``need_dc``), in ``q``'s dtype."""
@@ -163,7 +173,9 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
     c_far = c[:, -1, None, None]  # (H, 1, 1)
     qb, gb = lay.blocks(q), lay.blocks(g)
     kb, ub = lay.blocks(k, front=nw - 1), lay.blocks(v, front=nw - 1, ones_column=True)
-    states = _far_states(kb, ub, lay)  # without c[L-1]
+    docs = None if starts is None else _Documents(starts, lay)
+    states = _far_states(kb, ub, lay) if docs is None else docs.far_states(kb, ub)  # without c[L-1]
+    gb_far = gb if docs is None else gb * docs.far_rows.to(g.dtype)  # the far field reaches only these rows
     dqb = torch.empty_like(qb)
     dkb, dub = torch.zeros_like(kb), torch.zeros_like(ub)
     dcw = torch.zeros(nw, H, T, T, dtype=q.dtype, device=q.device) if need_dc else None
@@ -171,13 +183,17 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
     for s0 in range(0, nb, step):
         s1, G = min(nb, s0 + step), min(nb, s0 + step) - s0
         qg, gg, dqg = _flat(qb[s0:s1]), _flat(gb[s0:s1]), _flat(dqb[s0:s1])
-        torch.bmm(gg, _flat(states[s0:s1] * c_far).transpose(1, 2), out=dqg)
+        torch.bmm(_flat(gb_far[s0:s1]), _flat(states[s0:s1] * c_far).transpose(1, 2), out=dqg)
         for j in range(nw):
             key = slice(s0 + nw - 1 - j, s1 + nw - 1 - j)
             kj, uj = _flat(kb[key]), _flat(ub[key])
             a = torch.bmm(qg, kj.transpose(1, 2))  # scores (G B H, T, T)
             dw = torch.bmm(gg, uj.transpose(1, 2))  # d(weighted scores)
             a5, dw5 = a.view(G, B, H, T, T), dw.view(G, B, H, T, T)
+            if docs is not None:
+                mask = docs.near_mask(s0, s1, j).to(a5.dtype)
+                a5.mul_(mask)
+                dw5.mul_(mask)
             if need_dc:
                 dcw[j] += (dw5 * a5).sum((0, 1))
             a5.mul_(cw[j])
@@ -186,15 +202,84 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
             _flat(dkb[key]).baddbmm_(dw.transpose(1, 2), qg)
             _flat(dub[key]).baddbmm_(a.transpose(1, 2), gg)
     # Far field: d(state_g) = c[L-1] q_g^T g_g; padded key block i feeds the states of query blocks g > i.
-    qg_all, gg_all = qb, gb
-    dstate = qg_all.transpose(-1, -2) @ gg_all  # (nb, B, H, M, E), without c[L-1]
+    dstate = qb.transpose(-1, -2) @ gb_far  # (nb, B, H, M, E), without c[L-1]
     dc_far = (dstate * states).sum((0, 1, 3, 4)) if need_dc else None
-    dz = _exclusive_cumsum(dstate.flip(0), dim=0).flip(0).mul_(c_far)  # dz[i] = c sum_{g > i} dstate[g]
-    dkb[:nb] += ub[:nb] @ dz.transpose(-1, -2)
-    dub[:nb] += kb[:nb] @ dz
+    if docs is None:
+        dz = _exclusive_cumsum(dstate.flip(0), dim=0).flip(0).mul_(c_far)  # dz[i] = c sum_{g > i} dstate[g]
+        dkb[:nb] += ub[:nb] @ dz.transpose(-1, -2)
+        dub[:nb] += kb[:nb] @ dz
+    else:
+        docs.far_states_backward(kb, ub, dstate.mul_(c_far), dkb, dub)
     dc = None
     if need_dc:
         dc = lay.fold_weight_grad(dcw)
         dc[:, -1] += dc_far
     front = nw - 1
     return lay.unblock(dqb), lay.unblock(dkb, front), lay.unblock(dub, front)[..., :-1], dc
+
+
+def _segmented_cumsum(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Inclusive ``S_p = z_p + keep_p S_{p-1}`` along dim 0: ``z`` ``(P, B, ...)``, ``keep`` ``(P, B)`` bool (False:
+    a new segment starts at ``p``). Hillis-Steele in ``log2 P`` steps; only additions of the terms themselves, so
+    no cancellation (``cumsum`` minus the sum before the segment would cancel)."""
+    a = keep.to(z.dtype).reshape(keep.shape + (1,) * (z.dim() - keep.dim()))
+    s, d, n = z, 1, z.shape[0]
+    while d < n:
+        s = torch.cat([s[:d], s[d:] + a[d:] * s[:-d]])
+        a = torch.cat([a[:d], a[d:] * a[:-d]])
+        d *= 2
+    return s
+
+
+class _Documents:
+    """Document boundaries in the block layout (``starts`` ``(B, N)``: each token's document start).
+
+    Near band: key ``j`` counts for query ``i`` only if ``j >= starts[i]``. Far field: a key block ``p`` *resets*
+    when a document starts inside it (then its last key's start is ``>= p T``); its *tail* are its keys from that
+    start on (all of them when it does not reset). The state before query block ``g``'s window is the segmented
+    sum ``S_{g - nw}`` (``S_p = tail_p + [p does not reset] S_{p-1}``), which holds exactly the keys from the start
+    of the document of every row whose own start is ``<= `` the end of block ``g - nw``: those rows take it, the
+    others (documents starting later, inside the window) take none."""
+
+    def __init__(self, starts: torch.Tensor, lay: BandLayout):
+        T, nb, n = lay.T, lay.nb, lay.n
+        self.lay = lay
+        B = starts.shape[0]
+        pos = torch.arange(nb * T, device=starts.device).view(nb, T)  # block-major positions
+        padded = torch.nn.functional.pad(starts, (0, nb * T - n)) if nb * T > n else starts
+        self.row_starts = padded.view(B, nb, T).transpose(0, 1)  # (nb, B, T); rows past N: 0 (discarded)
+        self.key_pos = pos  # (nb, T) positions of real key block p
+        last = starts[:, (pos[:, -1]).clamp(max=n - 1)].T  # (nb, B): start of each block's last key
+        self.keep = last < pos[:, :1]  # no document starts inside block p
+        self.tail = (pos[:, None, :] >= last[:, :, None])  # (nb, B, T)
+        first = torch.arange(nb, device=starts.device)
+        reach = ((first - lay.nw + 1) * T)[:, None, None]  # end of block g - nw, plus one
+        self.far_rows = (self.row_starts < reach)[:, :, None, :, None]  # (nb, B, 1, T, 1) bool
+
+    def near_mask(self, g0: int, g1: int, j: int) -> torch.Tensor:
+        """``(G, B, 1, T, T)`` 0/1 mask of piece ``j`` for query blocks ``g0 .. g1 - 1`` (keys of block ``g - j``)."""
+        T = self.lay.T
+        kpos = (torch.arange(g0, g1, device=self.key_pos.device) - j)[:, None] * T + self.key_pos[0]  # (G, T)
+        return (kpos[:, None, None, :] >= self.row_starts[g0:g1, :, :, None])[:, :, None]
+
+    def _real(self, x: torch.Tensor) -> torch.Tensor:
+        """Key blocks of a padded block-major tensor, ``(nb, B, H, T, C)`` (a view)."""
+        return x[self.lay.nw - 1: self.lay.nw - 1 + self.lay.nb]
+
+    def far_states(self, kb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+        """``(nb, B, H, M, E)``: the far state of each query block (without ``c[L-1]``)."""
+        tail = self.tail[:, :, None, :, None].to(kb.dtype)
+        z = (self._real(kb) * tail).transpose(-1, -2) @ self._real(ub)
+        s = _segmented_cumsum(z, self.keep)
+        nw = self.lay.nw
+        return torch.cat([torch.zeros_like(s[:nw]), s[: max(0, s.shape[0] - nw)]])[: s.shape[0]]
+
+    def far_states_backward(self, kb, ub, dstate, dkb, dub) -> None:
+        """Add to ``dkb``, ``dub`` the gradient through :meth:`far_states` of ``dstate`` (its gradient)."""
+        nw, nb = self.lay.nw, self.lay.nb
+        ds = torch.cat([dstate[nw:], torch.zeros_like(dstate[: min(nw, nb)])])[:nb]  # d S_p = d state_{p + nw}
+        keep_next = torch.cat([self.keep[1:], torch.zeros_like(self.keep[:1])])  # G_p = dS_p + keep_{p+1} G_{p+1}
+        dz = _segmented_cumsum(ds.flip(0), keep_next.flip(0)).flip(0)
+        tail = self.tail[:, :, None, :, None].to(kb.dtype)
+        self._real(dkb).add_(tail * (self._real(ub) @ dz.transpose(-1, -2)))
+        self._real(dub).add_(tail * (self._real(kb) @ dz))

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from lm.ops.documents import document_mask
 from lm.ops.rpe_matrix import causal_rpe_bias
 
 __all__ = ["dense_attention"]
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    starts: torch.Tensor | None = None) -> torch.Tensor:
     """q, k ``(B, H, N, M)``, v ``(B, H, N, D)``, bias ``(H, L)`` log-weights (max subtracted) or None ->
-    ``(B, H, N, D)`` in ``q``'s dtype. Offsets ``>= L - 1`` use ``bias[:, L-1]``."""
+    ``(B, H, N, D)`` in ``q``'s dtype. Offsets ``>= L - 1`` use ``bias[:, L-1]``. ``starts`` ``(B, N)``: each
+    token's document start (:mod:`lm.ops.documents`); keys before it are masked."""
     pos = torch.arange(q.shape[-2], device=q.device)
     if bias is None:
         weights = (pos[:, None] >= pos[None, :]).to(q.dtype)
     else:
         weights = causal_rpe_bias(bias, pos, pos).exp()  # (H, N, N), 0 above the diagonal
+    if starts is not None:
+        weights = weights * document_mask(starts, pos, pos)[:, None].to(q.dtype)  # (B, H or 1, N, N)
     a = (q @ k.transpose(-1, -2)) * weights  # (B, H, N, N)
     # Only an all-underflowed normaliser needs the floor, and then the numerator is 0 too.
     den = a.sum(-1).clamp_min(torch.finfo(q.dtype).tiny)

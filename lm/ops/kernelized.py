@@ -29,6 +29,7 @@ import torch
 
 from lm.ops.band import band_backward, band_budget, band_forward
 from lm.ops.dense import dense_attention
+from lm.ops.documents import check_document_starts
 from lm.ops.feature_maps import no_autocast
 from lm.ops.fft import fft_backward, fft_forward
 from lm.ops.precision import NEAR_BAND, auto_fft_dtype
@@ -57,6 +58,7 @@ FLOOR_EPS = 32
 
 def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                          rpe_bias: torch.Tensor | None = None, method: str = "auto", *,
+                         cu_seqlens: torch.Tensor | None = None, document_starts: torch.Tensor | None = None,
                          fft_dtype: torch.dtype | None = None, cpu_threads: int = 0,
                          output_final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
     """Causal kernelized attention with optional RPE.
@@ -65,6 +67,9 @@ def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
     ``(L,)`` (shared by heads) log-weights for offsets ``0..L-1``, offsets ``>= L-1`` use the last one.
     method: ``auto`` | ``dense`` (O(N^2)) | ``fft`` (O(N log N), any L) | ``band`` (O(N L), clipped RPE) |
     ``prefix`` (O(N), only without RPE). All are exact; ``auto`` picks the fastest for the shapes and device.
+    cu_seqlens: ``(S + 1,)`` int offsets of the sequences packed in a batch of ``B = 1`` (flash-linear-attention's
+    convention), or document_starts: ``(B, N)`` int, each token's document start; tokens attend only inside
+    their document (:mod:`lm.ops.documents`). Not with ``fft`` (``auto`` then never picks it).
     fft_dtype: precision of the FFT method's far field: ``torch.float32`` / ``torch.float64``, or ``None`` to
     decide from the bias values (``lm.ops.precision``; one host read per call, so not under ``torch.compile``;
     the model passes the dtype its precision policy chose). float64 inputs always use float64.
@@ -77,14 +82,22 @@ def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
     never under autocast. Differentiable in all four inputs.
     """
     _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads)
+    B, H, N, _ = phi_q.shape
+    starts = check_document_starts(cu_seqlens, document_starts, B, N, v.device)
+    if starts is not None and method == "fft":
+        raise ValueError("method='fft' cannot keep documents apart (a convolution runs over the whole row); use "
+                         "'auto', 'band', 'prefix' or 'dense' with cu_seqlens / document_starts")
+    if starts is not None and output_final_state:
+        raise ValueError("output_final_state with document boundaries is not supported: the state would mix "
+                         "documents; run the last document alone to continue it")
     out = _attention(phi_q, phi_k, v, rpe_bias, "prefix" if rpe_bias is None and method == "band" else method,
-                     fft_dtype, cpu_threads)
+                     fft_dtype, cpu_threads, starts)
     if output_final_state:
         return out, state_after(phi_k, v, 1 if rpe_bias is None else rpe_bias.shape[-1])
     return out
 
 
-def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> torch.Tensor:
+def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads, starts) -> torch.Tensor:
     B, H, N, M = phi_q.shape
     compute = torch.float64 if torch.float64 in (phi_q.dtype, phi_k.dtype, v.dtype) else torch.float32
     with no_autocast(v.device):
@@ -96,12 +109,13 @@ def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> tor
             bias = bias[:, :N]  # offsets never exceed N - 1; a longer bias gets zero gradient there
             bias = bias - bias.amax(-1, keepdim=True).detach()
         if method == "auto":
-            method = choose_method(N, None if bias is None else bias.shape[-1], v.device)
+            method = choose_method(N, None if bias is None else bias.shape[-1], v.device,
+                                   documents=starts is not None)
         if method == "dense":
-            return dense_attention(q, k, val, bias).to(v.dtype)
+            return dense_attention(q, k, val, bias, starts).to(v.dtype)
         if method in ("band", "prefix"):
             c = torch.ones(H, 1, dtype=compute, device=v.device) if bias is None else bias.exp()
-            out, _ = torch.ops.lm.kernelized_mix(q, k, val, c, None, compute, 0, cpu_threads)
+            out, _ = torch.ops.lm.kernelized_mix(q, k, val, c, None, starts, compute, 0, cpu_threads)
             return out.to(v.dtype)
         if compute == torch.float64:
             fft_dtype = torch.float64
@@ -114,19 +128,21 @@ def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> tor
                     "choice: lm.ops.precision, Transformer.refresh_precision_policy)")
             fft_dtype = auto_fft_dtype(bias, N, k, val)
         c_band, r = _near_far(bias, H, N, compute, v.device)
-        out, _ = torch.ops.lm.kernelized_mix(q, k, val, c_band, r, fft_dtype, min(NEAR_BAND, N), cpu_threads)
+        out, _ = torch.ops.lm.kernelized_mix(q, k, val, c_band, r, None, fft_dtype, min(NEAR_BAND, N), cpu_threads)
     return out.to(v.dtype)
 
 
-def choose_method(n: int, num_offsets: int | None, device: torch.device | str = "cpu") -> str:
+def choose_method(n: int, num_offsets: int | None, device: torch.device | str = "cpu", *,
+                  documents: bool = False) -> str:
     """The fastest exact method for length ``n`` and ``num_offsets = min(L, n)`` (None: no RPE) on ``device``
-    (CPU crossovers measured; other devices use :data:`CUDA_DENSE_MAX_N` etc., estimates until measured)."""
+    (CPU crossovers measured; other devices use :data:`CUDA_DENSE_MAX_N` etc., estimates until measured).
+    ``documents``: the call has document boundaries, which the FFT cannot keep apart."""
     cpu = torch.device(device).type == "cpu"
     if num_offsets is None:
         return "dense" if n <= (DENSE_MAX_N_NO_RPE if cpu else CUDA_DENSE_MAX_N_NO_RPE) else "prefix"
     if n <= (DENSE_MAX_N if cpu else CUDA_DENSE_MAX_N) and 4 * num_offsets > n:
         return "dense"
-    if num_offsets + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
+    if documents or num_offsets + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
         return "band"
     return "fft"
 
@@ -200,9 +216,9 @@ def _floor(q: torch.Tensor, k: torch.Tensor, far_field: bool, fft_dtype: torch.d
     return floor
 
 
-def _mix_impl(q, k, v, c_band, r, fft_dtype, near, cpu_threads):
-    """Forward of the custom op: ``(out (B, H, N, D), normaliser (B, H, N))`` in ``q``'s dtype."""
-    y = band_forward(q, k, v, c_band, band_budget(q.device))
+def _mix_impl(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads):
+    """Forward of the custom op: ``(out (B, H, N, D), normaliser (B, H, N))`` in ``q``'s dtype, contiguous."""
+    y = band_forward(q, k, v, c_band, band_budget(q.device), starts=starts)
     if r is not None:
         workers = CPUThreads(cpu_threads).resolve(q.shape[0] * q.shape[1])
         wide = torch.promote_types(q.dtype, fft_dtype)
@@ -211,17 +227,19 @@ def _mix_impl(q, k, v, c_band, r, fft_dtype, near, cpu_threads):
         y[:, :, near:] += y_far[:, :, near:]  # rows < near have no offset >= near: only round-off there
     den = torch.maximum(y[..., -1], _floor(q, k, r is not None, fft_dtype, near).to(y.dtype))
     out = y[..., :-1] / den.unsqueeze(-1)
-    return out.to(q.dtype), den.to(q.dtype)
+    return out.to(q.dtype).contiguous(), den.to(q.dtype).contiguous()
 
 
-def _mix_backward_impl(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc, need_dr):
-    """Backward of the custom op: ``(dq, dk, dv, dc_band, dr)``; an empty tensor where no gradient is needed."""
+def _mix_backward_impl(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
+                       need_dr):
+    """Backward of the custom op: ``(dq, dk, dv, dc_band, dr)``, contiguous (as the fake says: inductor relies on
+    it); an empty tensor where no gradient is needed."""
     clamped = den <= _floor(q, k, r is not None, fft_dtype, near)  # where the floor acted, den gets no gradient
     B, H, N, D = out.shape
     g = torch.empty(B, H, N, D + 1, dtype=q.dtype, device=q.device)  # d out / d [numerator, normaliser]
     g_num = torch.div(grad_out.to(q.dtype), den.unsqueeze(-1), out=g[..., :-1])
     g[..., -1] = -(g_num * out).sum(-1).masked_fill_(clamped, 0)
-    dq, dk, dv, dc = band_backward(q, k, v, c_band, g, band_budget(q.device), need_dc)
+    dq, dk, dv, dc = band_backward(q, k, v, c_band, g, band_budget(q.device), need_dc, starts=starts)
     dr = None
     if r is not None:
         workers = CPUThreads(cpu_threads).resolve(B * H)
@@ -229,54 +247,58 @@ def _mix_backward_impl(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, 
         dq2, dk2, dv2, dr = fft_backward(q, k, v, r, g, fft_dtype, need_dr, workers)
         dq, dk, dv = dq + dq2.to(q.dtype), dk + dk2.to(q.dtype), dv + dv2.to(q.dtype)
         dr = dr.to(q.dtype) if need_dr else None
-    return dq, dk, dv, dc if dc is not None else q.new_empty(0), dr if dr is not None else q.new_empty(0)
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous(), dc.contiguous() if dc is not None else q.new_empty(0),
+            dr.contiguous() if dr is not None else q.new_empty(0))
 
 
 @torch.library.custom_op("lm::kernelized_mix", mutates_args=())
 def _mix_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor, r: Optional[torch.Tensor],
-            fft_dtype: torch.dtype, near: int, cpu_threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+            starts: Optional[torch.Tensor], fft_dtype: torch.dtype, near: int, cpu_threads: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Band (weights ``c_band (H, L)``) plus optional FFT far field (weights ``r (H, N)``, added to rows
-    ``>= near``) mixing of ``[v, 1]``, normalised: ``(out (B, H, N, D), normaliser (B, H, N))``."""
-    return _mix_impl(q, k, v, c_band, r, fft_dtype, near, cpu_threads)
+    ``>= near``) mixing of ``[v, 1]``, normalised: ``(out (B, H, N, D), normaliser (B, H, N))``. ``starts``
+    ``(B, N)``: document starts (band only)."""
+    return _mix_impl(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads)
 
 
 @_mix_op.register_fake
-def _mix_fake(q, k, v, c_band, r, fft_dtype, near, cpu_threads):
+def _mix_fake(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads):
     return v.new_empty(v.shape), v.new_empty(v.shape[:-1])
 
 
 @torch.library.custom_op("lm::kernelized_mix_backward", mutates_args=())
 def _mix_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor,
-                     r: Optional[torch.Tensor], out: torch.Tensor, den: torch.Tensor, grad_out: torch.Tensor,
-                     fft_dtype: torch.dtype, near: int, cpu_threads: int, need_dc: bool, need_dr: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     r: Optional[torch.Tensor], starts: Optional[torch.Tensor], out: torch.Tensor, den: torch.Tensor,
+                     grad_out: torch.Tensor, fft_dtype: torch.dtype, near: int, cpu_threads: int, need_dc: bool,
+                     need_dr: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``lm::kernelized_mix`` by recomputation: ``(dq, dk, dv, dc_band, dr)`` (empty when not
     needed)."""
-    return _mix_backward_impl(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
-                              need_dr)
+    return _mix_backward_impl(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads,
+                              need_dc, need_dr)
 
 
 @_mix_backward_op.register_fake
-def _mix_backward_fake(q, k, v, c_band, r, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc, need_dr):
+def _mix_backward_fake(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
+                       need_dr):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             c_band.new_empty(c_band.shape) if need_dc else q.new_empty(0),
             r.new_empty(r.shape) if (need_dr and r is not None) else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, c_band, r, fft_dtype, near, cpu_threads = inputs
+    q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads = inputs
     out, den = output
-    ctx.save_for_backward(q, k, v, c_band, r, out, den)
+    ctx.save_for_backward(q, k, v, c_band, r, starts, out, den)
     ctx.settings = (fft_dtype, near, cpu_threads)
     ctx.mark_non_differentiable(den)
 
 
 def _backward(ctx, grad_out, _grad_den):
-    q, k, v, c_band, r, out, den = ctx.saved_tensors
+    q, k, v, c_band, r, starts, out, den = ctx.saved_tensors
     need_dc, need_dr = ctx.needs_input_grad[3], r is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dc, dr = torch.ops.lm.kernelized_mix_backward(q, k, v, c_band, r, out, den, grad_out,
+    dq, dk, dv, dc, dr = torch.ops.lm.kernelized_mix_backward(q, k, v, c_band, r, starts, out, den, grad_out,
                                                               *ctx.settings, need_dc, need_dr)
-    return dq, dk, dv, dc if need_dc else None, dr if need_dr else None, None, None, None
+    return dq, dk, dv, dc if need_dc else None, dr if need_dr else None, None, None, None, None
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)
