@@ -190,6 +190,12 @@ def test_a_trained_model_answers_what_its_own_greedy_decoding_gives(trained_run)
                              bos_id=tok.bos_id))
         assert sample["answer_ids"] == want and sample["answer"] == tok.decode(want)
         assert sample["correct"] == (want == prompt.answer_ids) and sample["value"] == prompt.value
+        with torch.no_grad():  # the true answer's NLL from one full forward pass
+            ids = torch.tensor([prompt.ids + prompt.answer_ids])
+            logp = torch.log_softmax(run.model(ids)[0].double(), -1)
+        k = len(prompt.answer_ids)
+        nll = -logp[torch.arange(len(prompt.ids) - 1, len(prompt.ids) - 1 + k), ids[0, -k:]].sum().item()
+        assert sample["answer_nll"] == pytest.approx(nll, rel=1e-5)
     assert report.accuracy().shape == (2, 2)
 
 

@@ -6,7 +6,8 @@
 
 Each prompt holds ``context`` tokens at most (BOS included): a short instruction, filler, the needle stating the
 value at the given depth of the filler (0 = farthest from the question, 1 = just before it), and the question.
-The model decodes the answer greedily; it counts only when every token is the value's. Each (context, depth)
+The model decodes the answer greedily; it counts only when every token is the value's (and the true answer's
+negative log-likelihood, teacher-forced, shows how close a miss was). Each (context, depth)
 cell runs ``--trials`` prompts (default 10) drawn from ``--seed``; the depths of one trial share value and
 filler, so a row differs only in where the needle sits.
 
@@ -111,17 +112,23 @@ def build_task(args: argparse.Namespace, cfg, tokenizer) -> PasskeyTask:
 
 
 def format_table(report: PasskeyReport) -> str:
-    """Accuracy per context (rows) and depth (columns), with each row's mean."""
-    acc = report.accuracy()
+    """Accuracy per context (rows) and depth (columns), with each row's mean; then the true answer's mean NLL
+    in the same layout."""
     head = ["context", *[f"depth {d:g}" for d in report.depths], "mean"]
-    body = [[str(c), *[f"{a:.2f}" for a in row], f"{row.mean():.2f}"] for c, row in zip(report.contexts, acc)]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+
+    def block(table, fmt: str) -> list[list[str]]:
+        return [[str(c), *[format(a, fmt) for a in row], format(row.mean(), fmt)]
+                for c, row in zip(report.contexts, table)]
+    accuracy, nll = block(report.accuracy(), ".2f"), block(report.answer_nll(), ".2f")
+    widths = [max(len(r[i]) for r in [head, *accuracy, *nll]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), "-" * len(line(head)), *map(line, body),
-                      f"{report.task}: {report.description}; accuracy over {report.trials} trials per cell "
-                      f"(seed {report.seed}), greedy answer, exact match"])
+    rule = "-" * len(line(head))
+    return "\n".join(["accuracy (greedy answer, exact match)", line(head), rule, *map(line, accuracy), "",
+                      "answer NLL (nats, teacher-forced; lower is better)", line(head), rule, *map(line, nll),
+                      f"{report.task}: {report.description}; {report.trials} trials per cell (seed {report.seed}); "
+                      f"a guess that ignores the context is right with probability {report.chance:.2g}"])
 
 
 def default_json_path(checkpoint: Path, task: str, contexts: list[int]) -> Path:

@@ -35,7 +35,7 @@ from lm.errors import UserError
 from lm.eval.position import logits_function
 
 __all__ = ["PasskeyError", "PasskeyTask", "PasskeyTrial", "PasskeyCell", "PasskeyReport", "passkey_task", "records_task",
-           "build_prompt", "greedy_answers", "evaluate_passkey", "BUILTIN_FILLER"]
+           "build_prompt", "greedy_answers", "answer_nll", "evaluate_passkey", "BUILTIN_FILLER"]
 
 Encode = Callable[[str], Sequence[int]]
 
@@ -86,6 +86,8 @@ class PasskeyTask:
     filler: Callable[[random.Random, str], Iterator[Sequence[int]]]
     draw: Callable[[random.Random], tuple[str, str]]
     description: str = ""
+    chance: float = 0.0
+    """The accuracy of the best guess that ignores the context (one value among those ``draw`` picks from)."""
 
 
 def _encode(task: PasskeyTask, text: str) -> list[int]:
@@ -159,7 +161,7 @@ def passkey_task(encode: Encode, bos_id: int, filler_tokens: np.ndarray | None =
         needle=" The pass key is {value}. Remember it. {value} is the pass key.",
         question=" What is the pass key? The pass key is", answer=" {value}",
         filler=_stream_filler(filler_tokens, sentences), draw=draw,
-        description=f"a {digits}-digit pass key in {source}")
+        description=f"a {digits}-digit pass key in {source}", chance=1 / (9 * 10 ** (digits - 1)))
 
 
 def records_task(encode: Encode, bos_id: int, keys: Sequence[str], num_values: int, sentence) -> PasskeyTask:
@@ -178,7 +180,8 @@ def records_task(encode: Encode, bos_id: int, keys: Sequence[str], num_values: i
             yield list(encode(" " + sentence(rng)))
     return PasskeyTask("records", encode, bos_id, prefix="= record =", needle="\nfacts : {key} is {value} .\n",
                        question="\nquestions : what is {key} ?", answer=" {value}", filler=filler, draw=draw,
-                       description="a fact of the synthetic corpus among its filler sentences")
+                       description="a fact of the synthetic corpus among its filler sentences",
+                       chance=1 / num_values)
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -202,6 +205,26 @@ def greedy_answers(model, prompts: Sequence[Sequence[int]], num_tokens: int, dev
     return torch.stack(chosen, 1).cpu().tolist()
 
 
+@torch.no_grad()
+def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+               device: str | torch.device = "cpu") -> list[float]:
+    """Negative log-likelihood (nats, summed over its tokens) of each answer after its prompt, teacher-forced:
+    one forward pass over ``prompt + answer[:-1]`` (all of one length). How much probability the model puts on
+    the value even where greedy decoding misses it."""
+    lengths = {len(p) + len(a) for p, a in zip(prompts, answers)}
+    if len(lengths) != 1 or any(len(a) < 1 for a in answers):
+        raise ValueError("answer_nll batches prompt + answer of one length, each answer at least one token")
+    logits_of = logits_function(model)
+    ids = torch.tensor([[*p, *a[:-1]] for p, a in zip(prompts, answers)], dtype=torch.int64, device=device)
+    out = []
+    logp = torch.log_softmax(logits_of(ids).double(), dim=-1)
+    for row, (p, a) in enumerate(zip(prompts, answers)):
+        pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=logp.device)
+        target = torch.tensor(list(a), dtype=torch.int64, device=logp.device)
+        out.append(-logp[row, pos, target].sum().item())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 @dataclass
 class PasskeyCell:
@@ -213,6 +236,9 @@ class PasskeyCell:
     correct: int
     mean_prompt_tokens: float
     mean_actual_depth: float
+    mean_answer_nll: float
+    """Mean NLL of the whole answer, teacher-forced (nats; guessing uniformly among ``V`` values scores
+    ``ln V``)."""
 
     @property
     def accuracy(self) -> float:
@@ -225,18 +251,25 @@ class PasskeyReport:
 
     task: str
     description: str
+    chance: float
+    """Accuracy of a guess that ignores the context."""
     contexts: list[int]
     depths: list[float]
     trials: int
     seed: int
     cells: list[PasskeyCell]
     samples: list[dict] = field(default_factory=list)
-    """Per trial: context, depth, trial, key, value, the decoded answer's text (when a ``decode`` was given),
-    correct."""
+    """Per trial: context, depth, trial, key, value, the greedy answer's ids (and text, when a ``decode`` was
+    given), correct, the true answer's NLL."""
 
     def accuracy(self) -> np.ndarray:
         """``(len(contexts), len(depths))`` accuracies."""
         table = {(c.context, c.depth): c.accuracy for c in self.cells}
+        return np.array([[table[(ctx, d)] for d in self.depths] for ctx in self.contexts])
+
+    def answer_nll(self) -> np.ndarray:
+        """``(len(contexts), len(depths))`` mean answer NLLs (nats)."""
+        table = {(c.context, c.depth): c.mean_answer_nll for c in self.cells}
         return np.array([[table[(ctx, d)] for d in self.depths] for ctx in self.contexts])
 
     def to_dict(self) -> dict:
@@ -244,6 +277,7 @@ class PasskeyReport:
         for cell, row in zip(out["cells"], self.cells):
             cell["accuracy"] = row.accuracy
         out["accuracy"] = self.accuracy().tolist()
+        out["answer_nll"] = self.answer_nll().tolist()
         return out
 
 
@@ -258,7 +292,8 @@ def evaluate_passkey(model, task: PasskeyTask, contexts: Sequence[int], depths: 
                      ) -> PasskeyReport:
     """Passkey accuracy of ``model`` (any causal LM, on ``device``) at each context and depth, ``trials`` prompts
     per cell (:func:`build_prompt`), answers decoded greedily (:func:`greedy_answers`) and right only when every
-    token is the answer's. ``decode`` (ids -> text) records each answer's text in the samples."""
+    token is the answer's; also the true answer's teacher-forced NLL (:func:`answer_nll`). ``decode`` (ids ->
+    text) records each answer's text in the samples."""
     if trials < 1 or batch_size < 1:
         raise ValueError(f"trials={trials} and batch_size={batch_size} must be >= 1")
     if not contexts or not depths:
@@ -269,19 +304,20 @@ def evaluate_passkey(model, task: PasskeyTask, contexts: Sequence[int], depths: 
         module.eval()
     prompts = [(ctx, d, t, build_prompt(task, ctx, d, trial_rng(seed, ctx, t)))
                for ctx in contexts for t in range(trials) for d in depths]
-    by_length: dict[int, list] = {}
+    by_length: dict[tuple[int, int], list] = {}
     for p in prompts:
-        by_length.setdefault(len(p[3].ids), []).append(p)
+        by_length.setdefault((len(p[3].ids), len(p[3].answer_ids)), []).append(p)
     answers: dict[tuple, list[int]] = {}
+    nlls: dict[tuple, float] = {}
     bar = tqdm(total=len(prompts), unit="prompt", desc="passkey", disable=not progress, dynamic_ncols=True)
     try:
         for group in by_length.values():
             for a in range(0, len(group), batch_size):
                 chunk = group[a:a + batch_size]
-                steps = max(len(p[3].answer_ids) for p in chunk)
-                got = greedy_answers(model, [p[3].ids for p in chunk], steps, device)
-                for p, g in zip(chunk, got):
-                    answers[p[:3]] = g[:len(p[3].answer_ids)]
+                got = greedy_answers(model, [p[3].ids for p in chunk], len(chunk[0][3].answer_ids), device)
+                nll = answer_nll(model, [p[3].ids for p in chunk], [p[3].answer_ids for p in chunk], device)
+                for p, g, x in zip(chunk, got, nll):
+                    answers[p[:3]], nlls[p[:3]] = g, x
                 bar.update(len(chunk))
     finally:
         bar.close()
@@ -294,11 +330,13 @@ def evaluate_passkey(model, task: PasskeyTask, contexts: Sequence[int], depths: 
             correct = [answers[(ctx, d, t)] == trial.answer_ids for t, trial in rows]
             cells.append(PasskeyCell(ctx, d, len(rows), sum(correct),
                                      float(np.mean([len(trial.ids) for _, trial in rows])),
-                                     float(np.mean([trial.actual_depth for _, trial in rows]))))
+                                     float(np.mean([trial.actual_depth for _, trial in rows])),
+                                     float(np.mean([nlls[(ctx, d, t)] for t, _ in rows]))))
             for (t, trial), ok in zip(rows, correct):
                 sample = {"context": ctx, "depth": d, "trial": t, "key": trial.key, "value": trial.value,
-                          "answer_ids": answers[(ctx, d, t)], "correct": ok}
+                          "answer_ids": answers[(ctx, d, t)], "correct": ok, "answer_nll": nlls[(ctx, d, t)]}
                 if decode is not None:
                     sample["answer"] = decode(answers[(ctx, d, t)])
                 samples.append(sample)
-    return PasskeyReport(task.name, task.description, list(contexts), list(depths), trials, seed, cells, samples)
+    return PasskeyReport(task.name, task.description, task.chance, list(contexts), list(depths), trials, seed, cells,
+                         samples)
