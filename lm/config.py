@@ -239,6 +239,10 @@ class DataConfig:
     """Where tokenizers and memory-mapped token caches are kept (shared by runs, keyed by fingerprints)."""
     seq_len: int = 512
     """Training context length in tokens."""
+    document_mask: bool = False
+    """Documents of a packed window do not attend to each other: each token sees only its own document (which
+    begins at the EOS ending the one before), in training and in validation / eval_ppl. Needs a corpus of
+    documents (data.files, a hub dataset of documents), not a text of lines (WikiText, synthetic)."""
     num_proc: int = 0
     """Processes for tokenization; 0 = all cores."""
     progress: bool = True
@@ -468,6 +472,9 @@ class TrainConfig:
         if self.eval_batches < 0 or self.eval_every < 0:
             raise ConfigError("eval_every and eval_batches must be >= 0 (eval_every=0 disables validation; "
                               "eval_batches=0 scores the whole valid split)")
+        if self.data.document_mask and self.model.attention.method == "fft":
+            raise ConfigError("data.document_mask=true needs an attention method that keeps documents apart; the FFT "
+                              "runs over the whole window: set model.attention.method=auto (or band / dense)")
         if not 0 <= self.eval_stride <= self.data.seq_len:
             raise ConfigError(f"eval_stride={self.eval_stride} must be in [0, data.seq_len={self.data.seq_len}] "
                               f"(0 = data.seq_len)")

@@ -18,7 +18,7 @@ from lm import checkpoint
 from lm.cli.train import main
 from lm.config import ConfigError, load_config
 from lm.training.distributed import DistInfo, SequenceShard, free_port
-from lm.training.engine import TorchEngine, deepspeed_config
+from lm.training.engine import TorchEngine, deepspeed_config, token_nll_sum
 
 LAUNCH = str(REPO / "launch.sh")
 SP2 = "deepspeed.sequence_parallel_size=2"
@@ -161,6 +161,8 @@ MODEL_CASES = {
     "softmax_rpe": dict(kind="softmax", rpe="per_offset", rpe_max_distance=40),
 }
 """Attention kinds and RPE forms checked at the model level (per-head tables sliced, shared ones whole)."""
+DOCUMENT_CASES = ["per_offset_clipped_band", "absolute_prf", "softmax_rpe"]
+"""Checked again with documents in the batch (data.document_mask), through the engines' token_nll_sum."""
 
 
 def _model_worker(rank, world, port, out):
@@ -190,6 +192,18 @@ def _model_worker(rank, world, port, out):
                 grad_err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-300)).item()
                                for g, w in zip(got, want))
                 results[(name, checkpointing)] = (logit_err, grad_err)
+        for name in DOCUMENT_CASES:  # data.document_mask: the starts of the whole sequence reach every rank's heads
+            model = tiny_model(3, looks_trained=True, n_heads=4, d_model=32, **MODEL_CASES[name]).double().train()
+            batch = torch.randint(3, 50, (2, 33), generator=torch.Generator().manual_seed(7))
+            batch[0, [5, 6, 20]] = batch[1, [0, 16, 17, 31]] = 2  # documents across the ranks' blocks
+            params = list(model.parameters())
+            want = torch.autograd.grad(token_nll_sum(model, batch, document_eos=2), params)
+            whole = token_nll_sum(model, batch, document_eos=2).detach()
+            loss = token_nll_sum(model, batch, shard, document_eos=2)
+            got = [all_reduce(g.clone()) for g in torch.autograd.grad(loss, params)]
+            loss_err = ((all_reduce(loss.detach().clone()) - whole).abs() / whole).item()
+            grad_err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-300)).item() for g, w in zip(got, want))
+            results[(name, "documents")] = (loss_err, grad_err)
     finally:
         torch.save(results, f"{out}.{rank}")
         dist.destroy_process_group()
@@ -199,14 +213,17 @@ def _model_worker(rank, world, port, out):
 def test_sharded_model_equals_the_whole_model_in_float64(tmp_path):
     """On 2 ranks (gloo, DeepSpeed's all-to-all), each rank's logits equal the unsharded model's on its tokens and
     the gradients summed over ranks equal the unsharded gradients, to float64 round-off: for every attention kind
-    and RPE form, with and without activation checkpointing."""
+    and RPE form, with and without activation checkpointing; and with documents kept apart (data.document_mask)."""
     mp.spawn(_model_worker, args=(2, free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"out.{rank}")
-        assert set(results) == {(n, c) for n in MODEL_CASES for c in (False, True)}
+        assert set(results) == {(n, c) for n in MODEL_CASES for c in (False, True)} | {
+            (n, "documents") for n in DOCUMENT_CASES}
         for case, (logit_err, grad_err) in results.items():
             print(f"rank {rank} {case}: logits {logit_err:.1e}, gradients {grad_err:.1e}")
-            assert logit_err < 1e-12 and grad_err < 1e-12, (case, logit_err, grad_err)
+            # documents: the first number is the loss's error (token_nll_sum sums in float32)
+            assert logit_err < (1e-6 if case[1] == "documents" else 1e-12) and grad_err < 1e-12, (case, logit_err,
+                                                                                                grad_err)
 
 
 # ----------------------------------------------------------------------- real runs: launch.sh vs one process

@@ -135,7 +135,9 @@ def format_table(rows: list[SplitPerplexity]) -> str:
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     if documents:
-        how = "each document on its own, from BOS" if any(r.per_document for r in rows) else "the packed stream"
+        how = ("each document on its own, from BOS" if any(r.per_document for r in rows) else
+               "the packed stream, each document seeing only itself (data.document_mask)"
+               if any(r.document_mask for r in rows) else "the packed stream")
         note = (f"documents corpus ({how}): tokens include an EOS per document; no word ppl (bits/byte compares "
                 f"tokenizers)")
     else:
@@ -213,9 +215,10 @@ def by_position(args: argparse.Namespace, inference, split, contexts: list[int],
     if too_long:
         raise CommandError(f"the {args.split} split has {split.num_tokens:,} tokens, fewer than the context "
                            f"{too_long[0]}: give shorter contexts")
+    eos = inference.tokenizer.eos_id if cfg.data.document_mask else None
     results = [loss_by_position(inference.model, split.tokens, c, inference.tokenizer.bos_id, args.batch_size,
-                                args.bucket_width, args.max_windows, device, progress=not args.no_progress)
-               for c in contexts]
+                                args.bucket_width, args.max_windows, device, progress=not args.no_progress,
+                                document_eos=eos) for c in contexts]
     print(format_position_table(results))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
               f"words, {what}", file=sys.stderr)
         rows = evaluate_split(model, split, contexts, args.stride, args.batch_size, tokenizer.bos_id, device,
                               progress=not args.no_progress,
-                              per_document_eos=tokenizer.eos_id if args.per_document else None)
+                              per_document_eos=tokenizer.eos_id if args.per_document else None,
+                              document_eos=tokenizer.eos_id if cfg.data.document_mask else None)
     except USER_ERRORS as e:
         return report_error(e, status=2)
 

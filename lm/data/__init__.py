@@ -16,7 +16,8 @@ One file a job:
     document_cache.py   a documents split as a folder of token files (parallel, streaming, resumable)
     sharded_tokens.py   several token files indexed as one stream
     corpus.py           prepare_corpus: sources + tokenizer + token caches
-    batches.py          global_batch / shard: the batches of an optimizer step (what the training loop uses)
+    batches.py          global_batch / shard: the batches of an optimizer step (what the training loop uses);
+                        document_starts: each token's document start from the EOS tokens (data.document_mask)
 
 Cache layout under ``data.cache_dir`` (shared by runs; every name carries the fingerprints it depends on)::
 
@@ -41,7 +42,7 @@ _EXPORTS = {
     "ShardedTokens": "lm.data.sharded_tokens", "Corpus": "lm.data.corpus", "prepare_corpus": "lm.data.corpus",
     "resolve_sources": "lm.data.corpus", "cached_document_split": "lm.data.document_cache",
     "pack": "lm.data.packing", "window_layout": "lm.data.batches", "global_batch": "lm.data.batches",
-    "shard": "lm.data.batches",
+    "shard": "lm.data.batches", "document_starts": "lm.data.batches",
 }
 
 __all__ = list(_EXPORTS)

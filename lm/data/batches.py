@@ -1,6 +1,7 @@
 """Training batches from a token stream: the global batch of an optimizer step is a pure function of (tokens,
 seq_len, batch_size, step, seed), so a resumed run sees exactly the batches of an uninterrupted one; each rank
-takes its own block of rows (:func:`shard`).
+takes its own block of rows (:func:`shard`). With ``data.document_mask`` each token's document start comes from
+the window's own EOS tokens (:func:`document_starts`, on the device, no host read).
 
 This is all the training loop needs from :mod:`lm.data` once the corpus is prepared.
 """
@@ -76,3 +77,16 @@ def shard(batch: torch.Tensor, rank: int, world_size: int, micro_batch_size: int
     per_rank = batch.shape[0] // world_size
     mine = batch[rank * per_rank:(rank + 1) * per_rank]
     return list(mine.split(micro_batch_size))
+
+
+def document_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``ids`` ``(B, N)`` -> ``(B, N)`` long: for each token, the position in its row where its document starts,
+    for the op's ``document_starts`` (:mod:`lm.ops.documents`).
+
+    A document starts at the EOS that ends the one before it (or at the row's first token): as an input, that EOS
+    plays the part BOS plays at the start of a stream, and the document's first token is predicted from it alone;
+    as a target, it is the previous document's last token, predicted from that document alone. So no token is
+    predicted from another document. A cumulative maximum over the positions of EOS tokens: no host read, one
+    shape whatever the number of documents (compiles once)."""
+    pos = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape)
+    return torch.where(ids == eos_id, pos, torch.zeros_like(pos)).cummax(dim=-1).values

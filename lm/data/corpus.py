@@ -78,6 +78,11 @@ def prepare_corpus(cfg: DataConfig, run_dir: str | Path | None = None,
     if not os.access(cache, os.W_OK | os.X_OK):
         raise DataError(f"data.cache_dir={cfg.cache_dir!r} is not writable: point it at a writable directory")
     sources = resolve_sources(cfg, splits)
+    lines = [s for s in sources.values() if not isinstance(s, DocumentSource)]
+    if cfg.document_mask and lines:
+        raise DataError(f"data.document_mask=true needs a corpus of documents, each ended by an EOS (data.files, or "
+                        f"a hub dataset read as documents); the {lines[0].origin} is one running text without "
+                        f"document ends: set data.document_mask=false")
     tok, tok_built = prepare_tokenizer(cfg, sources["train"], run_dir)
     if run_dir is not None:
         install_in_run_dir(tok, run_dir)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lm.data.batches import document_starts
+
 
 def _exp(x: float) -> float:
     """exp that returns inf instead of raising OverflowError (a diverged model has infinite perplexity)."""
@@ -128,7 +130,7 @@ def _batches(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, context: int, stride: int,
                  batch_size: int, bos_id: int, device: str | torch.device = "cpu", max_windows: int | None = None,
-                 progress: bool = False) -> NLL:
+                 progress: bool = False, document_eos: int | None = None) -> NLL:
     """Sliding-window NLL of a 1-D token stream under a causal LM.
 
     Args:
@@ -142,6 +144,10 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
         max_windows: score only this many windows, spread evenly over the stream (for bounded validation
             during training); None scores every target exactly once.
         progress: show a tqdm bar with tokens scored and running perplexity.
+        document_eos: the EOS id of a packed documents stream whose model was trained with ``data.document_mask``:
+            then each token of a window sees only its own document (which starts at the EOS before it;
+            :func:`lm.data.batches.document_starts`), never the document before; ``model`` must take
+            ``document_starts`` (our Transformer). None: windows are attended whole.
 
     Returns:
         :class:`NLL` with the float64-accumulated summed NLL (nats) and the number of targets scored.
@@ -160,7 +166,8 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
     try:
         for group in _batches(windows, batch_size):
             ids = torch.stack([_window_inputs(tokens, w, bos_id) for w in group]).to(device)
-            logits = model(ids)
+            logits = model(ids) if document_eos is None else model(ids, document_starts=document_starts(ids,
+                                                                                                     document_eos))
             if logits.shape[:2] != ids.shape:
                 raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for ids {tuple(ids.shape)}")
             for row, w in zip(logits, group):
@@ -210,6 +217,8 @@ class SplitPerplexity:
     """Documents of a documents corpus (each ends with an EOS token); 0 for a text of lines (WikiText)."""
     per_document: bool = False
     """Each document scored on its own from BOS (no context from the document before it)."""
+    document_mask: bool = False
+    """The packed stream scored with documents kept apart (a model trained with ``data.document_mask``)."""
 
 
 def word_level_tokens(num_words: int, num_line_ends: int) -> int:
@@ -230,7 +239,7 @@ def split_word_perplexity(nll: NLL, split_tokens: int, words_and_lines: int) -> 
 
 def split_perplexity(nll: NLL, split: str, num_words: int, num_line_ends: int, num_bytes: int, context: int,
                      stride: int, seconds: float = math.nan, num_documents: int = 0,
-                     per_document: bool = False) -> SplitPerplexity:
+                     per_document: bool = False, document_mask: bool = False) -> SplitPerplexity:
     """Token perplexity and bits per byte of a split from its summed NLL and the split's counts, and word
     perplexity for a text of lines (``num_documents == 0``: WikiText's convention)."""
     if num_bytes < 1 or (not num_documents and num_words < 1):
@@ -241,7 +250,8 @@ def split_perplexity(nll: NLL, split: str, num_words: int, num_line_ends: int, n
                            word_perplexity=None if num_documents else _exp(nll.nll_sum / words_and_lines),
                            whitespace_word_perplexity=None if num_documents else _exp(nll.nll_sum / num_words),
                            bits_per_byte=nll.nll_sum / (math.log(2) * num_bytes), seconds=seconds,
-                           num_documents=num_documents, per_document=per_document)
+                           num_documents=num_documents, per_document=per_document,
+                           document_mask=document_mask)
 
 
 @dataclass(frozen=True)
@@ -330,10 +340,11 @@ def score_documents(model: torch.nn.Module, tokens, eos_id: int, context: int, s
 
 def evaluate_split(model: torch.nn.Module, split: EvalSplit, contexts: Sequence[int], stride: int | None,
                    batch_size: int, bos_id: int, device: str, progress: bool = False,
-                   per_document_eos: int | None = None) -> list[SplitPerplexity]:
+                   per_document_eos: int | None = None, document_eos: int | None = None) -> list[SplitPerplexity]:
     """:func:`split_perplexity` of ``split`` at each context (tokens per window), with ``stride`` new tokens per
     window (None: the context, non-overlapping windows). With ``per_document_eos`` (the tokenizer's EOS id; a
-    documents split only) every document is scored on its own (:func:`score_documents`)."""
+    documents split only) every document is scored on its own (:func:`score_documents`); with ``document_eos``
+    (a model trained with ``data.document_mask``) the packed stream's documents do not see each other."""
     if per_document_eos is not None and not split.num_documents:
         raise ValueError(f"split {split.name!r} is a text of lines, not documents: it has no per-document score")
     rows = []
@@ -341,12 +352,13 @@ def evaluate_split(model: torch.nn.Module, split: EvalSplit, contexts: Sequence[
         start = time.perf_counter()
         if per_document_eos is None:
             nll = score_tokens(model, split.tokens, context, stride or context, batch_size, bos_id, device,
-                               progress=progress)
+                               progress=progress, document_eos=document_eos)
         else:
             nll = score_documents(model, split.tokens, per_document_eos, context, stride or context, batch_size,
                                   bos_id, device, progress=progress)
         rows.append(split_perplexity(nll, split.name, split.num_words, split.num_line_ends, split.num_bytes,
                                      context, stride or context, seconds=time.perf_counter() - start,
                                      num_documents=split.num_documents,
-                                     per_document=per_document_eos is not None))
+                                     per_document=per_document_eos is not None,
+                                     document_mask=per_document_eos is None and document_eos is not None))
     return rows

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lm.data.batches import document_starts
 from lm.eval.perplexity import Window, _select, _window_inputs
 
 __all__ = ["PositionLoss", "bucket_edges", "logits_function", "loss_by_position"]
@@ -83,7 +84,8 @@ def _full_windows(num_tokens: int, context: int) -> list[Window]:
 @torch.no_grad()
 def loss_by_position(model, tokens: np.ndarray | torch.Tensor, context: int, bos_id: int, batch_size: int = 8,
                      bucket_width: int | None = None, max_windows: int | None = None,
-                     device: str | torch.device = "cpu", progress: bool = False) -> PositionLoss:
+                     device: str | torch.device = "cpu", progress: bool = False,
+                     document_eos: int | None = None) -> PositionLoss:
     """Mean loss by position in the window (and by bucket, :func:`bucket_edges`) over a token stream.
 
     Args:
@@ -95,6 +97,8 @@ def loss_by_position(model, tokens: np.ndarray | torch.Tensor, context: int, bos
         batch_size: windows per forward pass.
         bucket_width: positions per bucket; None for powers of two.
         max_windows: use only this many windows, spread evenly over the stream; None uses all.
+        document_eos: a model trained with ``data.document_mask``: documents in a window do not see each other
+            (as :func:`lm.eval.perplexity.score_tokens`); positions stay those of the window.
 
     Returns:
         :class:`PositionLoss` (float64 sums; the per-token NLL is computed in float32 from the logits).
@@ -122,7 +126,8 @@ def loss_by_position(model, tokens: np.ndarray | torch.Tensor, context: int, bos
             ids = torch.stack([_window_inputs(tokens, w, bos_id) for w in group]).to(device)
             targets = torch.stack([torch.as_tensor(np.asarray(tokens[w.start:w.end], dtype=np.int64))
                                    for w in group]).to(device)
-            logits = logits_of(ids)
+            logits = logits_of(ids) if document_eos is None else model(ids, document_starts=document_starts(
+                ids, document_eos))
             if logits.shape[:2] != ids.shape:
                 raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for ids {tuple(ids.shape)}")
             nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (b, context)

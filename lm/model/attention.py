@@ -19,6 +19,11 @@ to numerator or normaliser); softmax layers mask them, letting a pad query atten
 empty. RPE offsets are distances in the batch's positions, which left padding leaves unchanged between real
 tokens.
 
+Documents (``document_starts`` ``(B, N)``, each token's document start; packed training windows): a token
+attends only to the tokens of its own document, ``document_starts[b, i] <= j <= i``. Kernelized layers hand them
+to the op (whose ``auto`` method then never picks the FFT), softmax layers add the same mask; RPE offsets stay
+``i - j``, distances inside the document.
+
 Sequence parallelism (``forward(x, table, shard)``): the layer sees this rank's block of tokens; an all-to-all
 gives it every token of its block of heads, :meth:`attend_heads` runs on whole sequences exactly as without
 sharding (so the op's method choice and the FFT precision policy see the full length), and a second
@@ -39,6 +44,7 @@ from lm.config import ModelConfig
 from lm.model.cache import KernelizedLayerCache, SoftmaxLayerCache
 from lm.model.rpe import relative_bias
 from lm.ops import kernelized_attention, kernelized_attention_step, state_after
+from lm.ops.documents import document_mask
 from lm.ops.feature_maps import (elu_features, no_autocast, nprf_features, positive_random_features,
                                  random_projection, relu_features)
 from lm.ops.precision import MAX_LENGTH
@@ -68,10 +74,12 @@ class _Attention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, h * dh))
 
     def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_table: torch.Tensor | None,
-                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     key_mask: torch.Tensor | None = None, document_starts: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Attention of whole sequences, per head: q, k, v ``(B, h, N, head_dim)`` for any ``h`` heads (all of
-        them, or a sequence-parallel rank's block) with their RPE table ``(h, L)`` / ``(L,)`` / None and
-        ``key_mask`` ``(B, N)`` / None -> outputs ``(B, h, N, head_dim)``."""
+        them, or a sequence-parallel rank's block) with their RPE table ``(h, L)`` / ``(L,)`` / None,
+        ``key_mask`` ``(B, N)`` / None and ``document_starts`` ``(B, N)`` / None -> outputs ``(B, h, N,
+        head_dim)``."""
         raise NotImplementedError
 
     def attend_cached(self, x: torch.Tensor, rpe_table: torch.Tensor | None, cache,
@@ -85,7 +93,7 @@ class _Attention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None, *, cache=None, shard=None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, document_starts: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``(B, N, d_model)``, ``rpe_table`` ``(H, L)`` / ``(L,)`` / None -> ``(B, N, d_model)``.
 
         One of three ways to run, by what is given:
@@ -101,13 +109,16 @@ class _Attention(nn.Module):
           to the block's tokens for the output projection. The result equals the unsharded layer's.
 
         ``key_mask`` ``(B, N)`` bool (not with ``shard``): False at padding (see the module docstring).
+        ``document_starts`` ``(B, N)`` int (not with ``cache``; under ``shard`` those of the whole sequence):
+        each token's document start (see the module docstring).
         """
         if cache is not None:
-            if shard is not None:
-                raise ValueError("attention takes a decoding cache or a sequence-parallel shard, not both")
+            if shard is not None or document_starts is not None:
+                raise ValueError("attention takes a decoding cache or a sequence-parallel shard, not both, and no "
+                                 "document_starts with a cache")
             return self.merge(self.attend_cached(x, rpe_table, cache, key_mask).to(x.dtype))
         if shard is None:
-            return self.merge(self.attend_heads(*self.qkv(x), rpe_table, key_mask).to(x.dtype))
+            return self.merge(self.attend_heads(*self.qkv(x), rpe_table, key_mask, document_starts).to(x.dtype))
         if key_mask is not None:
             raise ValueError("sequence-parallel attention takes no key_mask (training windows have no padding)")
         b, n, _ = x.shape
@@ -117,7 +128,8 @@ class _Attention(nn.Module):
         q, k, v = self.qkv_proj(x).view(b, n, 3, self.n_heads, self.head_dim).unbind(2)  # (B, n, H, head_dim)
 
         def local(q, k, v):  # (B, N, H / P, head_dim): every token of this rank's heads
-            o = self.attend_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rpe_table)
+            o = self.attend_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rpe_table,
+                                  document_starts=document_starts)
             return o.transpose(1, 2).to(q.dtype)
 
         o = shard.attention(q, k, v, local)  # (B, n, H, head_dim)
@@ -190,20 +202,22 @@ class KernelizedAttention(_Attention):
             return fmap(q), fmap(k), v
 
     def attend(self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, rpe_table: torch.Tensor | None,
-               output_final_state: bool = False):
+               output_final_state: bool = False, document_starts: torch.Tensor | None = None):
         """The op on one sequence: features ``(B, H, N, M)``, ``v`` ``(B, H, N, head_dim)`` -> same as ``v`` (and
-        the recurrent state after the sequence, with ``output_final_state``)."""
+        the recurrent state after the sequence, with ``output_final_state``); ``document_starts`` ``(B, N)``: each
+        token's document start."""
         n = phi_q.shape[-2]
         if n == 0:
             return (v, state_after(phi_k, v, _table_len(rpe_table))) if output_final_state else v
         fft_dtype = torch.float32 if n <= self.fft_fp32_max_len else torch.float64
         return kernelized_attention(phi_q, phi_k, v, rpe_table, method=self.method, fft_dtype=fft_dtype,
-                                    cpu_threads=self.cpu_threads, output_final_state=output_final_state)
+                                    cpu_threads=self.cpu_threads, output_final_state=output_final_state,
+                                    document_starts=document_starts)
 
-    def attend_heads(self, q, k, v, rpe_table, key_mask=None):
+    def attend_heads(self, q, k, v, rpe_table, key_mask=None, document_starts=None):
         phi_q, phi_k, v = self.feature_map_qkv(q, k, v)
         phi_k, v = _mask_keys(phi_k, v, key_mask)
-        return self.attend(phi_q, phi_k, v, rpe_table)
+        return self.attend(phi_q, phi_k, v, rpe_table, document_starts=document_starts)
 
     def new_cache(self) -> KernelizedLayerCache:
         return KernelizedLayerCache()
@@ -248,28 +262,31 @@ class SoftmaxAttention(_Attention):
         """Nothing to redraw (present so every attention layer has the same interface)."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_table: torch.Tensor | None,
-               key_mask: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+               key_mask: torch.Tensor | None = None, start: int = 0,
+               document_starts: torch.Tensor | None = None) -> torch.Tensor:
         """Causal SDPA: queries ``q`` ``(B, H, n, head_dim)`` at positions ``start .. start + n - 1`` over keys
         ``k``, ``v`` ``(B, H, start + n, head_dim)`` at positions ``0 ..`` -> ``(B, H, n, head_dim)``.
-        ``key_mask`` ``(B, start + n)``: False at padding."""
+        ``key_mask`` ``(B, start + n)``: False at padding. ``document_starts`` ``(B, start + n)``: each token's
+        document start (keys before a query's are masked)."""
         n, total = q.shape[-2], k.shape[-2]
         if n == 0:
             return q
-        if rpe_table is None and key_mask is None and start == 0:
+        if rpe_table is None and key_mask is None and document_starts is None and start == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        chunk = max(1, self.max_bias_elements // (q.shape[1] * total))
+        rows = q.shape[1] * (1 if document_starts is None and key_mask is None else q.shape[0])
+        chunk = max(1, self.max_bias_elements // (rows * total))
         pos = torch.arange(total, device=q.device)
         outs = []
         for s in range(0, n, chunk):
             e = min(s + chunk, n)  # queries [start + s, start + e) see keys [0, start + e)
             mask = _attention_mask(rpe_table, pos[start + s:start + e], pos[:start + e],
-                                   None if key_mask is None else key_mask[:, :start + e], q.dtype)
+                                   None if key_mask is None else key_mask[:, :start + e], q.dtype, document_starts)
             outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :start + e], v[:, :, :start + e],
                                                        attn_mask=mask))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def attend_heads(self, q, k, v, rpe_table, key_mask=None):
-        return self.attend(q, k, v, rpe_table, key_mask)
+    def attend_heads(self, q, k, v, rpe_table, key_mask=None, document_starts=None):
+        return self.attend(q, k, v, rpe_table, key_mask, document_starts=document_starts)
 
     def new_cache(self) -> SoftmaxLayerCache:
         return SoftmaxLayerCache()
@@ -284,16 +301,27 @@ class SoftmaxAttention(_Attention):
 
 
 def _attention_mask(rpe_table: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                    key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+                    key_mask: torch.Tensor | None, dtype: torch.dtype,
+                    document_starts: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA's ``attn_mask`` for queries ``q_pos`` over keys ``k_pos``: the RPE bias with the causal mask
     (``(H, nq, nk)`` / ``(nq, nk)`` float), or the causal mask alone (bool); with ``key_mask`` ``(B, nk)`` pad keys
     are masked too, except a query's own key (a pad query attends to itself: no row is empty) -> ``(B, H or 1,
-    nq, nk)``."""
+    nq, nk)``; with ``document_starts`` ``(B, N)`` keys before the query's document start are masked (the op's
+    semantics, :func:`lm.ops.documents.document_mask`; a query always keeps its own key) -> ``(B, H or 1, nq,
+    nk)``."""
     if rpe_table is not None:
         bias = relative_bias(rpe_table, q_pos, k_pos).to(dtype)
     else:
         bias = torch.zeros((), dtype=dtype, device=q_pos.device).expand(len(q_pos), len(k_pos)).masked_fill(
             q_pos[:, None] < k_pos[None, :], float("-inf"))
+    if document_starts is not None:
+        bias = bias if bias.dim() == 3 else bias[None]  # (H or 1, nq, nk)
+        same = document_mask(document_starts, q_pos, k_pos)  # (B, nq, nk)
+        bias = bias[None].masked_fill(~same[:, None], float("-inf"))
+        if key_mask is None:
+            return bias
+        return bias.masked_fill(~(key_mask[:, None, None, :] | (q_pos[:, None] == k_pos[None, :])[None, None]),
+                                float("-inf"))
     if key_mask is None:
         return bias
     bias = bias if bias.dim() == 3 else bias[None]  # (H or 1, nq, nk)

@@ -61,7 +61,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + drop(attn(ln(x)))`` then ``x + drop(mlp(ln(x)))``; ``(B, N, d)`` -> same.
-    ``cache``, ``shard`` and ``key_mask`` go to the attention layer (see its ``forward``)."""
+    ``cache``, ``shard``, ``key_mask`` and ``document_starts`` go to the attention layer (see its ``forward``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -72,14 +72,27 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rpe_table: torch.Tensor | None = None, *, cache=None, shard=None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rpe_table, cache=cache, shard=shard, key_mask=key_mask))
+                key_mask: torch.Tensor | None = None, document_starts: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rpe_table, cache=cache, shard=shard, key_mask=key_mask,
+                                    document_starts=document_starts))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
 def _refresh_after_load(module: "Transformer", incompatible_keys) -> None:
     """``load_state_dict`` post-hook: new RPE tables, new FFT precision policy (a function, so models pickle)."""
     module.refresh_precision_policy()
+
+
+def _check_document_starts(starts: torch.Tensor, ids: torch.Tensor, shard, cache, key_mask, positions) -> None:
+    """Shapes and combinations only (values would need a host read)."""
+    if cache is not None or key_mask is not None or positions is not None:
+        raise ValueError("document_starts is for packed training and scoring windows: not with a decoding cache, "
+                         "key_mask or positions (decode or pad one document at a time)")
+    n = ids.shape[1] * (1 if shard is None else shard.size)
+    if starts.dtype not in (torch.int32, torch.int64) or tuple(starts.shape) != (ids.shape[0], n):
+        raise ValueError(f"document_starts must be an integer tensor of shape (B, N) = ({ids.shape[0]}, {n}) (the "
+                         f"whole sequence, also under sequence parallelism), got {starts.dtype} "
+                         f"{tuple(starts.shape)}")
 
 
 class Transformer(nn.Module):
@@ -193,7 +206,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, shard=None, *, cache: ModelCache | None = None,
                 key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                document_starts: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """``ids`` ``(B, N)`` long token ids -> logits ``(B, N, vocab_size)`` float32; position ``i`` sees ``<= i``.
 
         Sequence parallel (``shard``, a :class:`lm.training.distributed.SequenceShard` of ``P`` ranks): ``ids``
@@ -210,6 +223,12 @@ class Transformer(nn.Module):
         others (a left-padded batch gives each row what it gets alone). ``positions``: the absolute positions of
         ``kernelized`` models, ``(B, N)`` (e.g. counting only real tokens) or ``(N,)``; RPE offsets are the
         distances in the batch. ``logits_to_keep`` > 0 returns only the last that many positions' logits.
+
+        ``document_starts`` ``(B, N)`` int (``N`` the whole sequence, also under ``shard``): for each token, the
+        position where its document starts (:func:`lm.data.batches.document_starts`); every attention layer then
+        lets a token see only the tokens of its own document (the op's ``document_starts``, or the same mask for
+        softmax), and absolute positions count from the document's start. Not with ``cache``, ``key_mask`` or
+        ``positions``. The logits of a packed row then equal those of each document run alone.
         """
         if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"Transformer.forward expects token ids of shape (B, N) and dtype long, got "
@@ -224,12 +243,17 @@ class Transformer(nn.Module):
                 raise ValueError(f"the cache holds {len(cache.layers)} layers x {cache.batch_size} sequences, the "
                                  f"call {len(self.blocks)} layers x {ids.shape[0]}: build it with "
                                  f"model.new_cache({ids.shape[0]})")
+        if document_starts is not None:
+            _check_document_starts(document_starts, ids, shard, cache, key_mask, positions)
         if key_mask is not None and tuple(key_mask.shape) != tuple(ids.shape):
             raise ValueError(f"key_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(key_mask.shape)}")
         if not torch.compiler.is_compiling() and self._rpe_versions() != self._policy_versions:
             self.refresh_precision_policy()  # eager only: the RPE changed since the last refresh
         parts, part = (1, 0) if shard is None else (shard.size, shard.rank)
         start = cache.position if cache is not None else part * ids.shape[1]
+        if document_starts is not None and self.absolute_positions:  # positions restart with each document
+            block = torch.arange(start, start + ids.shape[1], device=ids.device)
+            positions = block - document_starts[:, start:start + ids.shape[1]]
         x = self.embed(ids, start_pos=start, positions=positions)
         if ids.shape[1] > 0:
             # decoding needs each whole table (the state outlives this call); a pass over N tokens reads N entries
@@ -237,9 +261,11 @@ class Transformer(nn.Module):
             mask = None if key_mask is None else key_mask.to(torch.bool)
             for block, table, layer_cache in zip(self.blocks, tables, [None] * len(tables) if cache is None else cache.layers):
                 if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, table, shard=shard, key_mask=mask, use_reentrant=False)
+                    x = checkpoint(block, x, table, shard=shard, key_mask=mask, document_starts=document_starts,
+                                   use_reentrant=False)
                 else:
-                    x = block(x, table, cache=layer_cache, shard=shard, key_mask=mask)
+                    x = block(x, table, cache=layer_cache, shard=shard, key_mask=mask,
+                              document_starts=document_starts)
         if cache is not None:
             cache.position += ids.shape[1]
         return self.head(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)

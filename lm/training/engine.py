@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ConfigError, TrainConfig
+from lm.data.batches import document_starts
 from lm.device import set_tf32
 from lm.training.distributed import DistInfo, all_reduce, broadcast
 from lm.training.divergence import bad_step
@@ -72,16 +73,19 @@ class StepStats:
         return self.bad == "spike"
 
 
-def token_nll_sum(model: nn.Module, batch: torch.Tensor, shard=None) -> torch.Tensor:
+def token_nll_sum(model: nn.Module, batch: torch.Tensor, shard=None, document_eos: int | None = None) -> torch.Tensor:
     """Sum of next-token NLLs (nats, float32 scalar) of a ``(B, N + 1)`` window batch: inputs ``[:, :-1]``,
     targets ``[:, 1:]``. With a sequence-parallel ``shard`` (:class:`lm.training.distributed.SequenceShard`), only this
-    rank's block of inputs and targets (cut after the shift): the NLL sum of the block's tokens."""
+    rank's block of inputs and targets (cut after the shift): the NLL sum of the block's tokens. With
+    ``document_eos`` (``data.document_mask``), the inputs' document starts (:func:`lm.data.batches.document_starts`,
+    over the whole sequence, computed on the device) keep documents apart."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    extra = {} if document_eos is None else {"document_starts": document_starts(inputs, document_eos)}
     if shard is None:
-        logits = model(inputs)
+        logits = model(inputs, **extra)
     else:
         inputs, targets = shard.tokens(inputs), shard.tokens(targets)
-        logits = model(inputs, shard=shard)
+        logits = model(inputs, shard=shard, **extra)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
@@ -173,11 +177,13 @@ class Engine:
         set_tf32(cfg.compute.tf32, info.device)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float,
-                   loss_limit: float = math.inf, flags: Optional[Flags] = None) -> StepStats:
+                   loss_limit: float = math.inf, flags: Optional[Flags] = None,
+                   document_eos: Optional[int] = None) -> StepStats:
         """Forward/backward every ``(micro, N + 1)`` micro-batch of this rank, then one optimizer step at ``lr``,
         skipped when the step's loss is non-finite or above ``loss_limit`` (the same on every rank), or its
         gradients are non-finite. ``flags``, called once right before the step's reduction, gives this rank's
-        host-side booleans; :attr:`StepStats.flags` says which of them any rank raised (no extra collective)."""
+        host-side booleans; :attr:`StepStats.flags` says which of them any rank raised (no extra collective).
+        ``document_eos``: keep the documents of each window apart (``data.document_mask``; :func:`token_nll_sum`)."""
         raise NotImplementedError
 
     def save_state(self, directory: Path) -> None:
@@ -229,13 +235,13 @@ class TorchEngine(Engine):
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.compute.precision == "bf16" else nullcontext())
 
-    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None, document_eos=None):
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         nll = []
         for mb in micro_batches:
             with self.autocast:
-                loss = token_nll_sum(self.module, mb.to(self.info.device))
+                loss = token_nll_sum(self.module, mb.to(self.info.device), document_eos=document_eos)
             nll.append(loss.detach())
             (loss / global_tokens).backward()
         loss_sum, loss_bad, raised = self._global_loss(nll, flags)
@@ -308,7 +314,7 @@ class DeepSpeedEngine(Engine):
         if basic is not None:
             _set_lr(basic, lr)
 
-    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None):
+    def train_step(self, micro_batches, global_tokens, lr, loss_limit=math.inf, flags=None, document_eos=None):
         engine = self.engine
         engine.train()
         if len(micro_batches) != engine.gradient_accumulation_steps():
@@ -319,7 +325,7 @@ class DeepSpeedEngine(Engine):
         guarded = isinstance(engine.optimizer, GuardedAdamW)  # stage 0, fp32: gradients are reduced in .grad
         nll = []
         for i, mb in enumerate(micro_batches):
-            loss = token_nll_sum(engine, mb.to(self.info.device), self.info.sequence)
+            loss = token_nll_sum(engine, mb.to(self.info.device), self.info.sequence, document_eos)
             nll.append(loss.detach())
             scale = self.info.dp_size / global_tokens  # DeepSpeed averages over data-parallel replicas
             if i == len(micro_batches) - 1:  # the step's loss is known before its last backward

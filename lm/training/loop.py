@@ -136,13 +136,15 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def validate(engine: Engine, cfg: TrainConfig, valid_tokens, bos_id: int):
-    """Validation NLL on rank 0 (the number ``tools/eval_ppl.py`` prints at context ``data.seq_len``)."""
+def validate(engine: Engine, cfg: TrainConfig, valid_tokens, bos_id: int, eos_id: int):
+    """Validation NLL on rank 0 (the number ``tools/eval_ppl.py`` prints at context ``data.seq_len``; with
+    ``data.document_mask`` the documents of a window do not see each other, as in training)."""
     from lm.eval.perplexity import score_tokens
     max_windows = cfg.eval_batches * cfg.micro_batch_size if cfg.eval_batches else None
     return score_tokens(engine.module, valid_tokens, context=cfg.data.seq_len,
                         stride=cfg.eval_stride or cfg.data.seq_len, batch_size=cfg.micro_batch_size,
-                        bos_id=bos_id, device=engine.info.device, max_windows=max_windows)
+                        bos_id=bos_id, device=engine.info.device, max_windows=max_windows,
+                        document_eos=eos_id if cfg.data.document_mask else None)
 
 
 def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
@@ -270,6 +272,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
     _stop_before_start(cfg, info, stop, resume_from)
 
     train_split, valid_split = corpus.split("train"), corpus.split("valid")
+    document_eos = corpus.tokenizer.eos_id if cfg.data.document_mask else None
     log = RunLog(run_dir, info, cfg, start)
     steps = StepLog(run_dir, start, enabled=info.is_main)
     monitor = DivergenceMonitor(cfg.divergence, counters, start, first_loss_guess=math.log(cfg.model.vocab_size))
@@ -284,7 +287,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
         if info.is_main:
             try:
                 with stop.signals.interruptible():
-                    nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id)
+                    nll = validate(engine, cfg, valid_split.tokens, corpus.tokenizer.bos_id, corpus.tokenizer.eos_id)
             except Interrupted:
                 done = False
             else:
@@ -322,7 +325,8 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
             micro = shard(batch, info.dp_rank, info.dp_size, cfg.micro_batch_size)  # sequence-parallel ranks share rows
             limit = monitor.loss_limit()
             stats = engine.train_step(micro, global_tokens=batch[:, 1:].numel(),
-                                      lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit, flags=stop.flags)
+                                      lr=lr_at(step, cfg.optim, cfg.max_steps), loss_limit=limit, flags=stop.flags,
+                                      document_eos=document_eos)
             step += 1
             monitor.record(step, stats.loss, stats.bad, limit)
             steps.write(step, stats, limit, monitor.bad_in_a_row)
