@@ -129,6 +129,7 @@ def test_config_refuses_the_fft_with_document_masks():
 # ---------------------------------------------------------------------------------------------- scoring
 def test_scoring_with_the_mask_equals_scoring_the_documents_apart():
     from lm.eval.perplexity import score_tokens
+    from lm.eval.position import loss_by_position
 
     model = tiny_model(5, looks_trained=True, rpe_max_distance=8)
     stream = packed_batch(n=60, seed=3).flatten()  # 120 tokens, 7 EOS
@@ -136,7 +137,7 @@ def test_scoring_with_the_mask_equals_scoring_the_documents_apart():
     got = score_tokens(model, stream, context, context, batch_size=3, bos_id=1, document_eos=EOS)
     # by hand: windows of [BOS] + stream, each cut into its documents, each run alone
     s = torch.cat([torch.tensor([1]), stream])
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     with torch.no_grad():
         for w in range(0, len(stream), context):
             end = min(w + context, len(stream))
@@ -144,10 +145,15 @@ def test_scoring_with_the_mask_equals_scoring_the_documents_apart():
             inputs, targets = s[start:end], stream[start:end]
             logits = torch.cat([model(inputs[None, a:e])[0] for a, e in segments(inputs)])
             nll = F.cross_entropy(logits.double(), targets, reduction="none")
+            per_window.append(nll.sum().item())
             total += nll[w - start:].sum().item()
             count += end - w
     assert got.num_tokens == count == len(stream)
     assert got.nll_sum == pytest.approx(total, rel=1e-6)
+    # loss by position with the mask: its 3 full windows are the first 3 above, every position scored
+    positions = loss_by_position(model, stream, context, 1, batch_size=2, document_eos=EOS)
+    assert positions.num_windows == 3
+    assert sum(positions.position_loss) * 3 == pytest.approx(sum(per_window[:3]), rel=1e-6)
     assert abs(score_tokens(model, stream, context, context, 3, 1).nll_sum - total) > 1e-6 * total  # the mask acts
 
 
@@ -171,8 +177,8 @@ def test_training_with_document_masks_runs_resumes_and_reports(tmp_path):
     write_documents(corpus / "train.jsonl", sample_documents(160, seed=1))
     write_documents(corpus / "valid.jsonl", sample_documents(12, seed=2))
     write_documents(corpus / "test.jsonl", sample_documents(4, seed=3))
-    common = ["data.source=files", f"data.files.train={corpus / 'train.jsonl'}", f"data.files.valid={corpus / 'valid.jsonl'}",
-              f"data.files.test={corpus / 'test.jsonl'}",
+    common = ["data.source=files", f"data.files.train={corpus / 'train.jsonl'}",
+              f"data.files.valid={corpus / 'valid.jsonl'}", f"data.files.test={corpus / 'test.jsonl'}",
               "data.document_mask=true", "data.seq_len=64", "data.tokenizer.vocab_size=400", "save_every=4",
               "eval_every=4", "eval_batches=0", "batch_size=8", "micro_batch_size=4"]
     run = tmp_path / "run"

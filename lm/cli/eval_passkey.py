@@ -16,8 +16,9 @@ Tasks (``--task auto`` picks by the run's corpus):
 - ``passkey`` (any text corpus): the test of Mohtashami and Jaggi (2023), "The pass key is 68079. Remember it.
   68079 is the pass key." in filler text, then "What is the pass key? The pass key is"; a ``--digits``-digit
   number (default 5). ``--filler valid`` (the default) takes the filler from the run's own validation split, a
-  random span per trial, tokenized with the checkpoint's tokenizer; ``--filler builtin`` repeats the original
-  test's five sentences ("The grass is green. The sky is blue. ..."). Nothing is downloaded.
+  random span per trial, tokenized with the checkpoint's tokenizer (a documents corpus without its EOS tokens);
+  ``--filler builtin`` repeats the original test's five sentences ("The grass is green. The sky is blue. ...").
+  Nothing is downloaded.
 - ``records`` (the built-in synthetic corpus, ``data.source=synthetic``): the corpus's own format: one fact
   "kelo is 37 ." among the corpus's filler sentences, then "questions : what is kelo ?"; keys and values are the
   corpus's. What the corpus trains (recall of a fact across filler), at any length.
@@ -31,6 +32,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
@@ -107,7 +110,10 @@ def build_task(args: argparse.Namespace, cfg, tokenizer) -> PasskeyTask:
                             filler_sentence)
     filler = None
     if args.filler in ("auto", "valid"):
-        filler = tokenize_split(cfg.data, tokenizer, "valid").tokens
+        split = tokenize_split(cfg.data, tokenizer, "valid")
+        filler = np.asarray(split.tokens)
+        if split.num_documents:  # one running text: no end of document inside a prompt
+            filler = filler[filler != tokenizer.eos_id]
     return passkey_task(tokenizer.encode, tokenizer.bos_id, filler, args.digits)
 
 

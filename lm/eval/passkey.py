@@ -34,8 +34,8 @@ from tqdm import tqdm
 from lm.errors import UserError
 from lm.eval.position import logits_function
 
-__all__ = ["PasskeyError", "PasskeyTask", "PasskeyTrial", "PasskeyCell", "PasskeyReport", "passkey_task", "records_task",
-           "build_prompt", "greedy_answers", "answer_nll", "evaluate_passkey", "BUILTIN_FILLER"]
+__all__ = ["PasskeyError", "PasskeyTask", "PasskeyTrial", "PasskeyCell", "PasskeyReport", "passkey_task",
+           "records_task", "build_prompt", "greedy_answers", "answer_nll", "evaluate_passkey", "BUILTIN_FILLER"]
 
 Encode = Callable[[str], Sequence[int]]
 
