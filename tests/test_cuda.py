@@ -54,7 +54,9 @@ def no_tf32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
+    still_off = not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert still_off, "the test turned TF32 on (training applies compute.tf32): pass compute.tf32=false"
 
 
 # ----------------------------------------------------------------------------------------------- the op
@@ -185,7 +187,7 @@ def _deepspeed_step_worker(_rank: int, device: str, port: int, out: str) -> None
     try:
         for kind in ("torch", "deepspeed"):
             cfg = tiny_train_config(f"engine={kind}", f"device={device}", "compute.precision=bf16",
-                                    f"deepspeed.zero_stage={1 if kind == 'deepspeed' else 0}",
+                                    "compute.tf32=false", f"deepspeed.zero_stage={1 if kind == 'deepspeed' else 0}",
                                     "deepspeed.torch_adam=true")
             if kind == "torch":  # no process group: the plain engine of one process
                 info = DistInfo("torch", 0, 1, 0, torch.device("cuda", 0) if device == "cuda" else CPU)
@@ -260,7 +262,7 @@ def check_checkpoint_loads_on_cpu(run, trained_on: torch.device) -> None:
 
 @pytest.mark.cuda
 def test_checkpoint_trained_on_cuda_loads_on_the_cpu(tmp_path):
-    run = train_run(tmp_path, "device=cuda", "max_steps=2", "compute.precision=bf16")
+    run = train_run(tmp_path, "device=cuda", "max_steps=2", "compute.precision=bf16", "compute.tf32=false")
     check_checkpoint_loads_on_cpu(run, CUDA)
 
 
