@@ -11,7 +11,6 @@ how the tests check it). :func:`fused_available` says whether it can run on a de
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Optional
@@ -30,9 +29,7 @@ def window_blocks(num_weights: int, block: int) -> int:
     return 1 + max(0, -(-(num_weights - 2) // block))
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -40,8 +37,8 @@ def fused_available(device: torch.device | str) -> bool:
     ``TRITON_INTERPRET=1``."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return _triton_importable()
-    return kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+        return _TRITON
+    return kind == "cpu" and _TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
@@ -59,8 +56,9 @@ def _settings(q: torch.Tensor, tf32: bool, block: int):
     half = q.dtype in (torch.float16, torch.bfloat16)
     prec = "tf32" if (tf32 and q.dtype == torch.float32) else "ieee"
     far_prec = "tf32" if (half or (tf32 and q.dtype == torch.float32)) else "ieee"
-    return dict(BT=block, BM=_pow2(q.shape[-1]), PREC=prec, ACC=tl.float64 if acc == torch.float64 else tl.float32), \
-        far_prec, acc
+    upcast = half and q.device.type == "cpu"  # the interpreter's half-precision tl.dot is wrong (see _dot)
+    return dict(BT=block, BM=_pow2(q.shape[-1]), PREC=prec, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                UPCAST=upcast), far_prec, acc
 
 
 def _shapes(q, v, c, block):

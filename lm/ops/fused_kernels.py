@@ -57,9 +57,31 @@ def _store_state(s_ptr, kv, ks, rm, M, rd, D):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in float32 (or the inputs' float64). ``UPCAST``: run half inputs as float32 (their
+    products are exact in float32, so the result is the tensor-core one up to summation order): how the Triton
+    interpreter, whose half-precision ``tl.dot`` is wrong, runs them."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x`` (float32) rounded to ``dtype`` to nearest even, as a GPU does. The interpreter (``UPCAST``) truncates,
+    so bfloat16 is rounded here by its bits first (float16 keeps the interpreter's truncation)."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def far_states(k_ptr, v_ptr, starts_ptr, s_ptr, N, M, D, H, NB_FAR,
                BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
-               ACC: tl.constexpr):
+               ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``s`` ``(B H, NB_FAR + 1, M, D + 1)`` float32, entry 0 given: entry ``p + 1`` = state after key block ``p``."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
@@ -76,7 +98,7 @@ def far_states(k_ptr, v_ptr, starts_ptr, s_ptr, N, M, D, H, NB_FAR,
             k = tl.where((rows >= last)[:, None], k, 0.0)
             kv = tl.where(keep, kv, 0.0)
             ks = tl.where(keep, ks, 0.0)
-        kv += tl.dot(tl.trans(k), v, input_precision=PREC)
+        kv += _dot(tl.trans(k), v, PREC, UPCAST)
         ks += tl.sum(k.to(ACC), 0)
         _store_state(base + (p + 1) * M * (D + 1), kv, ks, rm, M, rd, D)
 
@@ -91,7 +113,8 @@ def _weights(c_ptr, h, L, off):
 @triton.jit
 def forward(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, o_ptr, den_ptr, N, M, D, L, H, NW, NB_FAR,
             BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_FAR: tl.constexpr,
-            PREC: tl.constexpr, FAR_PREC: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr):
+            PREC: tl.constexpr, FAR_PREC: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr,
+            UPCAST: tl.constexpr):
     """``o`` ``(B H, N, D)`` in ``v``'s dtype and the normaliser ``den`` ``(B H, N)`` float32."""
     g = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -108,27 +131,28 @@ def forward(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, o_ptr, den_ptr, N, M,
         qf = q.to(ACC) * tl.load(c_ptr + h * L + L - 1)
         if HAS_DOCS:
             qf = tl.where((rs < (g - NW + 1) * BT)[:, None], qf, 0.0)
-        acc += tl.dot(qf, kv, input_precision=FAR_PREC)
+        acc += _dot(qf, kv, FAR_PREC, UPCAST)
         den += tl.sum(qf * ks[None, :], 1)
     for j in range(0, tl.minimum(NW, g + 1)):
         krows = (g - j) * BT + rt
         k = _load_rows(k_ptr + bh * N * M, krows, N, rm, M)
         v = _load_rows(v_ptr + bh * N * D, krows, N, rd, D)
-        w = tl.dot(q, tl.trans(k), input_precision=PREC) * _weights(c_ptr, h, L, j * BT + rt[:, None] - rt[None, :])
+        w = _dot(q, tl.trans(k), PREC, UPCAST) * _weights(c_ptr, h, L, j * BT + rt[:, None] - rt[None, :])
         if HAS_DOCS:
             w = tl.where(krows[None, :] >= rs[:, None], w, 0.0)
-        acc += tl.dot(w.to(v.dtype), v, input_precision=PREC)
+        acc += _dot(_round(w, v.dtype, UPCAST), v, PREC, UPCAST)
         den += tl.sum(w, 1)
     out = acc / tl.maximum(den, TINY)[:, None]  # an all-underflowed row has a zero numerator
     ok = (rows[:, None] < N) & (rd[None, :] < D)
-    tl.store(o_ptr + bh * N * D + rows[:, None] * D + rd[None, :], out.to(o_ptr.dtype.element_ty), mask=ok)
+    tl.store(o_ptr + bh * N * D + rows[:, None] * D + rd[None, :], _round(out, o_ptr.dtype.element_ty, UPCAST),
+             mask=ok)
     tl.store(den_ptr + bh * N + rows, den, mask=rows < N)
 
 
 @triton.jit
 def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, D, L, H, NW, NB_FAR,
                         BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        FAR_PREC: tl.constexpr, ACC: tl.constexpr):
+                        FAR_PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``ds`` ``(B H, NB_FAR, M, D + 1)``: gradient of the state after key block ``p`` (``c[L-1]`` folded in), from
     ``gn`` ``(B H, N, D)`` and ``gd`` ``(B H, N)``, the gradients of numerator and normaliser."""
     bh = tl.program_id(0).to(tl.int64)
@@ -152,7 +176,7 @@ def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, 
             keep = last < nxt
             kv = tl.where(keep, kv, 0.0)
             ks = tl.where(keep, ks, 0.0)
-        kv += tl.dot(tl.trans(q), gn, input_precision=FAR_PREC)
+        kv += _dot(tl.trans(q), gn, FAR_PREC, UPCAST)
         ks += tl.sum(q * gd[:, None], 0)
         _store_state(ds_ptr + (bh * NB_FAR + p) * M * (D + 1), kv, ks, rm, M, rd, D)
 
@@ -161,7 +185,7 @@ def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, 
 def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, dq_ptr, dc_ptr, N, M, D, L, H, NW,
                 NB_FAR, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_FAR: tl.constexpr, NEED_DC: tl.constexpr, PREC: tl.constexpr, FAR_PREC: tl.constexpr,
-                ACC: tl.constexpr):
+                ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``dq`` ``(B H, N, M)`` in ``q``'s dtype; adds the far field's part of the RPE weight gradient to ``dc``
     ``(B H, L)``."""
     g = tl.program_id(0)
@@ -172,13 +196,13 @@ def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, d
     q = _load_rows(q_ptr + bh * N * M, rows, N, rm, M)
     gn = _load_rows(gn_ptr + bh * N * D, rows, N, rd, D)
     gd = tl.load(gd_ptr + bh * N + rows, mask=rows < N, other=0.0)
-    gn_mm = gn.to(q.dtype)
+    gn_mm = _round(gn, q.dtype, UPCAST)
     dq = tl.zeros((BT, BM), ACC)
     if HAS_DOCS:
         rs = tl.load(starts_ptr + b * N + rows, mask=rows < N, other=0)
     if HAS_FAR:
         kv, ks = _load_state(s_ptr + (bh * (NB_FAR + 1) + tl.maximum(g - NW + 1, 0)) * M * (D + 1), rm, M, rd, D)
-        t = tl.dot(gn, tl.trans(kv), input_precision=FAR_PREC) + gd[:, None] * ks[None, :]  # (BT, BM)
+        t = _dot(gn, tl.trans(kv), FAR_PREC, UPCAST) + gd[:, None] * ks[None, :]  # (BT, BM)
         if HAS_DOCS:
             t = tl.where((rs < (g - NW + 1) * BT)[:, None], t, 0.0)
         dq += t * tl.load(c_ptr + h * L + L - 1)
@@ -191,17 +215,18 @@ def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, d
         w = _weights(c_ptr, h, L, j * BT + rt[:, None] - rt[None, :])
         if HAS_DOCS:
             w = tl.where(krows[None, :] >= rs[:, None], w, 0.0)
-        dw = tl.dot(gn_mm, tl.trans(v), input_precision=PREC) + gd[:, None]  # d(weighted score)
-        dq += tl.dot((dw * w).to(k.dtype), k, input_precision=PREC)
+        dw = _dot(gn_mm, tl.trans(v), PREC, UPCAST) + gd[:, None]  # d(weighted score)
+        dq += _dot(_round(dw * w, k.dtype, UPCAST), k, PREC, UPCAST)
     ok = (rows[:, None] < N) & (rm[None, :] < M)
-    tl.store(dq_ptr + bh * N * M + rows[:, None] * M + rm[None, :], dq.to(dq_ptr.dtype.element_ty), mask=ok)
+    tl.store(dq_ptr + bh * N * M + rows[:, None] * M + rm[None, :], _round(dq, dq_ptr.dtype.element_ty, UPCAST),
+             mask=ok)
 
 
 @triton.jit
 def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr, dk_ptr, dv_ptr, dc_ptr, N, M, D, L,
                  H, NW, NB_FAR, NB, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
                  HAS_FAR: tl.constexpr, NEED_DC: tl.constexpr, PREC: tl.constexpr, FAR_PREC: tl.constexpr,
-                 ACC: tl.constexpr):
+                 ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``dk`` ``(B H, N, M)`` and ``dv`` ``(B H, N, D)`` of one key block, in the inputs' dtypes; adds the near
     tiles' part of the RPE weight gradient to ``dc`` ``(B H, L)`` (diagonal sums, atomically)."""
     p = tl.program_id(0)
@@ -216,8 +241,8 @@ def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr,
     if HAS_FAR:
         if p < NB_FAR:
             gkv, gks = _load_state(ds_ptr + (bh * NB_FAR + p) * M * (D + 1), rm, M, rd, D)
-            tk = tl.dot(v.to(ACC), tl.trans(gkv), input_precision=FAR_PREC) + gks[None, :]
-            tv = tl.dot(k.to(ACC), gkv, input_precision=FAR_PREC)
+            tk = _dot(v.to(ACC), tl.trans(gkv), FAR_PREC, UPCAST) + gks[None, :]
+            tv = _dot(k.to(ACC), gkv, FAR_PREC, UPCAST)
             if HAS_DOCS:
                 last = tl.load(starts_ptr + b * N + tl.minimum(p * BT + BT - 1, N - 1))
                 tail = (krows >= last)[:, None]
@@ -240,10 +265,11 @@ def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr,
             rs = tl.load(starts_ptr + b * N + rows, mask=rows < N, other=0)
             pair = pair & (krows[:, None] >= rs[None, :])
         w = tl.where(pair, _weights(c_ptr, h, L, off), 0.0)
-        s = tl.dot(k, tl.trans(q), input_precision=PREC)
-        dw = tl.dot(v, tl.trans(gn.to(v.dtype)), input_precision=PREC) + gd[None, :]
-        dk += tl.dot((dw * w).to(q.dtype), q, input_precision=PREC)
-        dv += tl.dot((s * w).to(v.dtype), gn.to(v.dtype), input_precision=PREC)
+        s = _dot(k, tl.trans(q), PREC, UPCAST)
+        gn_mm = _round(gn, v.dtype, UPCAST)
+        dw = _dot(v, tl.trans(gn_mm), PREC, UPCAST) + gd[None, :]
+        dk += _dot(_round(dw * w, q.dtype, UPCAST), q, PREC, UPCAST)
+        dv += _dot(_round(s * w, v.dtype, UPCAST), gn_mm, PREC, UPCAST)
         if NEED_DC:
             pc = tl.gather(tl.where(pair, dw * s, 0.0), skew, 1)  # d(weight) of each pair, skewed
             near = tl.sum(tl.where(wraps, 0.0, pc), 0)
@@ -252,7 +278,7 @@ def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr,
             off_back = j * BT + rt - BT
             tl.atomic_add(dc_ptr + bh * L + tl.minimum(tl.maximum(off_back, 0), L - 1), back, mask=off_back >= 0)
     ok = krows[:, None] < N
-    tl.store(dk_ptr + bh * N * M + krows[:, None] * M + rm[None, :], dk.to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + bh * N * M + krows[:, None] * M + rm[None, :], _round(dk, dk_ptr.dtype.element_ty, UPCAST),
              mask=ok & (rm[None, :] < M))
-    tl.store(dv_ptr + bh * N * D + krows[:, None] * D + rd[None, :], dv.to(dv_ptr.dtype.element_ty),
+    tl.store(dv_ptr + bh * N * D + krows[:, None] * D + rd[None, :], _round(dv, dv_ptr.dtype.element_ty, UPCAST),
              mask=ok & (rd[None, :] < D))
