@@ -311,7 +311,8 @@ def test_labels_loss_is_the_mean_cross_entropy_of_each_position_with_the_next_to
 @pytest.mark.parametrize("kind", list(IN_PROCESS_KINDS))
 def test_generate_with_our_cache_equals_generate_without_a_cache(kind):
     """Greedy decoding of a left-padded batch: with our cache (prefill, then one token at a time) and without one
-    (a full forward over everything so far at every token), the same tokens and the same logits."""
+    (a full forward over everything so far at every token), the same tokens and the same logits; and each row
+    continues as its prompt does alone."""
     model = hf_model(kind)
     ids, mask = padded_prompts()
     runs = {use: model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -320,6 +321,10 @@ def test_generate_with_our_cache_equals_generate_without_a_cache(kind):
     assert isinstance(runs[True].cache, KernelizedCache) and runs[True].cache.get_seq_length() == 11 + 11
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     assert_close(torch.stack(runs[True].logits), torch.stack(runs[False].logits), rtol=1e-9, what="logits")
+    for row, real in zip(runs[True].sequences, mask.bool()):
+        alone = model.generate(row[:11][real][None], max_new_tokens=12, min_new_tokens=12,
+                               do_sample=False)
+        assert torch.equal(alone[0, -12:], row[11:])
 
 
 def test_beam_search_with_our_cache_equals_beam_search_without_a_cache():
