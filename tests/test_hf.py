@@ -321,10 +321,12 @@ def test_generate_with_our_cache_equals_generate_without_a_cache(kind):
     assert isinstance(runs[True].cache, KernelizedCache) and runs[True].cache.get_seq_length() == 11 + 11
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     assert_close(torch.stack(runs[True].logits), torch.stack(runs[False].logits), rtol=1e-9, what="logits")
-    for row, real in zip(runs[True].sequences, mask.bool()):
-        alone = model.generate(row[:11][real][None], max_new_tokens=12, min_new_tokens=12,
-                               do_sample=False)
-        assert torch.equal(alone[0, -12:], row[11:])
+    logits = torch.stack(runs[True].logits, dim=1)  # (2, 12, V)
+    for row, real, row_logits in zip(runs[True].sequences, mask.bool(), logits):
+        alone = model.generate(row[:11][real][None], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(alone.sequences[0, -12:], row[11:])
+        assert_close(row_logits, torch.stack(alone.logits, dim=1)[0], rtol=1e-9, what="logits of the row alone")
 
 
 def test_beam_search_with_our_cache_equals_beam_search_without_a_cache():

@@ -163,8 +163,11 @@ MUTANTS: tuple[Mutant, ...] = (
 def repository_files(root: Path) -> list[str]:
     """Tracked and untracked, not ignored, files of the repository at ``root`` (what a clean clone plus today's
     uncommitted work holds)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                         capture_output=True, check=True).stdout
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: tools/mutants.py copies a git checkout and could not list {root}'s files ({e})")
     return [name for name in out.decode().split("\0") if name]
 
 
