@@ -112,8 +112,11 @@ def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
                      None, init)[:, :, ring_k.shape[2]:]
     if not output_final_state:
         return out
-    after = state_after(k_all, v_all, table_len)
+    after = state_after(k_all, v_all, table_len)  # positions counted from the first ring key
     s = initial_state
+    shift = (s.position - ring_k.shape[2]) % max(s.window, 1)  # ring slots are positions modulo the window
+    if shift:  # (then the ring was full, so it is allocated whole)
+        after = after._replace(ring_k=after.ring_k.roll(shift, 2), ring_v=after.ring_v.roll(shift, 2))
     return out, after._replace(position=s.position + N, far_kv=after.far_kv + s.far_kv.to(after.far_kv.dtype),
                                far_k=after.far_k + s.far_k.to(after.far_k.dtype))
 
