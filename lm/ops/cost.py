@@ -112,33 +112,33 @@ def fused_cost(s: Shape, gpu: GPU = H100_SXM, *, tf32: bool = False, block: int 
     pairs = sum(min(nw, g + 1) for g in range(nb)) if nw < nb else nb * (nb + 1) // 2  # (query, key) tiles
     peak = gpu.peak(s.dtype, tf32)
     far_peak = gpu.tf32 if (half or tf32) else gpu.peak(s.dtype)
-    rows_in = BH * N * x  # one (B, H, N) row of input elements
+    row = BH * N * x  # one input element per (batch, head, position)
+    vec = BH * N * a  # one accumulator-precision number per (batch, head, position)
     starts = B * N * 8 if s.documents else 0
-    c = Cost()
-    c.add(gpu, 4 * H * L * a, kernels=4)  # the weights c = exp(bias - max): cast, max, subtract, exp
     states = BH * (nb_far + 1) * M * E * a
     far = nb_far > 0
+    c = Cost()
+    c.add(gpu, 4 * H * L * a, kernels=4)  # the weights c = exp(bias - max): cast, max, subtract, exp
 
     def far_states():
-        c.add(gpu, states)  # zeros
+        if far or s.documents:
+            c.add(gpu, states)  # zeros (entry 0: no initial state)
         if far:
-            c.add(gpu, rows_in * (M + D) + states + starts, 2 * BH * nb_far * T * M * E, far_peak)
+            c.add(gpu, row * (M + D) + states + starts, 2 * BH * nb_far * T * M * E, far_peak)
 
+    read_states = BH * nb * M * E * a if far else 0
     far_states()
-    tile_fwd = 2 * T * T * (M + D)
-    c.add(gpu, rows_in * (2 * M + 2 * D) + BH * N * a + (BH * nb * M * E * a if far else 0) + starts,
-          BH * pairs * tile_fwd, peak, BH * pairs * 4 * T * T + (2 * BH * N * M * E if far else 0))
-    # backward: d numerator / d normaliser (torch), far states again, their gradients, dq (+ dc), dk and dv
-    c.add(gpu, BH * N * D * (2 * x + 4 * a) + 3 * BH * N * a, other_flops=4 * BH * N * D, kernels=5)
+    c.add(gpu, row * (2 * M + 2 * D) + vec + read_states + starts,  # forward: q, k, v, out, den
+          BH * pairs * 2 * T * T * (M + D), peak, BH * pairs * 4 * T * T + (2 * BH * N * M * E if far else 0))
+    c.add(gpu, 2 * row * D + 2 * vec, other_flops=3 * BH * N * D)  # delta: out, d out, den -> gd
     far_states()
     if far:
-        c.add(gpu, rows_in * M + BH * N * (D + 1) * a + BH * nb_far * M * E * a + starts,
-              2 * BH * nb_far * T * M * E, far_peak)
+        c.add(gpu, row * (M + D) + 2 * vec + BH * nb_far * M * E * a + starts, 2 * BH * nb_far * T * M * E, far_peak)
     c.add(gpu, BH * L * a)  # dc zeros
-    c.add(gpu, rows_in * (3 * M + D) + BH * N * (D + 1) * a + (BH * nb * M * E * a if far else 0) + starts
-          + BH * L * a, BH * pairs * 2 * T * T * (M + D), peak, BH * pairs * 4 * T * T)
-    c.add(gpu, rows_in * (3 * M + 2 * D) + rows_in * D + BH * N * (D + 1) * a + BH * nb_far * M * E * a + starts
-          + BH * L * a, BH * pairs * 4 * T * T * (M + D), peak, BH * pairs * 10 * T * T)
+    c.add(gpu, row * (3 * M + 2 * D) + 2 * vec + read_states + starts + BH * a,  # dq: q, k, v, d out, den, gd
+          BH * pairs * 2 * T * T * (M + D), peak, BH * pairs * 4 * T * T)
+    c.add(gpu, row * (3 * M + 4 * D) + 2 * vec + BH * nb_far * M * E * a + starts + BH * L * a,  # dk, dv, dc
+          BH * pairs * 4 * T * T * (M + D), peak, BH * pairs * 10 * T * T)
     c.add(gpu, BH * L * a + 4 * H * L * a, kernels=4)  # dc summed over the batch; the bias gradient
     return c
 

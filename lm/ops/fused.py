@@ -102,26 +102,29 @@ def _backward(q, k, v, c, starts, init, out, den, grad_out, block, tf32, need_dc
     kw, far_prec, acc = _settings(q, tf32, block)
     B, H, N, M, D, L, nb, nw, nb_far = _shapes(q, v, c, block)
     tiny = torch.finfo(acc).tiny
-    gn = (grad_out.to(acc) / den.clamp_min(tiny).unsqueeze(-1)).contiguous()  # d loss / d numerator
-    gd = torch.where(den > tiny, -(gn * out.to(acc)).sum(-1), 0.0).contiguous()  # d loss / d normaliser
+    kernels = _kernels()
+    grad_out = grad_out.to(out.dtype).contiguous()
+    gd = torch.empty(B, H, N, dtype=acc, device=q.device)  # d loss / d normaliser
+    kernels.backward_delta[(nb, B * H)](out, grad_out, den, gd, N, D, BT=block, BD=_pow2(D), ACC=kw["ACC"],
+                                        TINY=tiny)
     states = _run_far_states(k, v, c, starts, init, block, kw, acc)
     ds = torch.empty(B * H, max(nb_far, 1), M, D + 1, dtype=acc, device=q.device)
-    kernels = _kernels()
-    docs = dict(HAS_DOCS=starts is not None)
+    docs = dict(HAS_DOCS=starts is not None, TINY=tiny)
     if nb_far:
-        kernels.far_states_backward[(B * H,)](q, gn, gd, c, _or(starts, q), ds, N, M, D, L, H, nw, nb_far,
-                                              BD=_pow2(D), FAR_PREC=far_prec, **docs, **kw)
+        kernels.far_states_backward[(B * H,)](q, grad_out, den, gd, c, _or(starts, q), ds, N, M, D, L, H, nw,
+                                              nb_far, BD=_pow2(D), FAR_PREC=far_prec, **docs, **kw)
     dq = torch.empty_like(q)
     dc = torch.zeros(B * H, L, dtype=acc, device=q.device)
-    kernels.backward_dq[(nb, B * H)](q, k, v, c, _or(starts, q), _or(states, q), gn, gd, dq, dc, N, M, D, L, H, nw,
-                                     nb_far, BD=_pow2(D), HAS_FAR=states is not None, NEED_DC=need_dc,
+    kernels.backward_dq[(nb, B * H)](q, k, v, c, _or(starts, q), _or(states, q), grad_out, den, gd, dq, dc, N, M, D,
+                                     L, H, nw, nb_far, BD=_pow2(D), HAS_FAR=states is not None, NEED_DC=need_dc,
                                      FAR_PREC=far_prec, **docs, **kw)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    kernels.backward_dkv[(nb, B * H)](q, k, v, c, _or(starts, q), ds, gn, gd, dk, dv, dc, N, M, D, L, H, nw, nb_far,
-                                      nb, BD=_pow2(D), HAS_FAR=nb_far > 0, NEED_DC=need_dc, FAR_PREC=far_prec,
-                                      **docs, **kw)
+    kernels.backward_dkv[(nb, B * H)](q, k, v, c, _or(starts, q), ds, grad_out, den, gd, dk, dv, dc, N, M, D, L, H,
+                                      nw, nb_far, nb, BD=_pow2(D), HAS_FAR=nb_far > 0, NEED_DC=need_dc,
+                                      FAR_PREC=far_prec, **docs, **kw)
     dinit = None
     if need_dinit:  # every query row takes the initial state with weight c[L-1]
+        gn = grad_out.to(acc) / den.clamp_min(tiny).unsqueeze(-1)
         g = torch.cat([gn, gd.unsqueeze(-1)], dim=-1)
         dinit = torch.einsum("bhnm,bhne->bhme", q.to(acc), g) * c[:, -1, None, None].to(acc)
     return dq, dk, dv, dc.view(B, H, L).sum(0).to(c.dtype) if need_dc else None, dinit

@@ -16,6 +16,8 @@ Kernels (grid in brackets; every one batched over batch and heads, none loops in
 
 - ``far_states`` ``(B H,)``: the running far state, sequential over key blocks.
 - ``forward`` ``(blocks, B H)``: output and normaliser of one query block.
+- ``backward_delta`` ``(blocks, B H)``: the normaliser's gradient ``-(d out . out) / den`` per row (the numerator's,
+  ``d out / den``, is formed where it is used, from ``d out`` and ``den``).
 - ``far_states_backward`` ``(B H,)``: the gradient of the far states, sequential over key blocks in reverse.
 - ``backward_dq`` ``(blocks, B H)``: ``dq`` of one query block (and the far field's part of the RPE weight
   gradient).
@@ -150,11 +152,34 @@ def forward(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, o_ptr, den_ptr, N, M,
 
 
 @triton.jit
-def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, D, L, H, NW, NB_FAR,
+def _load_gn(do_ptr, den_ptr, rows, N, rd, D, ACC: tl.constexpr, TINY: tl.constexpr):
+    """Gradient of the numerator of rows ``rows``: ``d out / den`` ``(BT, BD)`` in ``ACC``."""
+    do = _load_rows(do_ptr, rows, N, rd, D).to(ACC)
+    den = tl.load(den_ptr + rows, mask=rows < N, other=1.0)
+    return do / tl.maximum(den, TINY)[:, None]
+
+
+@triton.jit
+def backward_delta(o_ptr, do_ptr, den_ptr, gd_ptr, N, D, BT: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+                   TINY: tl.constexpr):
+    """``gd`` ``(B H, N)``: gradient of the normaliser, ``-(d out . out) / den`` (0 where the floor acted)."""
+    g = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rt, rd = tl.arange(0, BT), tl.arange(0, BD)
+    rows = g * BT + rt
+    o = _load_rows(o_ptr + bh * N * D, rows, N, rd, D).to(ACC)
+    gn = _load_gn(do_ptr + bh * N * D, den_ptr + bh * N, rows, N, rd, D, ACC, TINY)
+    den = tl.load(den_ptr + bh * N + rows, mask=rows < N, other=0.0)
+    gd = tl.where(den > TINY, -tl.sum(gn * o, 1), 0.0)
+    tl.store(gd_ptr + bh * N + rows, gd, mask=rows < N)
+
+
+@triton.jit
+def far_states_backward(q_ptr, do_ptr, den_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, D, L, H, NW, NB_FAR,
                         BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
-                        FAR_PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+                        FAR_PREC: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr, UPCAST: tl.constexpr):
     """``ds`` ``(B H, NB_FAR, M, D + 1)``: gradient of the state after key block ``p`` (``c[L-1]`` folded in), from
-    ``gn`` ``(B H, N, D)`` and ``gd`` ``(B H, N)``, the gradients of numerator and normaliser."""
+    the output's gradient ``do`` ``(B H, N, D)``, the normaliser ``den`` and the normaliser's gradient ``gd``."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     rt, rm, rd = tl.arange(0, BT), tl.arange(0, BM), tl.arange(0, BD)
@@ -166,7 +191,7 @@ def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, 
         g = p + NW  # the query block that reads the state after key block p
         rows = g * BT + rt
         q = _load_rows(q_ptr + bh * N * M, rows, N, rm, M).to(ACC) * c_far
-        gn = _load_rows(gn_ptr + bh * N * D, rows, N, rd, D)
+        gn = _load_gn(do_ptr + bh * N * D, den_ptr + bh * N, rows, N, rd, D, ACC, TINY)
         gd = tl.load(gd_ptr + bh * N + rows, mask=rows < N, other=0.0)
         if HAS_DOCS:
             rs = tl.load(starts_ptr + b * N + rows, mask=rows < N, other=0)
@@ -182,10 +207,10 @@ def far_states_backward(q_ptr, gn_ptr, gd_ptr, c_ptr, starts_ptr, ds_ptr, N, M, 
 
 
 @triton.jit
-def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, dq_ptr, dc_ptr, N, M, D, L, H, NW,
-                NB_FAR, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
+def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, do_ptr, den_ptr, gd_ptr, dq_ptr, dc_ptr, N, M, D, L, H,
+                NW, NB_FAR, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_FAR: tl.constexpr, NEED_DC: tl.constexpr, PREC: tl.constexpr, FAR_PREC: tl.constexpr,
-                ACC: tl.constexpr, UPCAST: tl.constexpr):
+                ACC: tl.constexpr, TINY: tl.constexpr, UPCAST: tl.constexpr):
     """``dq`` ``(B H, N, M)`` in ``q``'s dtype; adds the far field's part of the RPE weight gradient to ``dc``
     ``(B H, L)``."""
     g = tl.program_id(0)
@@ -194,7 +219,7 @@ def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, d
     rt, rm, rd = tl.arange(0, BT), tl.arange(0, BM), tl.arange(0, BD)
     rows = g * BT + rt
     q = _load_rows(q_ptr + bh * N * M, rows, N, rm, M)
-    gn = _load_rows(gn_ptr + bh * N * D, rows, N, rd, D)
+    gn = _load_gn(do_ptr + bh * N * D, den_ptr + bh * N, rows, N, rd, D, ACC, TINY)
     gd = tl.load(gd_ptr + bh * N + rows, mask=rows < N, other=0.0)
     gn_mm = _round(gn, q.dtype, UPCAST)
     dq = tl.zeros((BT, BM), ACC)
@@ -223,10 +248,10 @@ def backward_dq(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, s_ptr, gn_ptr, gd_ptr, d
 
 
 @triton.jit
-def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr, dk_ptr, dv_ptr, dc_ptr, N, M, D, L,
-                 H, NW, NB_FAR, NB, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 HAS_FAR: tl.constexpr, NEED_DC: tl.constexpr, PREC: tl.constexpr, FAR_PREC: tl.constexpr,
-                 ACC: tl.constexpr, UPCAST: tl.constexpr):
+def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, do_ptr, den_ptr, gd_ptr, dk_ptr, dv_ptr, dc_ptr, N,
+                 M, D, L, H, NW, NB_FAR, NB, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                 HAS_DOCS: tl.constexpr, HAS_FAR: tl.constexpr, NEED_DC: tl.constexpr, PREC: tl.constexpr,
+                 FAR_PREC: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr, UPCAST: tl.constexpr):
     """``dk`` ``(B H, N, M)`` and ``dv`` ``(B H, N, D)`` of one key block, in the inputs' dtypes; adds the near
     tiles' part of the RPE weight gradient to ``dc`` ``(B H, L)`` (diagonal sums, atomically)."""
     p = tl.program_id(0)
@@ -257,7 +282,7 @@ def backward_dkv(q_ptr, k_ptr, v_ptr, c_ptr, starts_ptr, ds_ptr, gn_ptr, gd_ptr,
     for j in range(0, tl.minimum(NW, NB - p)):
         rows = (p + j) * BT + rt
         q = _load_rows(q_ptr + bh * N * M, rows, N, rm, M)
-        gn = _load_rows(gn_ptr + bh * N * D, rows, N, rd, D)
+        gn = _load_gn(do_ptr + bh * N * D, den_ptr + bh * N, rows, N, rd, D, ACC, TINY)
         gd = tl.load(gd_ptr + bh * N + rows, mask=rows < N, other=0.0)
         off = j * BT + rt[None, :] - rt[:, None]  # (key, query)
         pair = off >= 0  # the pairs that take part (a weight that underflowed to 0 still has a gradient)
