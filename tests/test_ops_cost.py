@@ -15,8 +15,8 @@ from conftest import REPO
 @pytest.mark.parametrize("method, N, L, kernels, gigabytes", [
     ("fft", 2048, 2048, 263, 19.7), ("fft", 4096, 4096, 319, 39.5), ("band", 4096, 128, 140, 1.9)])
 def test_counts_of_torch_methods_agree_with_an_independent_count(method, N, L, kernels, gigabytes):
-    """Kernels and bytes of forward + backward (B=1, H=8, M=D=64, float32) as counted for the issue that asked for
-    the fused path (a dispatch mode on meta written apart from this one): within 5% / 10%."""
+    """Kernels and bytes of forward + backward (B=1, H=8, M=D=64, float32) as a dispatch mode on meta written apart
+    from this one counted them before the fused method existed: within 5% / 10%."""
     c = counted_cost(method, Shape(1, 8, N, 64, 64, L))
     assert abs(c.kernels - kernels) <= 0.05 * kernels, c.kernels
     assert abs(c.bytes / 1e9 - gigabytes) <= 0.1 * gigabytes, c.bytes
