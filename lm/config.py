@@ -83,7 +83,7 @@ class AttentionConfig:
     rpe_shared: bool = False
     """One RPE shared by all heads and layers (as in the paper) instead of one per head per layer."""
     method: str = "auto"
-    """Op method for kernelized attention: auto | dense | fft | band | prefix (forcing is for benchmarks)."""
+    """Op method for kernelized attention: auto | dense | fft | band | prefix | fused (forcing is for benchmarks)."""
 
     def __post_init__(self) -> None:
         _choice("model.attention.kind", self.kind, ["kernelized_rpe", "kernelized", "softmax"])

@@ -24,6 +24,10 @@ from lm.config import AttentionConfig, ModelConfig, TrainConfig, load_config
 from lm.training.distributed import DistInfo
 from lm.model import Transformer
 
+if not torch.cuda.is_available():
+    # The fused method's Triton kernels run on CPU tensors through Triton's interpreter (read when triton loads).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 SAMPLE_DIR = Path(os.environ.get("LM_WIKITEXT_SAMPLE", REPO.parent / "shared" / "data" / "wikitext-103-sample"))

@@ -132,3 +132,21 @@ def test_checkpoints_of_an_older_version_load_and_resume(trained_run, tmp_path):
     assert load_stored_config(find_checkpoint(run) / "config.yaml") == old.cfg
     assert main(smoke_argv(run, trained_run.parent / "cache", "max_steps=8", "save_every=3")) == 0  # from step 6
     assert checkpoint.read_meta(find_checkpoint(run))["step"] == 8
+
+
+def test_pruning_after_resuming_from_an_older_checkpoint_keeps_the_newer_ones(trained_run, tmp_path):
+    """A run resumed from an older checkpoint (say the newest one's optimizer state was damaged) saves steps
+    below its newer checkpoints: pruning removes only checkpoints older than the step saved, so the newer ones,
+    whose weights may well be good, stay whole until their own step is saved again."""
+    inf = load_for_inference(trained_run)
+    cfg = load_config([trained_run / "config.yaml"], [f"run_dir={tmp_path}"])
+    engine = TorchEngine(cfg, inf.model.train(), cpu_info())
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, engine, step, cfg, inf.tokenizer, {}, keep=10)
+    newer = {c.name: (c / "model.pt").read_bytes() for c in list_checkpoints(tmp_path)[2:]}
+    save_checkpoint(tmp_path, engine, 25, cfg, inf.tokenizer, {}, keep=2)  # resumed from step 20
+    assert [checkpoint.checkpoint_step(c) for c in list_checkpoints(tmp_path)] == [20, 25, 30, 40]
+    assert {name: (tmp_path / "checkpoints" / name / "model.pt").read_bytes() for name in newer} == newer
+    assert all(checkpoint.damage(c, "training") is None for c in list_checkpoints(tmp_path))
+    save_checkpoint(tmp_path, engine, 30, cfg, inf.tokenizer, {}, keep=2)  # its step again: replaced, 20 pruned
+    assert [checkpoint.checkpoint_step(c) for c in list_checkpoints(tmp_path)] == [25, 30, 40]

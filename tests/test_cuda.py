@@ -54,7 +54,9 @@ def no_tf32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
+    still_off = not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert still_off, "the test turned TF32 on (training applies compute.tf32): pass compute.tf32=false"
 
 
 # ----------------------------------------------------------------------------------------------- the op
@@ -62,7 +64,8 @@ N_OP = 600
 """Several 64-row band blocks and an FFT far field beyond the 64 exact offsets; the dense reference stays cheap."""
 L_BAND = 150
 """The clipped table of the band method (the dense and FFT methods get a table as long as the sequence)."""
-OP_CASES = [("prefix", None), *[(m, f) for m in ("dense", "band", "fft") for f in BIAS_FAMILIES]]
+OP_CASES = [("prefix", None), ("fused", None),
+            *[(m, f) for m in ("dense", "band", "fft", "fused") for f in BIAS_FAMILIES]]
 OP_IDS = [m if f is None else f"{m}-{f}" for m, f in OP_CASES]
 
 
@@ -74,6 +77,8 @@ def op_against_reference(device: torch.device, method: str, family: str | None, 
     B, H, M, D = 2, 2, 16, 8
     q, k, v = op_inputs(B, H, n, M, D)
     bias = None if family is None else bias_family(family, L_BAND if method == "band" else n, H)
+    if method == "fused" and family is not None and family.startswith("decay"):  # the fused path, clipped too
+        bias = bias[:, :L_BAND]
     exact = [x.to(dtype).double() for x in (q, k, v, bias) if x is not None]  # the op's inputs, exactly
     g = torch.randn(B, H, n, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype).double()
     leaves = [x.to(device, dtype).requires_grad_() for x in exact]
@@ -104,6 +109,27 @@ def test_op_values_and_gradients_match_float64_on_cuda(method, family, dtype):
     check_op(CUDA, method, family, dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_packed_documents_equal_each_document_alone_on_cuda(dtype):
+    """Document boundaries through the fused kernels on the GPU: a packed row of documents (inside blocks, on block
+    edges, past a clipped table's far field) gives each document's attention alone (the float64 reference)."""
+    lengths = [100, 64, 1, 300, 135]
+    n, B, H, M, D = sum(lengths), 1, 2, 16, 8
+    q, k, v = op_inputs(B, H, n, M, D)
+    bias = bias_family("noisy_decay", 70, H)
+    exact = [x.to(dtype).double() for x in (q, k, v, bias)]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    out = kernelized_attention(*[x.to(CUDA, dtype) for x in exact], method="fused", cu_seqlens=cu.to(CUDA)).cpu()
+    parts, start = [], 0
+    for length in lengths:
+        sl = slice(start, start + length)
+        parts.append(kernelized_attention_reference(exact[0][:, :, sl], exact[1][:, :, sl], exact[2][:, :, sl],
+                                                    exact[3]))
+        start += length
+    assert worst_relative(out, torch.cat(parts, dim=2)) <= TOLERANCE[dtype][0]
+
+
 LONG_N = 32768
 
 
@@ -113,7 +139,7 @@ def long_sequence_error(device: torch.device, method: str, dtype: torch.dtype, n
     against the float64 formula on the CPU evaluated at those rows only."""
     B, H, M, D = 1, 2, 16, 8
     q, k, v = op_inputs(B, H, n, M, D)
-    bias = None if method == "prefix" else bias_family("decay_0.5log", 257 if method == "band" else n, H)
+    bias = None if method == "prefix" else bias_family("decay_0.5log", 257 if method in ("band", "fused") else n, H)
     exact = [x.to(dtype).double() for x in (q, k, v, bias) if x is not None]
     on_device = [x.to(device, dtype) for x in exact]
     out = kernelized_attention(*on_device[:3], on_device[3] if bias is not None else None, method=method)
@@ -126,7 +152,7 @@ def long_sequence_error(device: torch.device, method: str, dtype: torch.dtype, n
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", ["fft", "band", "prefix"])
+@pytest.mark.parametrize("method", ["fft", "band", "prefix", "fused"])
 def test_op_on_a_long_sequence_matches_float64_rows_on_cuda(method, dtype):
     assert long_sequence_error(CUDA, method, dtype, LONG_N) <= TOLERANCE[dtype][0]
 
@@ -153,7 +179,8 @@ def decoding_matches_full_forward(device: torch.device, attention: dict, prompt_
 DECODE_CASES = [pytest.param(FORMS[f], p, TOTAL, 5e-5, id=f"{f}-prompt{p}") for f in FORMS
                 for p in (0, TRAIN_CONTEXT + 3)]
 DECODE_CASES += [pytest.param(dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=d, method=m), 60, 70,
-                              2e-4, id=f"prefill-{m}") for m, d in (("fft", TOTAL + 50), ("band", 6), ("dense", 6))]
+                              2e-4, id=f"prefill-{m}") for m, d in (("fft", TOTAL + 50), ("band", 6), ("dense", 6),
+                                                                    ("fused", 6), ("fused", TOTAL + 50))]
 # a long prompt: method auto takes the FFT there on a GPU (general RPE over 3,000 offsets)
 DECODE_CASES += [pytest.param(dict(kind="kernelized_rpe", rpe="per_offset", rpe_max_distance=3000), 2990, 3000,
                               2e-4, id="prefill-auto-3000")]
@@ -185,7 +212,7 @@ def _deepspeed_step_worker(_rank: int, device: str, port: int, out: str) -> None
     try:
         for kind in ("torch", "deepspeed"):
             cfg = tiny_train_config(f"engine={kind}", f"device={device}", "compute.precision=bf16",
-                                    f"deepspeed.zero_stage={1 if kind == 'deepspeed' else 0}",
+                                    "compute.tf32=false", f"deepspeed.zero_stage={1 if kind == 'deepspeed' else 0}",
                                     "deepspeed.torch_adam=true")
             if kind == "torch":  # no process group: the plain engine of one process
                 info = DistInfo("torch", 0, 1, 0, torch.device("cuda", 0) if device == "cuda" else CPU)
@@ -260,7 +287,7 @@ def check_checkpoint_loads_on_cpu(run, trained_on: torch.device) -> None:
 
 @pytest.mark.cuda
 def test_checkpoint_trained_on_cuda_loads_on_the_cpu(tmp_path):
-    run = train_run(tmp_path, "device=cuda", "max_steps=2", "compute.precision=bf16")
+    run = train_run(tmp_path, "device=cuda", "max_steps=2", "compute.precision=bf16", "compute.tf32=false")
     check_checkpoint_loads_on_cpu(run, CUDA)
 
 
@@ -296,6 +323,8 @@ def compiled_matches_eager(device: torch.device, attention: dict, backend: str) 
 COMPILE_CASES = [pytest.param(kind, "aot_eager", id=f"aot_eager-{i}") for kind, i in zip(KINDS, KIND_IDS)]
 COMPILE_CASES += [pytest.param(kind, "inductor", id=f"inductor-{i}") for kind, i in zip(KINDS, KIND_IDS)
                   if i in ("kernelized_rpe-fft", "kernelized-none-prefix", "softmax")]
+COMPILE_CASES += [pytest.param(dict(kind="kernelized_rpe", method="fused"), backend, id=f"{backend}-fused")
+                  for backend in ("aot_eager", "inductor")]
 
 
 @pytest.mark.cuda

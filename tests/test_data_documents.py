@@ -257,3 +257,76 @@ def test_spread_order_visits_every_shard_spreading_each_prefix():
         order = spread_order(n)
         assert sorted(order) == list(range(n))
     assert spread_order(8)[:4] == [0, 4, 2, 6]
+
+
+# ------------------------------------------------------------------ what a user reads: the documents, in order
+def sha256_position(text: str) -> float:
+    """Where a .txt document falls in [0, 1), computed here: the first 16 hex digits of its file's sha256."""
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2.0 ** 64
+
+
+def test_a_txt_corpus_without_valid_and_test_files_puts_every_document_in_exactly_one_split(tmp_path):
+    docs = ["".join(sample_documents(3, seed=k)) for k in range(30)]  # one document per .txt file, in name order
+    overrides = files_corpus(tmp_path / "src", ".txt", {"train": docs}, per_file=1)
+    corpus = prepare_corpus(doc_cfg(tmp_path / "cache", *overrides, "data.valid_fraction=0.25"))
+    got = {name: documents_in(corpus.tokenizer, corpus.split(name).tokens) for name in ("train", "valid", "test")}
+    assert got["valid"] == [d for d in docs if sha256_position(d) < 0.25]
+    assert got["test"] == [d for d in docs if sha256_position(d) >= 0.75]
+    assert got["train"] == [d for d in docs if 0.25 <= sha256_position(d) < 0.75]
+    assert sorted(got["train"] + got["valid"] + got["test"]) == sorted(docs) and all(got.values())
+
+
+def flip_bytes(path: Path) -> None:
+    """Change a token file's bytes in place, keeping its size."""
+    data = bytearray(path.read_bytes())
+    data[2:6] = bytes(b ^ 0x5A for b in data[2:6])
+    path.write_bytes(bytes(data))
+
+
+def test_a_token_file_of_the_right_size_with_changed_bytes_is_rebuilt(tmp_path, monkeypatch):
+    """A part whose size is right but whose bytes changed (a bad disk, a stray write) is never trained on: its
+    sha256 differs from the one recorded, so it is tokenized again, whether the split's own sidecar is there or
+    an interrupted preparation left only the parts' sidecars."""
+    monkeypatch.setattr(lm.data.documents, "GROUP_BYTES", 1)  # one token file per input shard
+    docs = sample_documents(90, seed=11)
+    overrides = files_corpus(tmp_path / "src", ".jsonl", {"train": docs, "valid": docs[:3], "test": docs[:3]},
+                             per_file=30)
+    cfg = doc_cfg(tmp_path / "cache", *overrides)
+    split = prepare_corpus(cfg, splits=("train",)).split("train")
+    want = np.asarray(split.tokens).copy()
+    parts = sorted(split.path.glob("part-*.bin"))
+    assert len(parts) == 3
+
+    flip_bytes(parts[1])
+    again = prepare_corpus(cfg, splits=("train",))
+    assert again.built == ("train",) and np.array_equal(np.asarray(again.split("train").tokens), want)
+
+    split.path.with_suffix(".json").unlink()  # as after an interrupted preparation: only the parts' sidecars
+    flip_bytes(parts[2])
+    kept = (parts[0].stat().st_ino, parts[0].stat().st_mtime_ns)
+    third = prepare_corpus(cfg, splits=("train",))
+    assert third.built == ("train",) and np.array_equal(np.asarray(third.split("train").tokens), want)
+    assert (parts[0].stat().st_ino, parts[0].stat().st_mtime_ns) == kept  # an intact part is reused as it is
+    assert np.array_equal(np.asarray(third.split("train").tokens), packed(third.tokenizer, docs))
+
+
+def test_parallel_tokenization_of_documents_gives_the_documents_in_order(tmp_path, monkeypatch, caplog):
+    """The worker processes' path of document tokenization (its own threshold set to 0, so that a small corpus
+    takes it), with many tasks and several token files in flight: the same stream as each document encoded on its
+    own, then EOS, in order."""
+    import lm.data.document_cache
+
+    monkeypatch.setattr(lm.data.document_cache, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(lm.data.source, "CHUNK_CHARS", 200)  # tasks of a few documents
+    monkeypatch.setattr(lm.data.documents, "GROUP_BYTES", 2000)  # several token files
+    docs = sample_documents(160, seed=12)
+    overrides = files_corpus(tmp_path / "src", ".jsonl", {"train": docs, "valid": docs[:2], "test": docs[:2]},
+                             per_file=8)
+    caplog.set_level("INFO", logger="lm.data.document_cache")
+    corpus = prepare_corpus(doc_cfg(tmp_path / "cache", *overrides, "data.num_proc=2"), splits=("train",))
+    assert "; 2 processes)" in caplog.text  # the tokenized line of the split says which path ran
+    train = corpus.split("train")
+    assert len(list(train.path.glob("part-*.bin"))) >= 3
+    assert np.array_equal(np.asarray(train.tokens), packed(corpus.tokenizer, docs))
+    assert documents_in(corpus.tokenizer, train.tokens) == docs and train.num_documents == len(docs)

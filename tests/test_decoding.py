@@ -48,6 +48,26 @@ def test_prefill_then_decode_equals_full_forward(form, prompt_len):
     assert cache.position == TOTAL
 
 
+@pytest.mark.parametrize("form", ["rpe-per-offset-general", "rpe-per-offset-clipped", "kernelized-nprf",
+                                  "softmax-per-offset"])
+def test_several_tokens_appended_to_a_cache_at_once(form):
+    """A prompt prefilled, then chunks of 7 and 9 tokens in one call each (a prompt appended to a conversation,
+    speculative verification): the parallel op continues the cached state, and the logits are the full forward's;
+    decoding one token at a time continues from there."""
+    m = trained_looking_model(**FORMS[form])
+    ids = torch.randint(0, 50, (2, TOTAL))
+    with torch.no_grad():
+        full = m(ids)
+        _, cache = prefill(m, ids[:, :5])
+        chunk1 = m(ids[:, 5:12], cache=cache)
+        chunk2 = m(ids[:, 12:21], cache=cache)
+    assert_close(chunk1, full[:, 5:12], rtol=5e-5)
+    assert_close(chunk2, full[:, 12:21], rtol=5e-5)
+    assert cache.position == 21
+    for t in range(21, 26):
+        assert_close(decode_step(m, cache, ids[:, t]), full[:, t], rtol=5e-5)
+
+
 @pytest.mark.parametrize("method, max_distance, n", [
     ("fft", TOTAL + 50, 70), ("band", 6, 70), ("dense", 6, 70), ("auto", 1000, 600), ("auto", 32, 600)])
 def test_prefill_with_each_op_method_then_decode(method, max_distance, n):

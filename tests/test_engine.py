@@ -331,3 +331,50 @@ def test_the_engine_applies_compute_tf32_when_it_starts(monkeypatch, tf32):
     cfg = tiny_train_config(f"compute.tf32={str(tf32).lower()}")
     TorchEngine(cfg, tiny_model(config=cfg.model), cpu_info())
     assert calls == [(tf32, "cpu")]
+
+
+def _deepspeed_bf16_tables_worker(rank, out_path, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from lm.training.distributed import init_distributed
+    from lm.training.engine import DeepSpeedEngine
+    cfg = tiny_train_config("engine=deepspeed", "deepspeed.zero_stage=1", "deepspeed.torch_adam=true",
+                            "compute.precision=bf16", "compute.tf32=false")
+    info = init_distributed(cfg)
+    try:
+        engine = DeepSpeedEngine(cfg, tiny_model(config=cfg.model, looks_trained=True), info)
+        rows = []
+        for step in range(2):
+            batch = global_batch(step)
+            engine.train_step(list(batch.split(2)), batch[:, 1:].numel(), lr=1e-3)
+            for r in engine.module.rpe:
+                rows.append({"bias_dtype": str(r.bias.dtype), "values": r.values().detach().clone(),
+                             "bias": r.bias.detach().float().clone(),
+                             "master": safe_get_full_fp32_param(r.bias).detach().clone()})
+        tables = engine.module.rpe_tables()
+        saved = engine.consolidated_state_dict()
+        torch.save({"rows": rows, "tables_dtype": [str(t.dtype) for t in tables if t is not None],
+                    "saved": {k: v for k, v in saved.items() if k.startswith("rpe.")}}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rpe_tables_are_float32_master_values_under_deepspeed_bf16(tmp_path):
+    """DeepSpeed bf16 keeps every parameter in bf16 (a log-weight of 5 nats then moves in steps of 0.03): after
+    each step the tables the model uses are the optimizer's float32 master values, while the parameter that
+    takes the gradient stays bf16."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
+    out = tmp_path / "out.pt"
+    mp.spawn(_deepspeed_bf16_tables_worker, args=(str(out), free_port()), nprocs=1, join=True)
+    r = torch.load(out, weights_only=False)
+    assert r["rows"] and r["tables_dtype"] and set(r["tables_dtype"]) == {"torch.float32"}
+    for row in r["rows"]:
+        assert row["bias_dtype"] == "torch.bfloat16" and row["values"].dtype == torch.float32
+        assert torch.equal(row["values"], row["master"])  # the float32 master, bit for bit
+        assert not torch.equal(row["values"], row["bias"])  # which bf16 cannot hold
+    last = r["rows"][-len(r["saved"]):]
+    for (name, saved), row in zip(r["saved"].items(), last):
+        assert torch.equal(saved, row["values"]), name  # checkpoints hold the same float32 values

@@ -256,3 +256,132 @@ def test_lm_eval_hf_backend_agrees_with_our_adapter(wikitext_run, five_test_arti
     ppl_ours, ppl_theirs = ours[rolling]["word_perplexity,none"], theirs[rolling]["word_perplexity,none"]
     assert math.isfinite(ppl_ours) and abs(ppl_theirs / ppl_ours - 1) <= 0.005, (ppl_ours, ppl_theirs)
     assert theirs[choice]["acc,none"] == ours[choice]["acc,none"]
+
+
+# ------------------------------------------------------------------ values, against independent computations
+IN_PROCESS_KINDS = {
+    "rpe-clipped": dict(rpe_max_distance=6),
+    "rpe-general": dict(rpe_max_distance=256),
+    "kernelized-absolute": dict(kind="kernelized", rpe="none"),
+    "softmax-rpe": dict(kind="softmax", rpe_max_distance=16),
+}
+"""Attention kinds of the in-process models: clipped RPE (the ring is shorter than the prompts), general RPE,
+absolute positions, softmax attention with a KV cache."""
+
+
+def hf_model(kind: str, dtype: torch.dtype = torch.float64) -> KernelizedLMForCausalLM:
+    """A tiny untrained ``KernelizedLMForCausalLM`` of ``kind`` with far-from-flat RPE and O(1) logits (as if
+    trained; no training, no files), in ``dtype`` (float64: cached and uncached decoding agree to round-off, so
+    no argmax can flip between them)."""
+    from conftest import tiny_model, tiny_model_config
+    from lm.hf import KernelizedLMConfig
+
+    cfg = tiny_model_config(vocab_size=64, **IN_PROCESS_KINDS[kind])
+    config = KernelizedLMConfig.from_model_config(cfg, 32, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = KernelizedLMForCausalLM(config)
+    model.model.load_state_dict(tiny_model(3, config=cfg, looks_trained=True).state_dict())
+    return model.to(dtype).eval()
+
+
+def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, of 11 and 7 tokens, left-padded with the pad id (2): (ids, attention_mask)."""
+    long, short = [1, 9, 17, 4, 33, 5, 21, 8, 40, 12, 6], [1, 30, 7, 19, 3, 25, 11]
+    ids = torch.tensor([long, [2] * 4 + short])
+    return ids, (torch.arange(11) >= torch.tensor([[0], [4]])).long()
+
+
+def test_labels_loss_is_the_mean_cross_entropy_of_each_position_with_the_next_token():
+    """``model(ids, labels=ids).loss``, the recipe of Hugging Face's perplexity and fine-tuning scripts: the mean
+    over positions t of -log p(label[t + 1] | ids[: t + 1]), labels of -100 left out."""
+    model = hf_model("rpe-clipped", torch.float32)
+    ids = torch.randint(3, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, 4] = labels[1, :3] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels, use_cache=False)
+        plain = model(ids, labels=ids, use_cache=False).loss
+    logp = torch.log_softmax(out.logits.double(), dim=-1)
+    terms = [-logp[b, t, labels[b, t + 1]] for b in range(2) for t in range(12) if labels[b, t + 1] != -100]
+    assert len(terms) == 2 * 12 - 3
+    assert out.loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    every = [-logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(12)]
+    assert plain.item() == pytest.approx(torch.stack(every).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(IN_PROCESS_KINDS))
+def test_generate_with_our_cache_equals_generate_without_a_cache(kind):
+    """Greedy decoding of a left-padded batch: with our cache (prefill, then one token at a time) and without one
+    (a full forward over everything so far at every token), the same tokens and the same logits; and each row
+    continues as its prompt does alone."""
+    model = hf_model(kind)
+    ids, mask = padded_prompts()
+    runs = {use: model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                use_cache=use, return_dict_in_generate=True, output_logits=True)
+            for use in (True, False)}
+    assert isinstance(runs[True].cache, KernelizedCache) and runs[True].cache.get_seq_length() == 11 + 11
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    assert_close(torch.stack(runs[True].logits), torch.stack(runs[False].logits), rtol=1e-9, what="logits")
+    logits = torch.stack(runs[True].logits, dim=1)  # (2, 12, V)
+    for row, real, row_logits in zip(runs[True].sequences, mask.bool(), logits):
+        alone = model.generate(row[:11][real][None], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(alone.sequences[0, -12:], row[11:])
+        assert_close(row_logits, torch.stack(alone.logits, dim=1)[0], rtol=1e-9, what="logits of the row alone")
+
+
+def test_beam_search_with_our_cache_equals_beam_search_without_a_cache():
+    """Beam search reorders the cache's rows at every token (``reorder_cache``); without a cache every beam is
+    recomputed from its tokens. The same beams, the same scores."""
+    model = hf_model("rpe-clipped")
+    ids, mask = padded_prompts()
+    runs = {use: model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, num_beams=4,
+                                num_return_sequences=4, do_sample=False, use_cache=use,
+                                return_dict_in_generate=True, output_scores=True)
+            for use in (True, False)}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    assert len({tuple(s) for s in runs[True].sequences[:4, 11:].tolist()}) == 4  # four distinct beams per prompt
+    assert_close(runs[True].sequences_scores, runs[False].sequences_scores, rtol=1e-9, what="beam scores")
+
+
+def test_the_export_writes_the_runs_ids_settings_tokenizer_and_weights(trained_run, tmp_path):
+    """Every id and setting the export writes, read back from the files and compared with the run's own."""
+    import safetensors.torch
+    from transformers import AutoTokenizer
+
+    from lm.checkpoint import find_checkpoint
+    from lm.config import config_from_dict, load_stored_config
+    from lm.hf.export import export_checkpoint
+
+    ours = load_for_inference(trained_run)
+    tok, cfg = ours.tokenizer, ours.cfg
+    directory = export_checkpoint(trained_run, tmp_path / "hf").directory
+
+    config = json.loads((directory / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (tok.bos_id, tok.eos_id,
+                                                                                      tok.eos_id)
+    assert config["model_type"] == "lm_kernelized" and config["n_positions"] == cfg.data.seq_len
+    assert config_from_dict({"model": config["lm_model"]}).model == cfg.model
+    assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+            config["num_attention_heads"]) == (cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers,
+                                               cfg.model.n_heads)
+    assert config["tie_word_embeddings"] is True and config["use_cache"] is True and config["dtype"] == "float32"
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
+        tok.bos_id, tok.eos_id, tok.eos_id)
+
+    fast = AutoTokenizer.from_pretrained(str(directory))
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id) == (
+        tok.bos_id, tok.eos_id, tok.eos_id, tok.unk_id)
+    assert [fast.bos_token, fast.eos_token, fast.unk_token] == [tok.id_to_piece(i) for i in (tok.bos_id, tok.eos_id,
+                                                                                            tok.unk_id)]
+    assert len(fast) == tok.vocab_size and fast.padding_side == "left"
+    text = "what is kelo ? 37 .\nthe red fox sees a small bird ."
+    assert fast(text)["input_ids"] == [tok.bos_id, *tok.encode(text)]
+    assert fast.decode(fast(text)["input_ids"], skip_special_tokens=True) == text
+
+    assert load_stored_config(directory / "lm_training_config.yaml") == cfg
+    weights = safetensors.torch.load_file(str(directory / "model.safetensors"))
+    stored = torch.load(find_checkpoint(trained_run) / "model.pt", weights_only=True)
+    assert sorted(weights) == sorted(f"model.{k}" for k in stored)
+    assert all(torch.equal(weights[f"model.{k}"], v) for k, v in stored.items())
+    assert f"for {ours.step} steps" in (directory / "README.md").read_text()

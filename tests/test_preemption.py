@@ -26,7 +26,7 @@ from lm.config import ConfigError, load_config
 from lm.fileio import exclusive_lock
 from lm.training.distributed import SLURM_PORTS, first_host, free_port, slurm_environment
 from lm.training.loop import VALIDATION_PENDING
-from lm.training.preemption import Interrupted, StopSignals
+from lm.training.preemption import Decision, Interrupted, StopControl, StopSignals, TrainingPreempted
 from lm.training.steplog import read_steps
 
 PLAIN = ("max_steps=8", "save_every=4", "keep_checkpoints=10", "eval_every=6", "eval_batches=0", "eval_stride=8",
@@ -359,3 +359,163 @@ def test_slurm_tasks_map_themselves_stop_together_requeue_and_the_rerun_ends_bit
     assert read_steps(run / "steps.jsonl") == read_steps(ds_reference / "steps.jsonl")
     assert read_meta(find_checkpoint(run))["world_size"] == 2
 
+
+# ------------------------------------------------------------------------------------------------ the decisions
+class SteppingClock:
+    """A clock the test controls, for :class:`StopControl` and ``train(cfg, clock=...)``: ``now`` seconds (far from
+    0, so that no difference of readings can pass for an absolute time), set by the test or advanced by ``tick``
+    at every reading; ``signal_at``: raise ``sig`` in this process at that reading (1 = the first), as a signal
+    that lands while the step's reduction reads the clock."""
+
+    def __init__(self, tick: float = 0.0, signal_at: int = 0, sig: signal.Signals = signal.SIGTERM):
+        self.now, self.tick, self.readings, self.signal_at, self.sig = 1e6, tick, 0, signal_at, sig
+
+    def at(self, seconds: float) -> "SteppingClock":
+        self.now = 1e6 + seconds
+        return self
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.readings == self.signal_at:
+            signal.raise_signal(self.sig)
+        self.now += self.tick
+        return self.now
+
+
+def stand_in_scontrol(tmp_path: Path, monkeypatch) -> tuple[str, Path]:
+    """A SLURM job for this process: SLURM_JOB_ID set, and a stand-in ``scontrol`` first on PATH that records its
+    arguments in the returned file. Returns (the job id, that file)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+    monkeypatch.setenv("SLURM_JOB_ID", "424242")
+    return "424242", calls
+
+
+@pytest.mark.parametrize("reason, requeued", [("SIGTERM", False), ("SIGINT", False), ("SIGUSR1", True),
+                                              ("time_limit_minutes=30", True)])
+def test_requeue_follows_time_limits_and_sigusr1_never_sigterm_or_sigint(reason, requeued, tmp_path, monkeypatch):
+    """scancel (SIGTERM) and Ctrl-C (SIGINT) mean stop: a requeued job would come back forever. Only the signs that
+    the job's time is up (SIGUSR1 from sbatch --signal, time_limit_minutes) run scontrol requeue."""
+    from lm.training.preemption import requeue_slurm_job
+
+    job, calls = stand_in_scontrol(tmp_path, monkeypatch)
+    assert requeue_slurm_job(load_config([], []), reason) is None and not calls.exists()  # requeue=false: never
+    note = requeue_slurm_job(load_config([], ["preemption.requeue=true"]), reason)
+    if requeued:
+        assert calls.read_text() == f"requeue {job}\n"
+        assert note == f"requeued SLURM job {job}: it resumes from this checkpoint when it starts again"
+    else:
+        assert not calls.exists()
+        assert note == f"note: SLURM job {job} not requeued: {reason} means stop (requeue follows time limits only)"
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGTERM, False), (signal.SIGUSR1, True)],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_mid_run_requeues_only_for_sigusr1(sig, requeued, tmp_path, monkeypatch, cache, capsys):
+    """In-process training with preemption.requeue=true in a SLURM job: the signal lands while a step's reduction
+    reads the clock (after the first step); the run stops saved at that step, and only SIGUSR1 requeues the job."""
+    from lm.training.loop import train
+
+    job, calls = stand_in_scontrol(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    argv = smoke_argv(run, cache, "max_steps=6", "save_every=100", "preemption.requeue=true")
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    with pytest.raises(TrainingPreempted) as stopped:
+        train(load_config(argv[:1], argv[1:]), clock=SteppingClock(signal_at=6, sig=sig))
+    out = capsys.readouterr().out
+    assert stopped.value.reason == sig.name and 1 <= stopped_at(out, run, sig.name) < 6
+    assert {s: signal.getsignal(s) for s in SIGNALS} == handlers
+    if requeued:
+        assert calls.read_text() == f"requeue {job}\n" and f"requeued SLURM job {job}" in out
+    else:
+        assert not calls.exists() and f"SLURM job {job} not requeued: SIGTERM means stop" in out
+
+
+def test_a_second_signal_while_an_interrupted_block_unwinds_is_only_recorded():
+    """Ctrl-C during data preparation or validation ends the block; a second Ctrl-C while it unwinds (its finally
+    blocks release locks and remove temporary files) must not raise inside that cleanup."""
+    cleaned = []
+    with StopSignals(["SIGTERM", "SIGINT"]) as signals:
+        with pytest.raises(Interrupted) as e:
+            with signals.interruptible():
+                try:
+                    signal.raise_signal(signal.SIGTERM)  # the handler raises here, at once
+                    cleaned.append("not interrupted")
+                finally:
+                    signal.raise_signal(signal.SIGINT)  # the second signal, while unwinding
+                    cleaned.append("cleaned up")
+        assert str(e.value) == "SIGTERM" and cleaned == ["cleaned up"]
+        assert signals.received == [signal.SIGTERM, signal.SIGINT]
+        with pytest.raises(Interrupted):  # and the next interruptible block ends at once, as asked
+            with signals.interruptible():
+                cleaned.append("ran")
+        assert cleaned == ["cleaned up"]
+
+
+def flags_at(stop: StopControl, clock: SteppingClock, seconds: float) -> tuple[bool, bool]:
+    """(save due by the clock, time limit near) from the step whose reduction reads the clock at ``seconds``."""
+    clock.at(seconds)
+    return stop.flags()[:2]
+
+
+def test_save_every_minutes_counts_minutes_from_the_last_save():
+    clock = SteppingClock().at(0)
+    stop = StopControl(load_config([], ["save_every_minutes=2"]), StopSignals(["SIGTERM"]), clock)
+    clock.at(10)
+    stop.loop_starts()
+    assert flags_at(stop, clock, 100) == (False, False)  # 100 s: not yet 2 minutes
+    assert flags_at(stop, clock, 119.5) == (False, False)
+    assert flags_at(stop, clock, 120) == (True, False)  # 2 minutes since the start, to the second
+    clock.at(125)
+    stop.saved()
+    assert flags_at(stop, clock, 240) == (False, False)  # 115 s since that save
+    assert flags_at(stop, clock, 245) == (True, False)
+    assert stop.decide((True, False, False)) == Decision("", True)
+
+
+def test_time_limit_stops_when_the_next_step_would_not_fit():
+    """The limit is near when the time used plus the last step's duration (reduction to reduction, not counting
+    data preparation before the loop) reaches it."""
+    clock = SteppingClock().at(0)
+    stop = StopControl(load_config([], ["time_limit_minutes=10"]), StopSignals(["SIGTERM"]), clock)
+    clock.at(400)  # 400 s of data preparation
+    stop.loop_starts()
+    assert flags_at(stop, clock, 430) == (False, False)  # 430 + 30 < 600
+    assert flags_at(stop, clock, 500) == (False, False)  # 500 + 70 < 600
+    assert flags_at(stop, clock, 550) == (False, True)  # 550 + 50 = 600: the next step would end past the limit
+    assert stop.step_seconds == 50
+    assert stop.decide((False, True, False)) == Decision("time_limit_minutes=10", False)
+    clock.at(10_000)
+    assert stop.agree(first_step_done=False) == Decision()  # the clock never stops a command before a step
+    assert stop.agree() == Decision("time_limit_minutes=10", False)
+
+
+def test_a_signal_wins_over_the_clock_and_the_first_configured_signal_names_the_stop():
+    clock = SteppingClock().at(0)
+    signals = StopSignals(["SIGTERM", "SIGINT", "SIGUSR1"])
+    stop = StopControl(load_config([], ["time_limit_minutes=1", "save_every_minutes=1"]), signals, clock)
+    signals.received += [signal.SIGUSR1]
+    clock.at(90)  # past the limit too
+    assert stop.decide(stop.flags()) == Decision("SIGUSR1", True)
+    signals.received += [signal.SIGTERM]
+    flags = stop.flags()
+    assert flags == (True, True, True, False, True) and stop.decide(flags) == Decision("SIGTERM", True)
+
+
+def test_training_by_a_controlled_clock_saves_every_few_minutes_counted_from_the_last_save(tmp_path, cache):
+    """In-process training whose clock advances a minute at every reading (every step reads it at least once):
+    with save_every_minutes=2.5 a step saves when 2.5 minutes have passed since the last save, so never two steps
+    in a row, and several times before the end."""
+    from lm.training.loop import train
+
+    run = tmp_path / "run"
+    argv = smoke_argv(run, cache, "max_steps=10", "save_every=1000", "keep_checkpoints=100",
+                      "save_every_minutes=2.5")
+    assert train(load_config(argv[:1], argv[1:]), clock=SteppingClock(tick=60)) == 10
+    saved = [checkpoint.checkpoint_step(c) for c in checkpoint.list_checkpoints(run)]
+    by_clock = saved[:-1]
+    assert saved[-1] == 10 and len(by_clock) >= 2, saved  # the last step is always saved
+    assert all(b - a >= 2 for a, b in zip(by_clock, by_clock[1:])), saved

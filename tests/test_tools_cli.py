@@ -245,3 +245,19 @@ def test_bench_train_builds_every_variant_and_reports_throughput(tmp_path, capsy
     assert [r["variant"] for r in report["results"]] == list(bench.VARIANTS)
     assert all(r["batch"] == 2 and r["tokens_per_s"] > 0 for r in report["results"])
     assert "kernelized_rpe_clip128" in capsys.readouterr().out
+
+
+def test_every_mutant_of_tools_mutants_applies_to_todays_code():
+    """tools/mutants.py plants each listed bug by replacing a snippet that must occur exactly once in its file, and
+    names tests that exist: when the code moves on, this says which mutant to update (the round itself is run by
+    hand: docs/testing.md)."""
+    mutants = load_tool("mutants")
+    assert len(mutants.MUTANTS) >= 18 and mutants.check(mutants.MUTANTS) == []
+    for m in mutants.MUTANTS:
+        for test in m.tests:
+            path, _, name = test.partition("::")  # a test file, or one test function of it
+            assert (ROOT / path).is_file(), (m.name, test)
+            assert not name or f"def {name}(" in (ROOT / path).read_text(), (m.name, test)
+    broken = mutants.Mutant("x", "lm/training/preemption.py", "no such snippet", "y", ("tests",), "")
+    assert mutants.check([broken]) == ["x: the original snippet occurs 0 times in lm/training/preemption.py "
+                                       "(expected once)"]

@@ -6,7 +6,9 @@
                                                            # and on bfloat16 inputs
 
 Cases: ``fft`` / ``band`` (clipped RPE, L = --band-l) / ``prefix`` (no RPE) / ``dense`` = lm.ops.kernelized_attention
-with that method forced, its FFT precision chosen as the model does (lm.ops.precision policy from the bias, passed
+with that method forced; ``fused`` (general RPE, as ``fft``) / ``fused_band`` (clipped, as ``band``) /
+``fused_prefix`` (no RPE, as ``prefix``) = the fused Triton method on the same inputs (CUDA, or CPU under
+TRITON_INTERPRET=1); its FFT precision chosen as the model does (lm.ops.precision policy from the bias, passed
 explicitly: no host read in the timed call); ``fft_far64`` = ``fft`` with the far field forced to float64 (what
 rising biases cost); ``sdpa`` = torch scaled_dot_product_attention(is_causal=True) on q, k, v of shape
 (B, H, N, D): float32 on CPU, bfloat16 with the flash backend on CUDA; ``reference`` = the dense float64
@@ -26,8 +28,9 @@ memory is reported and the run goes on; CPU: the resident set then carries what 
 Cases are interleaved: ``--rounds`` passes over all cases at one N, so a machine whose load changes biases them
 alike; each case times --repeats forward + backward runs after one warm-up (skipped when a run takes over 20 s),
 and the best over all rounds is kept. Prints a table with the ratio to SDPA at the same N, the case's fewest
-FLOPs and bytes (:func:`case_cost`, its roofline) and the rates they imply, and writes results.json and plot.png
-under --out.
+FLOPs and bytes (:func:`case_cost`, its roofline) and the rates they imply, the time the GPU cost model predicts
+(``lm.ops.cost``: FlashAttention-2's figure for ``sdpa``) and measured / predicted, and writes results.json and
+plot.png under --out.
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("fft", "fft_far64", "band", "prefix", "dense", "sdpa", "reference", "materialised")
-OP_CASES = ("fft", "fft_far64", "band", "prefix", "dense")
+CASES = ("fft", "fft_far64", "band", "prefix", "dense", "fused", "fused_band", "fused_prefix", "sdpa", "reference",
+         "materialised")
+OP_CASES = ("fft", "fft_far64", "band", "prefix", "dense", "fused", "fused_band", "fused_prefix")
+FUSED = {"fused": "fused", "fused_band": "fused", "fused_prefix": "fused"}  # case -> method
 BIASES = {
     "init": "zero-mean, 0.02 * randn per offset (as at initialisation; spans ~0.2 nats)",
     "decay": "-0.5 log(1 + t) (a locality prior as LMs learn; float32 FFT)",
@@ -138,7 +143,7 @@ def run_case(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     dtype = (torch.float64 if case == "reference" or fp64 else
              torch.bfloat16 if spec["case"].endswith("@bf16") else torch.float32)
-    L = spec["band_l"] if case == "band" else N
+    L = spec["band_l"] if case in ("band", "fused_band") else N
     bias = make_bias(spec["bias"], H, L, g)
     precision = None
     if case in ("fft", "fft_far64") and new_api:  # the model's policy, decided outside the timed call
@@ -167,8 +172,8 @@ def run_case(spec: dict) -> dict:
             def fn():
                 return _materialised_fft(*ins, bias)
         else:
-            rpe = None if case == "prefix" else bias
-            method = "fft" if case == "fft_far64" else case
+            rpe = None if case in ("prefix", "fused_prefix") else bias
+            method = "fft" if case == "fft_far64" else FUSED.get(case, case)
             threads, fft_dtype = spec["cpu_threads"], precision
 
             kw = dict(fft_dtype=fft_dtype, cpu_threads=threads) if new_api else {}
@@ -235,8 +240,11 @@ def case_cost(spec: dict) -> dict | None:
         bf16 = spec["device"].startswith("cuda")
         return {"flops": 3.5 * 2 * N * N * D * BH, "min_bytes": BH * (12 * N * D * (2 if bf16 else 4) + 8 * N),
                 "compute": "bf16" if bf16 else "fp32"}
+    fused = case in FUSED
+    case = {"fused": "dense", "fused_band": "band", "fused_prefix": "prefix"}.get(case, case)  # the same work
     elt = {"fp64": 8, "bf16": 2}.get(variant, 4)
-    compute = "fp64" if variant == "fp64" or case == "fft_far64" else "fp32"
+    compute = "fp64" if variant == "fp64" or case == "fft_far64" else ("bf16" if fused and variant == "bf16"
+                                                                       else "fp32")
     prefix = 4 * N * M * E
     if case == "prefix":
         forward, L = prefix, 0
@@ -251,6 +259,26 @@ def case_cost(spec: dict) -> dict | None:
         forward = 2 * N * min(NEAR_BAND, N) * (M + E) + prefix + M * E * per_channel
     return {"flops": 3.0 * forward * BH, "min_bytes": elt * (BH * (6 * N * M + 5 * N * D) + 3 * H * L),
             "compute": compute}
+
+
+def predicted(spec: dict) -> dict:
+    """The GPU cost model's time for the case (``lm.ops.cost``, an H100 SXM), or nothing for cases it does not
+    cover (and for checkouts without it)."""
+    try:
+        import torch
+        from lm.ops.cost import Shape, fa2_cost, method_cost
+    except ImportError:
+        return {}
+    case, _, variant = spec["case"].partition("@")
+    B, H, N, D, M = spec["batch"], spec["heads"], spec["n"], spec["head_dim"], spec["features"]
+    if case == "sdpa":
+        return {"predicted_ms": fa2_cost(B, H, N, D).ms}
+    if case not in OP_CASES or case == "fft_far64" or variant == "base":
+        return {}
+    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(variant, torch.float32)
+    L = None if case in ("prefix", "fused_prefix") else (min(spec["band_l"], N) if case in ("band", "fused_band")
+                                                         else N)
+    return {"predicted_ms": method_cost(FUSED.get(case, case), Shape(B, H, N, M, D, L, dtype)).ms}
 
 
 def run_here(spec: dict) -> dict:
@@ -328,7 +356,7 @@ def main(argv=None) -> int:
           f"{a.rounds} interleaved round(s) x {a.repeats}")
     rows = []
     header = (f"{'N':>6} {'case':<18} {'time s':>9} {'x SDPA':>7} {'peak MiB':>9}  {'fft':<7} {'GFLOP':>9} "
-              f"{'TFLOP/s':>8} {'min MB':>8} {'GB/s':>7}")
+              f"{'TFLOP/s':>8} {'min MB':>8} {'GB/s':>7} {'pred ms':>8} {'meas/pred':>9}")
     print(header)
     print("-" * len(header))
     for n in a.n:
@@ -354,7 +382,7 @@ def main(argv=None) -> int:
             res = ({"time_s": min(r["time_s"] for r in done), "times_s": [r["time_s"] for r in done],
                     "peak_mem_bytes": max(r["peak_mem_bytes"] for r in done), "fft_precision": done[0]["fft_precision"]}
                    if done else results[c][-1])
-            row = dict(specs[c], **res, **(case_cost(specs[c]) or {}))
+            row = dict(specs[c], **res, **(case_cost(specs[c]) or {}), **predicted(specs[c]))
             if c == "sdpa" and "time_s" in res:
                 sdpa_time = res["time_s"]
             if "time_s" in res and sdpa_time:
@@ -367,6 +395,9 @@ def main(argv=None) -> int:
                 roofline = (f" {row['flops'] / 1e9:>9.4g} {row['flops'] / res['time_s'] / 1e12:>8.4g} "
                             f"{row['min_bytes'] / 1e6:>8.4g} {row['min_bytes'] / res['time_s'] / 1e9:>7.4g}"
                             if "flops" in row else "")
+                if "predicted_ms" in row:
+                    row["measured_over_predicted"] = 1e3 * res["time_s"] / row["predicted_ms"]
+                    roofline += f" {row['predicted_ms']:>8.4g} {row['measured_over_predicted']:>9.3g}"
                 print(f"{n:>6} {c:<18} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
                       f"  {res['fft_precision'] or '':<7}{roofline}", flush=True)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},

@@ -282,12 +282,33 @@ def attention_section(out: Path, ceil: dict) -> tuple[list[str], dict]:
         rows.append([r["n"], r["case"], num(r["time_s"] * 1e3), num(r.get("ratio_to_sdpa")),
                      num(r["peak_mem_bytes"] / 2**20, ".0f"), num(r.get("flops", 0) / 1e9 or None),
                      num(r.get("min_bytes", 0) / 1e6 or None), num(t * 1e3 if t else None),
-                     f"{r['time_s'] / t:.3g} ({kind})" if t else None])
-    head = ["N", "case", "time ms", "x SDPA", "peak MiB", "GFLOP", "min MB", "bound ms", "x bound"]
+                     f"{r['time_s'] / t:.3g} ({kind})" if t else None, num(r.get("predicted_ms")),
+                     num(r.get("measured_over_predicted"))])
+    head = ["N", "case", "time ms", "x SDPA", "peak MiB", "GFLOP", "min MB", "bound ms", "x bound", "predicted ms",
+            "measured / predicted"]
+    fit = refit(data["rows"])
+    if fit:
+        rows_fit = [[case, f"{v:.3g}", n] for case, (v, n) in sorted(fit.items())]
+        data["cost_model_fit"] = {case: v for case, (v, _) in fit.items()}
     note = (f"B={data['args'].get('batch')} H={data['args'].get('heads')} D={data['args'].get('head_dim')} "
             f"M={data['args'].get('features')}, band L={data['args'].get('band_l')}, bias: {data.get('bias')}; "
             f"`@bf16`: bfloat16 inputs; SDPA: bfloat16, flash backend (on CUDA). `peak MiB`: above the inputs.")
-    return [note, ""] + table(head, rows), data
+    lines = [note, ""] + table(head, rows)
+    if fit:
+        lines += ["", "Cost model (`lm/ops/cost.py`, an H100 SXM at 40% of its matmul peak) against this GPU: the "
+                  "median of measured / predicted per case over N. Multiply a case's predictions by it (or set "
+                  "`GPU(efficiency=...)` and the bandwidth to this GPU's) before trusting `auto`'s ranking here.", ""]
+        lines += table(["case", "median measured / predicted", "rows"], rows_fit)
+    return lines, data
+
+
+def refit(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Per case, the median of measured / predicted over the lengths it ran at, and how many rows."""
+    by_case: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("measured_over_predicted"):
+            by_case.setdefault(r["case"], []).append(r["measured_over_predicted"])
+    return {c: (sorted(v)[len(v) // 2], len(v)) for c, v in by_case.items()}
 
 
 def train_section(out: Path, ceil: dict) -> tuple[list[str], dict]:

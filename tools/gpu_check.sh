@@ -7,8 +7,9 @@
 # whole run fits in 9 minutes on one H100 / H200 and a stage that fails or runs out of time never stops the next:
 #   machine    versions, the GPU, the ceilings measured once (copy bandwidth, bf16 / fp32 matmul)          25
 #   tests      pytest -m cuda tests/test_cuda.py (the op, decoding, DeepSpeed, checkpoints, torch.compile)  170
-#   attention  tools/bench_attention.py: fft / band / prefix on fp32 and bf16 inputs vs flash SDPA (bf16),
-#              N = 4k .. 128k, forward + backward, peak memory                                              75
+#   attention  tools/bench_attention.py: the fused Triton method (general, clipped, no RPE) and fft / band /
+#              prefix on fp32 and bf16 inputs vs flash SDPA (bf16), N = 4k .. 64k, forward + backward, peak
+#              memory, measured / predicted by the cost model (lm/ops/cost.py)                             120
 #   train      tools/bench_train.py --precision bf16: kernelized_rpe (FFT, clipped) vs softmax at 512, 4k and
 #              16k tokens of context: tokens/s, peak memory, model FLOP rate                                 60
 #   wikitext   NGPU=1 ./launch.sh configs/wikitext103.yaml on the WikiText-103 sample for 300 steps (DeepSpeed,
@@ -32,7 +33,7 @@
 set -uo pipefail
 
 STAGES=(machine tests attention train wikitext generate)
-declare -A BUDGET=([machine]=25 [tests]=170 [attention]=75 [train]=60 [wikitext]=110 [generate]=50)
+declare -A BUDGET=([machine]=25 [tests]=170 [attention]=120 [train]=60 [wikitext]=110 [generate]=50)
 
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 [ $# -eq 1 ] && [[ "$1" != -* ]] || die "usage: tools/gpu_check.sh OUT_DIR (environment: see the top of this file)"
@@ -74,7 +75,7 @@ export LM_WIKITEXT_SAMPLE="${LM_WIKITEXT_SAMPLE:-$ROOT/../shared/data/wikitext-1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
 
 if [ "$MODE" = cuda ]; then
-  export ATTENTION_ARGS="--device cuda --n 4096 8192 16384 32768 65536 131072 --heads 8 --head-dim 64 --features 64
+  export ATTENTION_ARGS="--device cuda --n 4096 8192 16384 32768 65536 --heads 8 --head-dim 64 --features 64
     --repeats 3 --max-memory-gb 100 --threads 8"
   export TRAIN_ARGS="--device cuda --contexts 512,4096,16384 --tokens-per-step 32768 --layers 6 --d-model 512
     --heads 8 --features 64 --vocab 16000 --steps 3 --repeats 2"
@@ -99,7 +100,10 @@ stage_machine() { "$PY" tools/bench_report.py machine "$OUT" --device "$MODE"; }
 stage_tests() { "$PY" -m pytest -v -rfEs -p no:cacheprovider -m cuda tests/test_cuda.py; }
 stage_attention() {
   # shellcheck disable=SC2086
-  "$PY" tools/bench_attention.py $ATTENTION_ARGS --cases sdpa fft band prefix --bf16 --no-fp64 --no-isolate \
+  # on CPU (the rehearsal) the fused method runs in Triton's interpreter
+  [ "$MODE" = cuda ] || export TRITON_INTERPRET=1
+  "$PY" tools/bench_attention.py $ATTENTION_ARGS --cases sdpa fused fused_band fused_prefix fft band prefix --bf16 \
+    --no-fp64 --no-isolate \
     --bias decay --out "$OUT/attention"
 }
 # shellcheck disable=SC2086

@@ -150,8 +150,10 @@ class KernelizedAttention(_Attention):
     (Performer; q, k scaled by ``head_dim ** -1/4`` so the kernel is ``exp(q.k / sqrt(head_dim))``) with
     ``num_features`` random features from the buffer ``projection`` ``(M, head_dim)`` (one per layer, shared
     by its heads), saved in the state_dict so that a checkpoint reproduces its features; or ``elu`` / ``relu``
-    (``head_dim`` features, no randomness). Features and the op run in float32 or better whatever the
-    parameter dtype and the autocast state (the q/k/v projection itself follows autocast).
+    (``head_dim`` features, no randomness). Features are computed in float32 or better whatever the parameter
+    dtype and the autocast state (the q/k/v projection itself follows autocast); with half activations (bf16
+    training) they are handed to the op in that half dtype, whose fused method then multiplies on tensor cores
+    and whose other methods compute in float32.
 
     ``fft_fp32_max_len`` (int): precision policy of the FFT method, see the module docstring. The default
     suits a zero RPE table (float32 at any length); ``cpu_threads``: the op's CPU worker threads
@@ -202,20 +204,27 @@ class KernelizedAttention(_Attention):
             return fmap(q), fmap(k), v
 
     def attend(self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, rpe_table: torch.Tensor | None,
-               output_final_state: bool = False, document_starts: torch.Tensor | None = None):
+               output_final_state: bool = False, initial_state=None,
+               document_starts: torch.Tensor | None = None):
         """The op on one sequence: features ``(B, H, N, M)``, ``v`` ``(B, H, N, head_dim)`` -> same as ``v`` (and
-        the recurrent state after the sequence, with ``output_final_state``); ``document_starts`` ``(B, N)``: each
-        token's document start."""
+        the recurrent state after the sequence, with ``output_final_state``); ``initial_state``: the tokens
+        continue that recurrent state; ``document_starts`` ``(B, N)``: each token's document start."""
         n = phi_q.shape[-2]
         if n == 0:
             return (v, state_after(phi_k, v, _table_len(rpe_table))) if output_final_state else v
-        fft_dtype = torch.float32 if n <= self.fft_fp32_max_len else torch.float64
-        return kernelized_attention(phi_q, phi_k, v, rpe_table, method=self.method, fft_dtype=fft_dtype,
+        total = n + (0 if initial_state is None else initial_state.position)
+        fft_dtype = torch.float32 if total <= self.fft_fp32_max_len else torch.float64
+        # a forced fft cannot continue a state holding far keys: continuing takes the exact auto choice
+        method = "auto" if initial_state is not None and self.method == "fft" else self.method
+        return kernelized_attention(phi_q, phi_k, v, rpe_table, method=method, fft_dtype=fft_dtype,
                                     cpu_threads=self.cpu_threads, output_final_state=output_final_state,
-                                    document_starts=document_starts)
+                                    initial_state=initial_state, document_starts=document_starts)
 
     def attend_heads(self, q, k, v, rpe_table, key_mask=None, document_starts=None):
+        half = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
         phi_q, phi_k, v = self.feature_map_qkv(q, k, v)
+        if half is not None:  # half activations (bf16 training): the op gets half inputs, its fused matmuls
+            phi_q, phi_k, v = phi_q.to(half), phi_k.to(half), v.to(half)  # then run on tensor cores
         phi_k, v = _mask_keys(phi_k, v, key_mask)
         return self.attend(phi_q, phi_k, v, rpe_table, document_starts=document_starts)
 
@@ -225,15 +234,13 @@ class KernelizedAttention(_Attention):
     def attend_cached(self, x, rpe_table, cache: KernelizedLayerCache, key_mask=None):
         phi_q, phi_k, v = self.features(x)
         phi_k, v = _mask_keys(phi_k, v, key_mask)
-        if cache.state is None:  # the prefill: the parallel op, which hands over its final state
-            o, cache.state = self.attend(phi_q, phi_k, v, rpe_table, output_final_state=True)
+        if cache.state is None or x.shape[1] > 1:  # a prompt (or more tokens): the parallel op, from the state
+            o, cache.state = self.attend(phi_q, phi_k, v, rpe_table, output_final_state=True,
+                                         initial_state=cache.state)
             return o
-        outs = []
-        for i in range(x.shape[1]):  # usually one token per call
-            o, cache.state = kernelized_attention_step(phi_q[:, :, i], phi_k[:, :, i], v[:, :, i], cache.state,
-                                                       rpe_table, in_place=True)  # the cache owns its state
-            outs.append(o)
-        return torch.stack(outs, dim=2)
+        o, cache.state = kernelized_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], cache.state,
+                                                   rpe_table, in_place=True)  # the cache owns its state
+        return o[:, :, None]
 
 
 def _table_len(rpe_table: torch.Tensor | None) -> int:

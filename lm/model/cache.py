@@ -39,6 +39,7 @@ class KernelizedLayerCache:
         """Keep only batch ``rows`` (e.g. the beams a search continues), in that order."""
         if self.state is not None:
             s = self.state
+            rows = rows.to(s.far_kv.device)  # index_select wants the index on the tensor's device
             self.state = s._replace(**{name: getattr(s, name).index_select(0, rows)
                                        for name in ("ring_k", "ring_v", "far_kv", "far_k")})
 
@@ -91,6 +92,7 @@ class SoftmaxLayerCache:
 
     def select(self, rows: torch.Tensor) -> None:
         if self.k is not None:
+            rows = rows.to(self.k.device)
             self.k, self.v, self.valid = (t.index_select(0, rows) for t in (self.k, self.v, self.valid))
 
 

@@ -20,9 +20,26 @@ __all__ = ["PerOffsetRPE", "BucketedRPE", "t5_causal_buckets", "relative_bias"]
 
 
 class _ClippedRPE(nn.Module):
-    """Common part: a bias table ``(H, L)`` or ``(L,)`` whose last entry covers all offsets ``>= L - 1``."""
+    """Common part: a bias table ``(H, L)`` or ``(L,)`` whose last entry covers all offsets ``>= L - 1``.
+
+    Under half-precision training the ``bias`` parameter is half (DeepSpeed's bf16 keeps every parameter in it),
+    which would quantise log-weights to 2^-8 of their size (~0.03 nats at 5 nats). The engine then hands over the
+    optimizer's float32 master copy after each step (:meth:`use_master`): the table the model uses is the float32
+    value, and gradients still reach ``bias``."""
 
     num_heads: int | None
+    master_residual: torch.Tensor | None = None
+    """float32 ``master - bias`` while an optimizer keeps a float32 copy of a half ``bias`` (else None)."""
+
+    def values(self) -> torch.Tensor:
+        """``bias`` as the model uses it: the float32 master values when :meth:`use_master` gave them."""
+        return self.bias if self.master_residual is None else self.bias + self.master_residual
+
+    @torch.no_grad()
+    def use_master(self, master: torch.Tensor | None) -> None:
+        """Make :meth:`values` equal ``master`` (the optimizer's float32 copy of ``bias``; None: ``bias`` itself)."""
+        self.master_residual = (None if master is None else
+                                master.to(self.bias.device, torch.float32) - self.bias.detach().float())
 
     def full_table(self) -> torch.Tensor:
         """The whole table, ``(H, L)`` or ``(L,)`` (the op's ``rpe_bias`` for sequences of any length)."""
@@ -64,7 +81,7 @@ class PerOffsetRPE(_ClippedRPE):
         return self.bias.shape[-1]
 
     def full_table(self) -> torch.Tensor:
-        return self.bias
+        return self.values()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)
@@ -110,10 +127,10 @@ class BucketedRPE(_ClippedRPE):
         return t5_causal_buckets(torch.arange(n, device=self.bias.device), self.num_buckets, self.max_distance)
 
     def full_table(self) -> torch.Tensor:
-        return self.bias[..., self.bucket_of_offset(self.table_len)]
+        return self.values()[..., self.bucket_of_offset(self.table_len)]
 
     def table(self, n: int) -> torch.Tensor:
-        return self.bias[..., self.bucket_of_offset(max(1, min(n, self.table_len)))]
+        return self.values()[..., self.bucket_of_offset(max(1, min(n, self.table_len)))]
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)

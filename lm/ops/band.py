@@ -125,11 +125,13 @@ def _far_states(kb: torch.Tensor, ub: torch.Tensor, lay: BandLayout) -> torch.Te
 
 
 def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, budget: int,
-                 block: int = BLOCK, starts: torch.Tensor | None = None) -> torch.Tensor:
+                 block: int = BLOCK, starts: torch.Tensor | None = None, init: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """``Y (B, H, N, E)`` for weights ``c (H, L)``, computed in ``q``'s dtype; cost ``O(B H N (L + T) (M + E))``.
 
     ``budget``: elements of one score piece (:func:`band_budget`). ``starts`` ``(B, N)``: each token's document
-    start (:mod:`lm.ops.documents`), or None."""
+    start (:mod:`lm.ops.documents`), or None. ``init`` ``(B, H, M, E)``: sums ``k^T [v, 1]`` of keys before the
+    sequence, all at offset ``>= L - 1`` (weight ``c[L-1]`` for every row), or None."""
     B, H, N, M = q.shape
     lay = BandLayout(N, c.shape[-1], q.device, block)
     nw, nb = lay.nw, lay.nb
@@ -142,6 +144,8 @@ def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Ten
     else:
         states = docs.far_states(kb, ub)
         qb_far = qb * docs.far_rows.to(q.dtype)
+    if init is not None:
+        states = states + init
     states.mul_(c[:, -1, None, None])  # c[L-1] folded in: (nb, B, H, M, E)
     y = torch.empty(nb, B, H, lay.T, ub.shape[-1], dtype=q.dtype, device=q.device)
     step = lay.group(B * H, budget)
@@ -160,12 +164,13 @@ def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Ten
 
 
 def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, g: torch.Tensor,
-                  budget: int, need_dc: bool = True, block: int = BLOCK, starts: torch.Tensor | None = None):
-    """Gradients ``(dq, dk, dv, dc)`` of ``sum(g * Y)`` with ``Y = band_forward(q, k, v, c, starts=starts)``,
-    ``g (B, H, N, E)``.
+                  budget: int, need_dc: bool = True, block: int = BLOCK, starts: torch.Tensor | None = None,
+                  init: torch.Tensor | None = None):
+    """Gradients ``(dq, dk, dv, dc, dinit)`` of ``sum(g * Y)`` with ``Y = band_forward(q, k, v, c, starts=starts,
+    init=init)``, ``g (B, H, N, E)``.
 
     Recomputes the scores group by group. dq, dk ``(B, H, N, M)``, dv ``(B, H, N, D)``, dc ``(H, L)`` (None
-    unless ``need_dc``), in ``q``'s dtype."""
+    unless ``need_dc``), dinit ``(B, H, M, E)`` (None without ``init``), in ``q``'s dtype."""
     B, H, N, M = q.shape
     lay = BandLayout(N, c.shape[-1], q.device, block)
     nw, nb, T = lay.nw, lay.nb, lay.T
@@ -175,6 +180,8 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
     kb, ub = lay.blocks(k, front=nw - 1), lay.blocks(v, front=nw - 1, ones_column=True)
     docs = None if starts is None else _Documents(starts, lay)
     states = _far_states(kb, ub, lay) if docs is None else docs.far_states(kb, ub)  # without c[L-1]
+    if init is not None:
+        states = states + init
     gb_far = gb if docs is None else gb * docs.far_rows.to(g.dtype)  # the far field reaches only these rows
     dqb = torch.empty_like(qb)
     dkb, dub = torch.zeros_like(kb), torch.zeros_like(ub)
@@ -204,6 +211,7 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
     # Far field: d(state_g) = c[L-1] q_g^T g_g; padded key block i feeds the states of query blocks g > i.
     dstate = qb.transpose(-1, -2) @ gb_far  # (nb, B, H, M, E), without c[L-1]
     dc_far = (dstate * states).sum((0, 1, 3, 4)) if need_dc else None
+    dinit = None if init is None else dstate.sum(0) * c_far  # every query block reads the initial sums
     if docs is None:
         dz = _exclusive_cumsum(dstate.flip(0), dim=0).flip(0).mul_(c_far)  # dz[i] = c sum_{g > i} dstate[g]
         dkb[:nb] += ub[:nb] @ dz.transpose(-1, -2)
@@ -215,7 +223,7 @@ def band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Te
         dc = lay.fold_weight_grad(dcw)
         dc[:, -1] += dc_far
     front = nw - 1
-    return lay.unblock(dqb), lay.unblock(dkb, front), lay.unblock(dub, front)[..., :-1], dc
+    return lay.unblock(dqb), lay.unblock(dkb, front), lay.unblock(dub, front)[..., :-1], dc, dinit
 
 
 def _segmented_cumsum(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

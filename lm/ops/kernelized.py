@@ -31,6 +31,7 @@ from lm.ops.band import band_backward, band_budget, band_forward
 from lm.ops.dense import dense_attention
 from lm.ops.documents import check_document_starts
 from lm.ops.feature_maps import no_autocast
+from lm.ops.fused import fused_attention, fused_available
 from lm.ops.fft import fft_backward, fft_forward
 from lm.ops.precision import NEAR_BAND, auto_fft_dtype
 from lm.ops.recurrent import RecurrentState, state_after
@@ -38,9 +39,9 @@ from lm.ops.threads import CPUThreads
 
 __all__ = ["METHODS", "RPE_METHODS", "kernelized_attention", "choose_method"]
 
-METHODS = ("auto", "dense", "fft", "band", "prefix")
+METHODS = ("auto", "dense", "fft", "band", "prefix", "fused")
 """Every method name (``auto`` picks one of the others)."""
-RPE_METHODS = ("auto", "dense", "fft", "band")
+RPE_METHODS = ("auto", "dense", "fft", "band", "fused")
 """The methods that take an RPE: ``prefix`` is plain causal linear attention (``band`` without RPE is ``prefix``)."""
 
 # Crossovers of method="auto" on CPU (measured: docs/op.md, "The auto rule"): dense up to these lengths, then band while
@@ -49,9 +50,6 @@ DENSE_MAX_N_NO_RPE = 160
 DENSE_MAX_N = 256
 BAND_COST_PER_LOG2N = 160
 BAND_OVERHEAD = 64
-# The same on GPUs: ESTIMATES until measured on one (the dense form's matmuls run far closer to peak there).
-CUDA_DENSE_MAX_N_NO_RPE = 512
-CUDA_DENSE_MAX_N = 1024
 # FFT round-off bound used for the normaliser floor (see _floor), in units of the FFT dtype's eps.
 FLOOR_EPS = 32
 
@@ -59,63 +57,131 @@ FLOOR_EPS = 32
 def kernelized_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                          rpe_bias: torch.Tensor | None = None, method: str = "auto", *,
                          cu_seqlens: torch.Tensor | None = None, document_starts: torch.Tensor | None = None,
-                         fft_dtype: torch.dtype | None = None, cpu_threads: int = 0,
-                         output_final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
+                         initial_state: RecurrentState | None = None, output_final_state: bool = False,
+                         fft_dtype: torch.dtype | None = None, tf32: bool = False, cpu_threads: int = 0
+                         ) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
     """Causal kernelized attention with optional RPE.
 
     phi_q, phi_k: ``(B, H, N, M)`` non-negative features; v: ``(B, H, N, D)``; rpe_bias: ``None``, ``(H, L)`` or
     ``(L,)`` (shared by heads) log-weights for offsets ``0..L-1``, offsets ``>= L-1`` use the last one.
     method: ``auto`` | ``dense`` (O(N^2)) | ``fft`` (O(N log N), any L) | ``band`` (O(N L), clipped RPE) |
-    ``prefix`` (O(N), only without RPE). All are exact; ``auto`` picks the fastest for the shapes and device.
+    ``prefix`` (O(N), only without RPE) | ``fused`` (Triton kernels of the chunk form, any L; CUDA). All are
+    exact; ``auto`` picks the fastest for the shapes and device (:func:`choose_method`).
     cu_seqlens: ``(S + 1,)`` int offsets of the sequences packed in a batch of ``B = 1`` (flash-linear-attention's
     convention), or document_starts: ``(B, N)`` int, each token's document start; tokens attend only inside
     their document (:mod:`lm.ops.documents`). Not with ``fft`` (``auto`` then never picks it).
+    initial_state: a :class:`lm.ops.RecurrentState` (from an earlier call's ``output_final_state``, or
+    :func:`lm.ops.state_after`) that these ``N`` tokens continue: the result equals the last ``N`` rows of one call
+    over all the tokens (a chunked prefill, several tokens appended to a decoding state). ``rpe_bias`` must then
+    be the whole table the state was built for.
+    output_final_state: also return the recurrent state after the tokens (:mod:`lm.ops.recurrent`), for an
+    RPE table of ``L`` entries (all of ``rpe_bias``, also beyond ``N``), from which
+    :func:`lm.ops.kernelized_attention_step` or another call with ``initial_state`` continues.
     fft_dtype: precision of the FFT method's far field: ``torch.float32`` / ``torch.float64``, or ``None`` to
     decide from the bias values (``lm.ops.precision``; one host read per call, so not under ``torch.compile``;
     the model passes the dtype its precision policy chose). float64 inputs always use float64.
+    tf32: let the ``fused`` method's float32 matmuls run on TF32 tensor cores (about 1e-3 relative error instead
+    of float32's 1e-6; off by default). bfloat16/float16 inputs always run the fused matmuls in their own dtype.
     cpu_threads: worker threads over (batch, head) on CPU (``lm.ops.threads.CPUThreads``): 0 =
     ``torch.get_num_threads()``, 1 = none.
-    output_final_state: also return the recurrent state after the ``N`` tokens (:mod:`lm.ops.recurrent`), for an
-    RPE table of ``L`` entries (all of ``rpe_bias``, also beyond ``N``), from which
-    :func:`lm.ops.kernelized_attention_step` continues.
-    Returns ``(B, H, N, D)`` in ``v``'s dtype (and the state); computed in float32 (float64 for float64 inputs),
-    never under autocast. Differentiable in all four inputs.
+    Returns ``(B, H, N, D)`` in ``v``'s dtype (and the state); computed in float32 (float64 for float64 inputs;
+    the fused method's matmuls in the inputs' half dtype when all three are half), never under autocast.
+    Differentiable in all four inputs (and the initial state's tensors).
     """
     _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads)
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32={tf32!r}: use True or False")
     B, H, N, _ = phi_q.shape
     starts = check_document_starts(cu_seqlens, document_starts, B, N, v.device)
     if starts is not None and method == "fft":
         raise ValueError("method='fft' cannot keep documents apart (a convolution runs over the whole row); use "
-                         "'auto', 'band', 'prefix' or 'dense' with cu_seqlens / document_starts")
-    if starts is not None and output_final_state:
-        raise ValueError("output_final_state with document boundaries is not supported: the state would mix "
-                         "documents; run the last document alone to continue it")
-    out = _attention(phi_q, phi_k, v, rpe_bias, "prefix" if rpe_bias is None and method == "band" else method,
-                     fft_dtype, cpu_threads, starts)
-    if output_final_state:
-        return out, state_after(phi_k, v, 1 if rpe_bias is None else rpe_bias.shape[-1])
-    return out
+                         "'auto', 'fused', 'band', 'prefix' or 'dense' with cu_seqlens / document_starts")
+    if starts is not None and (output_final_state or initial_state is not None):
+        raise ValueError("initial_state / output_final_state with document boundaries are not supported: a state "
+                         "would mix documents; run the last document alone to continue it")
+    if rpe_bias is None and method == "band":
+        method = "prefix"
+    table_len = 1 if rpe_bias is None else rpe_bias.shape[-1]
+    if initial_state is None:
+        out = _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, tf32, cpu_threads, starts, None)
+        return (out, state_after(phi_k, v, table_len)) if output_final_state else out
+    ring_k, ring_v, init = _continuation(initial_state, phi_q, v, table_len, method)
+    zeros = phi_q.new_zeros(B, H, ring_k.shape[2], phi_q.shape[-1])
+    k_all, v_all = torch.cat([ring_k.to(phi_k.dtype), phi_k], 2), torch.cat([ring_v.to(v.dtype), v], 2)
+    out = _attention(torch.cat([zeros, phi_q], 2), k_all, v_all, rpe_bias, method, fft_dtype, tf32, cpu_threads,
+                     None, init)[:, :, ring_k.shape[2]:]
+    if not output_final_state:
+        return out
+    after = state_after(k_all, v_all, table_len)  # positions counted from the first ring key
+    s = initial_state
+    shift = (s.position - ring_k.shape[2]) % max(s.window, 1)  # ring slots are positions modulo the window
+    if shift:  # (then the ring was full, so it is allocated whole)
+        after = after._replace(ring_k=after.ring_k.roll(shift, 2), ring_v=after.ring_v.roll(shift, 2))
+    return out, after._replace(position=s.position + N, far_kv=after.far_kv + s.far_kv.to(after.far_kv.dtype),
+                               far_k=after.far_k + s.far_k.to(after.far_k.dtype))
 
 
-def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads, starts) -> torch.Tensor:
+def _continuation(state: RecurrentState, phi_q: torch.Tensor, v: torch.Tensor, table_len: int, method: str):
+    """The ring's keys and values in position order ``(B, H, r, M)``, ``(B, H, r, D)`` (``r = min(position, R)``),
+    and the far sums as ``(B, H, M, D + 1)`` (None while no key is that far)."""
+    if not isinstance(state, RecurrentState):
+        raise ValueError(f"initial_state must be an lm.ops.RecurrentState, got {type(state).__name__}")
+    B, H, _, M = phi_q.shape
+    D = v.shape[-1]
+    if state.window != table_len - 1:
+        raise ValueError(f"initial_state was built for an RPE table of {state.window + 1} entries, rpe_bias has "
+                         f"{table_len}: pass the whole table")
+    if tuple(state.far_kv.shape) != (B, H, M, D):
+        raise ValueError(f"initial_state holds (B, H, M, D) = {tuple(state.far_kv.shape)}, the inputs "
+                         f"({B}, {H}, {M}, {D})")
+    if state.far_kv.device != v.device:
+        raise ValueError(f"initial_state is on {state.far_kv.device} but v is on {v.device}")
+    R, n0 = state.window, state.position
+    r = min(n0, R)
+    slots = (torch.arange(n0 - r, n0, device=v.device) % R) if r else torch.zeros(0, dtype=torch.long,
+                                                                                  device=v.device)
+    ring_k, ring_v = state.ring_k.index_select(2, slots), state.ring_v.index_select(2, slots)
+    if n0 <= R:
+        return ring_k, ring_v, None
+    if method == "fft":
+        raise ValueError("method='fft' cannot continue a state that holds far keys (its band weighs them with the "
+                         "far residual's floor, not c[L-1]); use 'auto', 'fused', 'band' or 'dense'")
+    return ring_k, ring_v, torch.cat([state.far_kv, state.far_k.unsqueeze(-1)], dim=-1)
+
+
+def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, tf32, cpu_threads, starts, init) -> torch.Tensor:
     B, H, N, M = phi_q.shape
-    compute = torch.float64 if torch.float64 in (phi_q.dtype, phi_k.dtype, v.dtype) else torch.float32
+    dtypes = (phi_q.dtype, phi_k.dtype, v.dtype)
+    compute = torch.float64 if torch.float64 in dtypes else torch.float32
     with no_autocast(v.device):
-        q, k, val = phi_q.to(compute), phi_k.to(compute), v.to(compute)
         bias = None
         if rpe_bias is not None:
             bias = rpe_bias.to(compute)
             bias = bias.expand(H, -1) if bias.dim() == 1 else bias
-            bias = bias[:, :N]  # offsets never exceed N - 1; a longer bias gets zero gradient there
+            if init is None:
+                bias = bias[:, :N]  # offsets never exceed N - 1; a longer bias gets zero gradient there
             bias = bias - bias.amax(-1, keepdim=True).detach()
+        if init is not None:
+            init = init.to(compute)
         if method == "auto":
-            method = choose_method(N, None if bias is None else bias.shape[-1], v.device,
-                                   documents=starts is not None)
+            method = choose_method(N, None if bias is None else min(bias.shape[-1], N), v.device,
+                                   documents=starts is not None, continues=init is not None,
+                                   batch_heads=B * H, features=M, head_dim=v.shape[-1],
+                                   dtype=phi_q.dtype if len(set(dtypes)) == 1 else compute)
+        if method == "fused":
+            if not fused_available(v.device):
+                raise ValueError(f"method='fused' runs Triton kernels: on CUDA with triton installed (on CPU only "
+                                 f"under TRITON_INTERPRET=1, for tests); on {v.device} use 'auto'")
+            half = len(set(dtypes)) == 1 and dtypes[0] in (torch.float16, torch.bfloat16)
+            dt = dtypes[0] if half else compute
+            c = torch.ones(H, 1, dtype=compute, device=v.device) if bias is None else bias.exp()
+            return fused_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), c, starts, init, tf32=tf32).to(v.dtype)
+        q, k, val = phi_q.to(compute), phi_k.to(compute), v.to(compute)
         if method == "dense":
-            return dense_attention(q, k, val, bias, starts).to(v.dtype)
+            return dense_attention(q, k, val, bias, starts, init).to(v.dtype)
         if method in ("band", "prefix"):
             c = torch.ones(H, 1, dtype=compute, device=v.device) if bias is None else bias.exp()
-            out, _ = torch.ops.lm.kernelized_mix(q, k, val, c, None, starts, compute, 0, cpu_threads)
+            out, _ = torch.ops.lm.kernelized_mix(q, k, val, c, None, starts, init, compute, 0, cpu_threads)
             return out.to(v.dtype)
         if compute == torch.float64:
             fft_dtype = torch.float64
@@ -128,21 +194,31 @@ def _attention(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads, starts
                     "choice: lm.ops.precision, Transformer.refresh_precision_policy)")
             fft_dtype = auto_fft_dtype(bias, N, k, val)
         c_band, r = _near_far(bias, H, N, compute, v.device)
-        out, _ = torch.ops.lm.kernelized_mix(q, k, val, c_band, r, None, fft_dtype, min(NEAR_BAND, N), cpu_threads)
+        out, _ = torch.ops.lm.kernelized_mix(q, k, val, c_band, r, None, None, fft_dtype, min(NEAR_BAND, N),
+                                             cpu_threads)
     return out.to(v.dtype)
 
 
-def choose_method(n: int, num_offsets: int | None, device: torch.device | str = "cpu", *,
-                  documents: bool = False) -> str:
-    """The fastest exact method for length ``n`` and ``num_offsets = min(L, n)`` (None: no RPE) on ``device``
-    (CPU crossovers measured; other devices use :data:`CUDA_DENSE_MAX_N` etc., estimates until measured).
-    ``documents``: the call has document boundaries, which the FFT cannot keep apart."""
-    cpu = torch.device(device).type == "cpu"
+def choose_method(n: int, num_offsets: int | None, device: torch.device | str = "cpu", *, documents: bool = False,
+                  continues: bool = False, batch_heads: int = 8, features: int = 64, head_dim: int = 64,
+                  dtype: torch.dtype = torch.float32) -> str:
+    """The fastest exact method for length ``n`` and ``num_offsets = min(L, n)`` (None: no RPE) on ``device``.
+
+    On CPU: the crossovers measured there (:data:`DENSE_MAX_N` etc.; docs/op.md, "The auto rule"). On other
+    devices: the cheapest by the GPU cost model (:func:`lm.ops.cost.cheapest`, an H100 SXM's bandwidth and peaks)
+    among the methods that can run the call, for ``batch_heads = B * H`` items of ``features`` and ``head_dim`` in
+    ``dtype``; ``fused`` only where Triton runs. ``documents``: the call has document boundaries;
+    ``continues``: it continues a state holding far keys (neither can take the FFT)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        from lm.ops.cost import cheapest
+        return cheapest(n, num_offsets, batch_heads, features, head_dim, dtype, documents, continues,
+                        fused_available(dev))
     if num_offsets is None:
-        return "dense" if n <= (DENSE_MAX_N_NO_RPE if cpu else CUDA_DENSE_MAX_N_NO_RPE) else "prefix"
-    if n <= (DENSE_MAX_N if cpu else CUDA_DENSE_MAX_N) and 4 * num_offsets > n:
+        return "dense" if n <= DENSE_MAX_N_NO_RPE else "prefix"
+    if n <= DENSE_MAX_N and 4 * num_offsets > n:
         return "dense"
-    if documents or num_offsets + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
+    if documents or continues or num_offsets + BAND_OVERHEAD <= BAND_COST_PER_LOG2N * math.log2(max(n, 2)):
         return "band"
     return "fft"
 
@@ -205,20 +281,20 @@ def _validate(phi_q, phi_k, v, rpe_bias, method, fft_dtype, cpu_threads) -> None
 
 def _floor(q: torch.Tensor, k: torch.Tensor, far_field: bool, fft_dtype: torch.dtype, near: int) -> torch.Tensor:
     """Lower bound ``(B, H, N)`` for the normaliser: round-off can push a tiny one to <= 0. On rows that take
-    the FFT far field (``>= near``), ``FLOOR_EPS * eps * q_i . sum_j k_j`` (that bounds the FFT's round-off,
-    every |weight| being <= 1); exact rows need only ``tiny`` (then an all-underflowed normaliser has a zero
-    numerator too)."""
+    the FFT far field (``>= near``), ``FLOOR_EPS * eps * q_i . sum_{j <= i} k_j`` (the scale of the FFT's
+    round-off, every |weight| being <= 1; over past keys only, so that no later key moves an earlier row's
+    floor); exact rows need only ``tiny`` (then an all-underflowed normaliser has a zero numerator too)."""
     tiny = torch.finfo(q.dtype).tiny
     floor = torch.full(q.shape[:-1], tiny, dtype=q.dtype, device=q.device)
     if far_field:
-        scale = (q[:, :, near:] * k.sum(2, keepdim=True)).sum(-1)
+        scale = (q[:, :, near:] * k.cumsum(2)[:, :, near:]).sum(-1)
         floor[:, :, near:] += scale * (FLOOR_EPS * torch.finfo(fft_dtype).eps)
     return floor
 
 
-def _mix_impl(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads):
+def _mix_impl(q, k, v, c_band, r, starts, init, fft_dtype, near, cpu_threads):
     """Forward of the custom op: ``(out (B, H, N, D), normaliser (B, H, N))`` in ``q``'s dtype, contiguous."""
-    y = band_forward(q, k, v, c_band, band_budget(q.device), starts=starts)
+    y = band_forward(q, k, v, c_band, band_budget(q.device), starts=starts, init=init)
     if r is not None:
         workers = CPUThreads(cpu_threads).resolve(q.shape[0] * q.shape[1])
         wide = torch.promote_types(q.dtype, fft_dtype)
@@ -230,16 +306,17 @@ def _mix_impl(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads):
     return out.to(q.dtype).contiguous(), den.to(q.dtype).contiguous()
 
 
-def _mix_backward_impl(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
+def _mix_backward_impl(q, k, v, c_band, r, starts, init, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
                        need_dr):
-    """Backward of the custom op: ``(dq, dk, dv, dc_band, dr)``, contiguous (as the fake says: inductor relies on
+    """Backward of the custom op: ``(dq, dk, dv, dc_band, dr, dinit)``, contiguous (as the fake says: inductor relies on
     it); an empty tensor where no gradient is needed."""
     clamped = den <= _floor(q, k, r is not None, fft_dtype, near)  # where the floor acted, den gets no gradient
     B, H, N, D = out.shape
     g = torch.empty(B, H, N, D + 1, dtype=q.dtype, device=q.device)  # d out / d [numerator, normaliser]
     g_num = torch.div(grad_out.to(q.dtype), den.unsqueeze(-1), out=g[..., :-1])
     g[..., -1] = -(g_num * out).sum(-1).masked_fill_(clamped, 0)
-    dq, dk, dv, dc = band_backward(q, k, v, c_band, g, band_budget(q.device), need_dc, starts=starts)
+    dq, dk, dv, dc, dinit = band_backward(q, k, v, c_band, g, band_budget(q.device), need_dc, starts=starts,
+                                          init=init)
     dr = None
     if r is not None:
         workers = CPUThreads(cpu_threads).resolve(B * H)
@@ -248,57 +325,61 @@ def _mix_backward_impl(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype
         dq, dk, dv = dq + dq2.to(q.dtype), dk + dk2.to(q.dtype), dv + dv2.to(q.dtype)
         dr = dr.to(q.dtype) if need_dr else None
     return (dq.contiguous(), dk.contiguous(), dv.contiguous(), dc.contiguous() if dc is not None else q.new_empty(0),
-            dr.contiguous() if dr is not None else q.new_empty(0))
+            dr.contiguous() if dr is not None else q.new_empty(0),
+            dinit.contiguous() if dinit is not None else q.new_empty(0))
 
 
 @torch.library.custom_op("lm::kernelized_mix", mutates_args=())
 def _mix_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor, r: Optional[torch.Tensor],
-            starts: Optional[torch.Tensor], fft_dtype: torch.dtype, near: int, cpu_threads: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            starts: Optional[torch.Tensor], init: Optional[torch.Tensor], fft_dtype: torch.dtype, near: int,
+            cpu_threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Band (weights ``c_band (H, L)``) plus optional FFT far field (weights ``r (H, N)``, added to rows
     ``>= near``) mixing of ``[v, 1]``, normalised: ``(out (B, H, N, D), normaliser (B, H, N))``. ``starts``
-    ``(B, N)``: document starts (band only)."""
-    return _mix_impl(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads)
+    ``(B, N)``: document starts (band only); ``init`` ``(B, H, M, D + 1)``: far sums of keys before the sequence."""
+    return _mix_impl(q, k, v, c_band, r, starts, init, fft_dtype, near, cpu_threads)
 
 
 @_mix_op.register_fake
-def _mix_fake(q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads):
+def _mix_fake(q, k, v, c_band, r, starts, init, fft_dtype, near, cpu_threads):
     return v.new_empty(v.shape), v.new_empty(v.shape[:-1])
 
 
 @torch.library.custom_op("lm::kernelized_mix_backward", mutates_args=())
 def _mix_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_band: torch.Tensor,
-                     r: Optional[torch.Tensor], starts: Optional[torch.Tensor], out: torch.Tensor, den: torch.Tensor,
-                     grad_out: torch.Tensor, fft_dtype: torch.dtype, near: int, cpu_threads: int, need_dc: bool,
-                     need_dr: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``lm::kernelized_mix`` by recomputation: ``(dq, dk, dv, dc_band, dr)`` (empty when not
-    needed)."""
-    return _mix_backward_impl(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads,
+                     r: Optional[torch.Tensor], starts: Optional[torch.Tensor], init: Optional[torch.Tensor],
+                     out: torch.Tensor, den: torch.Tensor, grad_out: torch.Tensor, fft_dtype: torch.dtype, near: int,
+                     cpu_threads: int, need_dc: bool, need_dr: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``lm::kernelized_mix`` by recomputation: ``(dq, dk, dv, dc_band, dr, dinit)`` (empty when
+    not needed)."""
+    return _mix_backward_impl(q, k, v, c_band, r, starts, init, out, den, grad_out, fft_dtype, near, cpu_threads,
                               need_dc, need_dr)
 
 
 @_mix_backward_op.register_fake
-def _mix_backward_fake(q, k, v, c_band, r, starts, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
+def _mix_backward_fake(q, k, v, c_band, r, starts, init, out, den, grad_out, fft_dtype, near, cpu_threads, need_dc,
                        need_dr):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             c_band.new_empty(c_band.shape) if need_dc else q.new_empty(0),
-            r.new_empty(r.shape) if (need_dr and r is not None) else q.new_empty(0))
+            r.new_empty(r.shape) if (need_dr and r is not None) else q.new_empty(0),
+            init.new_empty(init.shape) if init is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, c_band, r, starts, fft_dtype, near, cpu_threads = inputs
+    q, k, v, c_band, r, starts, init, fft_dtype, near, cpu_threads = inputs
     out, den = output
-    ctx.save_for_backward(q, k, v, c_band, r, starts, out, den)
+    ctx.save_for_backward(q, k, v, c_band, r, starts, init, out, den)
     ctx.settings = (fft_dtype, near, cpu_threads)
     ctx.mark_non_differentiable(den)
 
 
 def _backward(ctx, grad_out, _grad_den):
-    q, k, v, c_band, r, starts, out, den = ctx.saved_tensors
+    q, k, v, c_band, r, starts, init, out, den = ctx.saved_tensors
     need_dc, need_dr = ctx.needs_input_grad[3], r is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dc, dr = torch.ops.lm.kernelized_mix_backward(q, k, v, c_band, r, starts, out, den, grad_out,
-                                                              *ctx.settings, need_dc, need_dr)
-    return dq, dk, dv, dc if need_dc else None, dr if need_dr else None, None, None, None, None
+    dq, dk, dv, dc, dr, dinit = torch.ops.lm.kernelized_mix_backward(q, k, v, c_band, r, starts, init, out, den,
+                                                                     grad_out, *ctx.settings, need_dc, need_dr)
+    return (dq, dk, dv, dc if need_dc else None, dr if need_dr else None, None,
+            dinit if init is not None else None, None, None, None)
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)

@@ -301,6 +301,7 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=self.ds_config, mpu=mpu)
         self.module = self.engine.module
+        self._use_master_tables()
         if info.world_size > 1:  # DeepSpeed broadcasts parameters only; random-feature projections are buffers
             for t in self.module.buffers():
                 broadcast(t.data, src=0)
@@ -345,6 +346,7 @@ class DeepSpeedEngine(Engine):
                 engine.optimizer.skip_next_step()
         scaler = _LossScaleState(engine.optimizer) if spike and not guarded else None
         engine.step()
+        self._use_master_tables()
         if scaler is not None:
             scaler.restore()  # a forced skip is not an fp16 overflow: the loss scale stays as it was
             grad_norm = math.nan  # unknown: the gradients were made non-finite on purpose
@@ -357,6 +359,16 @@ class DeepSpeedEngine(Engine):
         return StepStats(loss_sum / global_tokens, grad_norm, lr, skipped,
                          bad_step(math.nan if loss_bad else loss_sum / global_tokens, loss_limit,
                                   gradients_finite=not unasked), raised)
+
+    def _use_master_tables(self) -> None:
+        """Half precision: the RPE tables the model uses are the optimizer's float32 master values (collective: one
+        small all-reduce per table under ZeRO; see ``lm.model.rpe``)."""
+        if self.cfg.compute.precision not in ("bf16", "fp16"):
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+        for m in self.module.modules():
+            if hasattr(m, "use_master") and isinstance(getattr(m, "bias", None), nn.Parameter):
+                m.use_master(safe_get_full_fp32_param(m.bias))
 
     def layout(self) -> dict:
         """What DeepSpeed's own optimizer files depend on (not the sequence-parallel degree: DeepSpeed partitions
@@ -392,9 +404,11 @@ class DeepSpeedEngine(Engine):
                                                        load_lr_scheduler_states=False)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            self._use_master_tables()
             return
         weights = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True)
         scatter_master_weights(self.module, weights)
+        self._use_master_tables()
         scatter_moments(self.module, self.engine.optimizer, saved)
         if self.info.is_main:
             print(f"{directory} was written on another layout ({saved['layout']}; now {self.layout()}): weights "

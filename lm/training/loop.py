@@ -21,7 +21,7 @@ import resource
 import socket
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 
@@ -225,14 +225,15 @@ def _diff(a: dict, b: dict, prefix: str) -> list[str]:
     return out
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, clock: Callable[[], float] = time.monotonic) -> int:
     """Train according to ``cfg``; returns the number of the last step trained. Raises :class:`TrainingStopped`
     when the run diverges or ends far above its first loss (the message names the last good checkpoint), and
     :class:`TrainingPreempted` when a signal of ``preemption.signals`` or ``time_limit_minutes`` stopped it
     early, after saving (:mod:`lm.training.preemption`; re-running resumes). Handlers for those signals are
-    installed while it runs; the previous ones come back after."""
+    installed while it runs; the previous ones come back after. ``clock``: what ``time_limit_minutes`` and
+    ``save_every_minutes`` read (seconds; tests give a clock they control)."""
     with StopSignals(cfg.preemption.signals) as signals:
-        stop = StopControl(cfg, signals)  # time_limit_minutes counts from here
+        stop = StopControl(cfg, signals, clock)  # time_limit_minutes counts from here
         info = init_distributed(cfg)
         lock = OwnerLock(Path(cfg.run_dir) / LOCK)
         try:

@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -121,21 +121,22 @@ class StopControl:
 
     Clocks: ``time_limit_minutes`` counts from this object's creation (the start of the command);
     ``save_every_minutes`` from the last :meth:`saved` (or the creation). The limit is near when less than the
-    last step's duration (from one step's reduction to the next: validations and saves included) is left."""
+    last step's duration (from one step's reduction to the next: validations and saves included) is left.
+    ``clock``: seconds from any fixed origin (default ``time.monotonic``; tests give a clock they control)."""
 
-    def __init__(self, cfg: TrainConfig, signals: StopSignals):
-        self.cfg, self.signals = cfg, signals
-        self.start = self.last_save = self.last_flags = time.monotonic()
+    def __init__(self, cfg: TrainConfig, signals: StopSignals, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.signals, self.clock = cfg, signals, clock
+        self.start = self.last_save = self.last_flags = clock()
         self.step_seconds = 0.0
 
     def loop_starts(self) -> None:
         """The training loop begins: step durations count from now."""
-        self.last_flags = time.monotonic()
+        self.last_flags = self.clock()
 
     def flags(self) -> tuple[bool, ...]:
         """This rank's flags for the step's reduction, read when it runs: (save due by the clock, time limit
         near, then one per ``preemption.signals``: received here)."""
-        now = time.monotonic()
+        now = self.clock()
         self.step_seconds, self.last_flags = now - self.last_flags, now
         return self._flags(now, limit=True)
 
@@ -159,14 +160,14 @@ class StopControl:
         """Outside a step: all ranks agree through one small all-reduce (collective: every rank calls it). The
         result keeps what ``before`` (the step's decision) asked for. Before the first step of a command the
         clock never stops it: every command trains at least one step."""
-        mine = self._flags(time.monotonic(), limit=first_step_done)
+        mine = self._flags(self.clock(), limit=first_step_done)
         votes = all_reduce(torch.tensor([float(f) for f in mine], dtype=torch.float64)).tolist()
         agreed = self.decide([v > 0 for v in votes])
         return Decision(before.stop or agreed.stop, before.save or agreed.save)
 
     def saved(self) -> None:
         """A checkpoint was just written: ``save_every_minutes`` counts from now."""
-        self.last_save = time.monotonic()
+        self.last_save = self.clock()
 
 
 def stop_line(reason: str, step: int, checkpoint: Optional[Path], in_bad_streak: bool = False) -> str:
