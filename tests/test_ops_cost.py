@@ -75,3 +75,16 @@ def test_bench_roofline_writes_its_table_and_json(tmp_path):
             fa2_cost(x["batch"], x["heads"], x["context"], x["head_dim"]).ms)
     assert all(g["met"] for g in report["goals"]), report["goals"]
     assert "| configs/wikitext103_long.yaml | clipped 129 | 4,096 |" in r.stdout
+
+
+def test_counting_runs_apart_from_the_callers_modes():
+    """auto on a GPU counts on first use, wherever it is called from: under no_grad, inference mode or a dispatch
+    mode of the caller's, which must see none of the count's kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counted_cost.cache_clear()
+    with torch.inference_mode():
+        a = counted_cost("band", Shape(1, 2, 300, 8, 8, 20))
+    counted_cost.cache_clear()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        b = counted_cost("band", Shape(1, 2, 300, 8, 8, 20))
+    assert a == b and a.kernels > 10 and flops.get_total_flops() == 0

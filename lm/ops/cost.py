@@ -23,7 +23,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from lm.ops.fused import FUSED_BLOCK, window_blocks
 
@@ -206,6 +206,13 @@ class CostCounter(TorchDispatchMode):
 def counted_cost(method: str, s: Shape, gpu: GPU = H100_SXM) -> Cost:
     """``method`` (a torch-kernel method) forward + backward on ``meta``, counted by :class:`CostCounter`."""
     from lm.ops.kernelized import kernelized_attention
+    # apart from whatever the caller runs under: no_grad / inference mode, autocast, its own dispatch modes
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+            _disable_current_modes():
+        return _count(kernelized_attention, method, s, gpu)
+
+
+def _count(kernelized_attention, method: str, s: Shape, gpu: GPU) -> Cost:
     with torch.device("meta"):
         q = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
         k = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
