@@ -259,7 +259,8 @@ class TorchEngine(Engine):
 
     def save_state(self, directory):
         if self.info.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict()}, Path(directory) / "optimizer.pt")
+            with open(Path(directory) / "optimizer.pt", "wb") as f:  # ours: a full disk is an OSError with errno
+                torch.save({"optimizer": self.optimizer.state_dict()}, f)
 
     def load_state(self, directory):
         path = Path(directory) / "optimizer.pt"
@@ -367,8 +368,8 @@ class DeepSpeedEngine(Engine):
         except MomentsUnsupported:
             return  # such a checkpoint resumes on its own layout only (load_state says so)
         if self.info.is_main:
-            torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments},
-                       Path(directory) / MOMENTS)
+            with open(Path(directory) / MOMENTS, "wb") as f:
+                torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments}, f)
 
     def load_state(self, directory):
         """DeepSpeed's own state when the checkpoint was written on this layout (same number of ranks, ZeRO stage
