@@ -77,6 +77,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _RecordingWriter:
+    """A binary file whose first OSError is kept (``error``), for :func:`open_for_writing`."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@contextlib.contextmanager
+def open_for_writing(path: str | Path):
+    """``open(path, "wb")`` whose write errors come out as the OSError the OS gave (errno and path), even through a
+    writer that reports them as something else (torch.save's zip writer turns a full disk into ``RuntimeError:
+    unexpected pos``)."""
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            recorder = _RecordingWriter(f)
+            try:
+                yield recorder
+            except Exception as e:
+                if recorder.error is None or recorder.error is e:
+                    raise
+                raise recorder.error from None
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
     atomic_write(path, lambda f: f.write(data))

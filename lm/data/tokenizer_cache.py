@@ -111,10 +111,14 @@ def prepare_tokenizer(cfg: DataConfig, train: SplitSource | DocumentSource, run_
             built = True
         if _try_load(final, key) is None:
             tmp = final.with_name(f".{key}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tok.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            for stale in final.parent.glob(f".{key}.tmp*"):  # left by a killed process (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                tok.save(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a full disk: what was written goes
             fsync_dir(final.parent)
     return tok, built
 

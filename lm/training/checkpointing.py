@@ -23,7 +23,8 @@ from lm.checkpoint import (CHECKPOINTS, DIVERGED, META, META_HASH, WEIGHTS, Chec
                            checkpoint_step, list_checkpoints, load_weights, meta_digest, newest_intact, read_meta)
 from lm.config import TrainConfig, as_dict, to_yaml
 from lm.errors import DiskError, disk_problem
-from lm.fileio import atomic_write, atomic_write_text, free_bytes, fsync_dir, fsync_tree, remove_path, sha256_file
+from lm.fileio import (atomic_write, atomic_write_text, free_bytes, fsync_dir, fsync_tree, open_for_writing, remove_path,
+                       sha256_file)
 from lm.training.distributed import all_reduce, barrier, check_ranks_agree
 from lm.training.engine import Engine
 
@@ -142,7 +143,7 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
     weights = engine.consolidated_state_dict()
     if main and not found:
         with _noting_disk_problems(found, tmp):
-            with open(tmp / WEIGHTS, "wb") as f:  # a file of ours: a full disk is an OSError with its errno
+            with open_for_writing(tmp / WEIGHTS) as f:  # a full disk: an OSError with its errno and path
                 torch.save(weights, f)
             tokenizer.save(tmp / "tokenizer")
             atomic_write_text(tmp / "config.yaml", to_yaml(cfg))

@@ -34,6 +34,7 @@ from torch import nn
 
 from lm.config import ConfigError, TrainConfig
 from lm.device import set_tf32
+from lm.fileio import open_for_writing
 from lm.training.distributed import DistInfo, all_reduce, broadcast
 from lm.training.divergence import bad_step
 from lm.training.optimizer_state import MomentsUnsupported, gather_moments, scatter_master_weights, scatter_moments
@@ -259,7 +260,7 @@ class TorchEngine(Engine):
 
     def save_state(self, directory):
         if self.info.is_main:
-            with open(Path(directory) / "optimizer.pt", "wb") as f:  # ours: a full disk is an OSError with errno
+            with open_for_writing(Path(directory) / "optimizer.pt") as f:  # a full disk: OSError, errno and path
                 torch.save({"optimizer": self.optimizer.state_dict()}, f)
 
     def load_state(self, directory):
@@ -368,7 +369,7 @@ class DeepSpeedEngine(Engine):
         except MomentsUnsupported:
             return  # such a checkpoint resumes on its own layout only (load_state says so)
         if self.info.is_main:
-            with open(Path(directory) / MOMENTS, "wb") as f:
+            with open_for_writing(Path(directory) / MOMENTS) as f:
                 torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments}, f)
 
     def load_state(self, directory):

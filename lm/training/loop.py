@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import resource
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -73,18 +74,37 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
 
 
+DISK_ADVICE = "free space there (or make it writable), then run the same command again: training resumes from its " \
+              "newest checkpoint"
+
+
 class RunLog:
-    """TensorBoard scalars and a progress line, written by rank 0 only."""
+    """TensorBoard scalars and a progress line, written by rank 0 only. A disk that refuses TensorBoard's events
+    (written by a thread of TensorBoard's, which re-raises the error at the next scalar) is one line naming the
+    folder: while the log is open, that thread's own traceback of it is not printed."""
 
     def __init__(self, run_dir: Path, info: DistInfo, cfg: TrainConfig, start_step: int):
         self.enabled = info.is_main
         self.cfg, self.device = cfg, info.device
         self.writer = None
+        self.folder = run_dir / "tensorboard"
+        self.previous_hook = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.previous_hook = threading.excepthook
+            threading.excepthook = self._thread_exception
+            with self._writing():
+                self.writer = SummaryWriter(str(self.folder), purge_step=start_step + 1)
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
         self.skipped = 0
+
+    def _thread_exception(self, args) -> None:
+        if disk_problem(args.exc_value) and type(args.thread).__module__.startswith("tensorboard"):
+            return  # the main thread reports it, in one line
+        self.previous_hook(args)
+
+    def _writing(self):
+        return disk_errors(self.folder, DISK_ADVICE)
 
     def memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -102,10 +122,11 @@ class RunLog:
         tok_s = self.window_tokens / elapsed
         loss = self.window_loss / self.window_steps
         eta = (self.cfg.max_steps - step) * elapsed / self.window_steps
-        for name, value in [("train/loss", loss), ("train/lr", stats.lr), ("train/grad_norm", stats.grad_norm),
-                            ("train/tokens_per_s", tok_s), ("train/skipped_steps", self.skipped),
-                            ("system/memory_gb", self.memory_gb())]:
-            self.writer.add_scalar(name, value, step)
+        with self._writing():
+            for name, value in [("train/loss", loss), ("train/lr", stats.lr), ("train/grad_norm", stats.grad_norm),
+                                ("train/tokens_per_s", tok_s), ("train/skipped_steps", self.skipped),
+                                ("system/memory_gb", self.memory_gb())]:
+                self.writer.add_scalar(name, value, step)
         print(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {stats.lr:.2e} | grad norm "
               f"{stats.grad_norm:.3f} | {tok_s:,.0f} tok/s | ETA {_hms(eta)}", flush=True)
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
@@ -125,20 +146,32 @@ class RunLog:
             tag, label = "word_ppl", "word ppl"
             value = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
             shown = format_perplexity(value, decimals=2)
-        for name, v in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), (f"valid/{tag}", value)]:
-            self.writer.add_scalar(name, v, step)
-        self.writer.flush()
+        with self._writing():
+            for name, v in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), (f"valid/{tag}", value)]:
+                self.writer.add_scalar(name, v, step)
+            self.writer.flush()
         sample = "" if nll.num_tokens == split.num_tokens else f", {label} estimated from this sample"
         print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {format_perplexity(nll.perplexity, decimals=2)} | "
               f"valid {label} {shown} ({nll.num_tokens:,} tokens{sample})", flush=True)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Close the event file; a disk that refuses the last events is ignored here (flush and the scalars
+        report it), so that it never hides the error that ended the run."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception as e:  # TensorBoard's thread re-raises what it met, whatever its type
+            if not disk_problem(e):
+                raise
+        finally:
+            self.writer = None
+            if self.previous_hook is not None:
+                threading.excepthook, self.previous_hook = self.previous_hook, None
 
 
 def _hms(seconds: float) -> str:
@@ -278,8 +311,7 @@ def train(cfg: TrainConfig) -> int:
         info = init_distributed(cfg)
         lock = OwnerLock(Path(cfg.run_dir) / LOCK)
         try:
-            with disk_errors(cfg.run_dir, "free space there (or make it writable), then run the same command "
-                                          "again: training resumes from its newest checkpoint"):
+            with disk_errors(cfg.run_dir, DISK_ADVICE):
                 return _train(cfg, info, lock, stop)
         except (UserError, TrainingStopped, TrainingPreempted):
             raise
