@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from lm.fileio import atomic_write, atomic_write_text
+
 CASES = ("fft", "fft_far64", "band", "prefix", "dense", "sdpa", "reference", "materialised")
 OP_CASES = ("fft", "fft_far64", "band", "prefix", "dense")
 BIASES = {
@@ -369,8 +371,8 @@ def main(argv=None) -> int:
                             if "flops" in row else "")
                 print(f"{n:>6} {c:<18} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
                       f"  {res['fft_precision'] or '':<7}{roofline}", flush=True)
-    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
-                                                     "bias": BIASES[a.bias], "rows": rows}, indent=1))
+    atomic_write_text(a.out / "results.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                         "bias": BIASES[a.bias], "rows": rows}, indent=1))
     plot(rows, a.out / "plot.png", f"{a.device}, {a.threads} threads, B={a.batch} H={a.heads} D={a.head_dim} "
                                     f"M={a.features}, bias {a.bias}")
     print(f"wrote {a.out / 'results.json'} and {a.out / 'plot.png'}")
@@ -398,7 +400,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         return report_error(e, status=2)
     try:
-        _sample(args, inference, prompt, device)
+        _sample(args, inference, prompt, device, sampling)
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as any Unix filter does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return EXIT_BROKEN_PIPE
@@ -84,7 +84,7 @@ EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: what a shell reports for a filter whose reader closed the pipe."""
 
 
-def _sample(args: argparse.Namespace, inference, prompt: str, device) -> None:
+def _sample(args: argparse.Namespace, inference, prompt: str, device, sampling: Sampling) -> None:
     tok = inference.tokenizer
     prompt_ids = tok.encode(prompt)
     print(f"checkpoint {inference.path} (step {inference.step}, {inference.cfg.model.attention.kind}) on {device}; "
