@@ -8,8 +8,9 @@ autograd keeps for one micro-batch, per token (float32 values)::
     layers x (6 d_model + 3 d_ff + 2 heads x seq_len)            softmax attention (the n x n scores)
     + 4 vocab + 10 d_model                                       embeddings, logits and their gradients
 
-(measured peaks of forward + backward on the CPU are 1.1-1.2x this; with ``compute.activation_checkpointing`` a
-layer keeps only its input, d_model values, and one layer is recomputed at a time). A run is refused only when
+(coefficients read off the measured peak memory of forward + backward on the CPU for a few shapes, then taken
+times :data:`MARGIN` so that the bound stays below every measured peak; with ``compute.activation_checkpointing``
+a layer keeps only its input, d_model values, and one layer is recomputed at a time). A run is refused only when
 this lower bound exceeds the device's whole memory, so a run that could fit is never refused.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from lm.config import ConfigError, TrainConfig
 
 GB = 2 ** 30
+MARGIN = 0.85
+"""The activation estimate is taken times this: a bound below the measured peaks, never above."""
 
 
 def parameter_count(cfg: TrainConfig) -> int:
@@ -52,7 +55,7 @@ def step_bytes(cfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
     param_bytes = params * (8 + (8 // world_size if zero else 8))
     width = 2 if cfg.compute.precision in ("bf16", "fp16") else 4
     tokens = cfg.micro_batch_size * cfg.data.seq_len
-    return param_bytes, tokens * activation_floats_per_token(cfg) * width
+    return param_bytes, int(MARGIN * tokens * activation_floats_per_token(cfg) * width)
 
 
 def device_memory(device: torch.device) -> Optional[int]:
