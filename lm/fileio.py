@@ -117,7 +117,7 @@ def open_for_writing(path: str | Path):
                     raise
                 raise recorder.error from None
     except OSError as e:
-        if e.filename is None:
+        if e.filename is None and e.errno is not None:  # the OS's own error: name the file
             e.filename = str(path)
         raise
 

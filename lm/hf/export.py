@@ -257,10 +257,12 @@ def _write_marker(directory: Path, inference: Inference, dtype: str) -> None:
 
 
 def _disk_error(error: Exception, tmp: Path, out_dir: Path) -> DiskError | None:
-    """The one-line error for a disk that refused the export (safetensors reports a full disk without an errno:
-    then the free space says it), else None."""
+    """The one-line error for a disk that refused the export, else None (safetensors reports a full disk as its own
+    error with the OS's words, "No space left on device (os error 28)": then the free space confirms it)."""
+    if isinstance(error, UserError):
+        return None
     problem = disk_problem(error)
-    if problem is None:
+    if problem is None and (isinstance(error, (OSError, RuntimeError)) or "os error" in str(error)):
         free = free_bytes(tmp)
         problem = "no space left on the device" if free is not None and free < (16 << 20) else None
     if problem is None:

@@ -23,8 +23,8 @@ from lm.checkpoint import (CHECKPOINTS, DIVERGED, META, META_HASH, WEIGHTS, Chec
                            checkpoint_step, list_checkpoints, load_weights, meta_digest, newest_intact, read_meta)
 from lm.config import TrainConfig, as_dict, to_yaml
 from lm.errors import DiskError, disk_problem
-from lm.fileio import (atomic_write, atomic_write_text, free_bytes, fsync_dir, fsync_tree, open_for_writing, remove_path,
-                       sha256_file)
+from lm.fileio import (atomic_write, atomic_write_text, free_bytes, fsync_dir, fsync_tree, open_for_writing,
+                       remove_path, sha256_file)
 from lm.training.distributed import all_reduce, barrier, check_ranks_agree
 from lm.training.engine import Engine
 

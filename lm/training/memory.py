@@ -116,4 +116,5 @@ def out_of_memory(cfg: TrainConfig, device: torch.device, error: BaseException, 
     """The one-line error for an allocation that failed while building or training the model."""
     param_bytes, activation_bytes = step_bytes(cfg, world_size)
     first = (str(error).splitlines() or [type(error).__name__])[0]
-    return ConfigError(f"out of memory on {device} ({first[:160]}): {_what_to_lower(cfg, param_bytes, activation_bytes)}")
+    advice = _what_to_lower(cfg, param_bytes, activation_bytes)
+    return ConfigError(f"out of memory on {device} ({first[:160]}): {advice}")
