@@ -136,4 +136,8 @@ def install_in_run_dir(tok: Tokenizer, run_dir: Path) -> None:
                             f"{tok.hash[:12]}: a run cannot change tokenizer; use a new run_dir or restore the "
                             f"data.* settings the run was started with")
         return
+    foreign = sorted(n for n in os.listdir(dst) if not n.startswith(".")) if dst.is_dir() else []  # ".": our temps
+    if foreign:
+        raise DataError(f"{dst} holds files that are not a tokenizer of this tool ({', '.join(foreign[:3])}); move "
+                        f"them out or use another run_dir (nothing was overwritten)")
     tok.save(dst)

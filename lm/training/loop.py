@@ -92,9 +92,13 @@ class RunLog:
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.previous_hook = threading.excepthook
-            threading.excepthook = self._thread_exception
-            with self._writing():
-                self.writer = SummaryWriter(str(self.folder), purge_step=start_step + 1)
+            threading.excepthook = self._thread_exception  # restored by close()
+            try:
+                with self._writing():
+                    self.writer = SummaryWriter(str(self.folder), purge_step=start_step + 1)
+            except BaseException:
+                self.close()
+                raise
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
         self.skipped = 0
 
