@@ -7,22 +7,26 @@ Layout of a run directory::
     RUN/checkpoints/step_00001000/
         model.pt        consolidated fp32 weights (state_dict), what tools load
         meta.json       step, tokenizer hash, engine kind, counters, and the size and sha256 of every other
-                        file (written last)
+                        file (written last but one)
+        meta.json.sha256  meta.json's own sha256 (written last)
         config.yaml     the resolved config the run trained with
         tokenizer/      the tokenizer, so a checkpoint directory is self-contained
         optimizer.pt    (plain-torch engine) or deepspeed/ (DeepSpeed engine): state for exact resume
         adam_moments.pt (DeepSpeed engine) Adam moments by parameter name: resume on another number of ranks
 
 A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete; names
-starting with ``.`` are never read. A checkpoint is **intact** when its meta.json reads and every file it needs
-lists has the recorded size and sha256 (torch.load does not notice a changed byte in tensor data); checkpoints
-written before meta.json listed files count as intact when their ``.pt`` files are complete zip archives. Tools
+starting with ``.`` are never read. A checkpoint is **intact** when its meta.json matches its own recorded sha256,
+its step agrees with the directory's name, and every file it needs lists has the recorded size and sha256
+(torch.load does not notice a changed byte in tensor data); checkpoints written before meta.json had a hash of its
+own are checked without it, and those written before meta.json listed files count as intact when their ``.pt``
+files are complete zip archives. Tools
 given a run directory use the newest intact checkpoint and warn about each newer damaged one; a damaged
 checkpoint named explicitly is an error. ``step_N.diverged`` holds the weights a diverged run stopped at; it is
 never picked from a run directory, but can be named explicitly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -38,6 +42,8 @@ from lm.fileio import sha256_file
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
+META_HASH = "meta.json.sha256"
+"""meta.json's own sha256 (hex), beside it: what covers the metadata that covers every other file."""
 WEIGHTS = "model.pt"
 DIVERGED = ".diverged"
 _NAME = re.compile(r"step_(\d+)")
@@ -57,6 +63,17 @@ def checkpoint_step(path: str | Path) -> Optional[int]:
     """The step of a checkpoint directory named ``step_N``, else None."""
     m = _NAME.fullmatch(Path(path).name)
     return int(m.group(1)) if m else None
+
+
+def named_step(path: str | Path) -> Optional[int]:
+    """The step a checkpoint directory's name gives: ``step_N``, ``step_N.diverged`` (``.1``, ...), else None."""
+    m = re.match(r"step_(\d+)(?:$|\.)", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def meta_digest(text: bytes) -> str:
+    """What :data:`META_HASH` holds for meta.json's bytes ``text``."""
+    return hashlib.sha256(text).hexdigest()
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -94,16 +111,30 @@ def damage(checkpoint: str | Path, purpose: str = "inference", verify_hashes: bo
     truncated one is not).
     """
     checkpoint = Path(checkpoint)
+    try:
+        return _damage(checkpoint, purpose, verify_hashes)
+    except OSError as e:  # e.g. a file deleted while it was read: the checkpoint is not usable as it is
+        return f"{Path(e.filename).name if e.filename else 'a file'} is unreadable ({e.strerror})"
+
+
+def _damage(checkpoint: Path, purpose: str, verify_hashes: bool) -> Optional[str]:
     if not (checkpoint / META).is_file():
         return f"it has no {META} (an incomplete copy, or a save or deletion that was interrupted)"
+    raw = (checkpoint / META).read_bytes()
     try:
-        meta = json.loads((checkpoint / META).read_text())
+        meta = json.loads(raw)
     except ValueError as e:
         return f"{META} is not valid JSON ({str(e).splitlines()[0]})"
-    except OSError as e:
-        return f"{META} is unreadable ({e.strerror})"
     if not isinstance(meta, dict) or not {"step", "tokenizer_hash", "engine", "config"} <= set(meta):
         return f"{META} lacks the step, tokenizer hash, engine or config"
+    if meta.get("meta_sha256") or (checkpoint / META_HASH).exists():  # written since meta.json has a hash
+        if not (checkpoint / META_HASH).is_file():
+            return f"{META_HASH} is missing (it holds the sha256 of {META})"
+        if (checkpoint / META_HASH).read_text().strip() != meta_digest(raw):
+            return f"{META} does not match the sha256 recorded in {META_HASH} (its bytes changed)"
+    step = named_step(checkpoint)
+    if step is not None and meta["step"] != step:
+        return f"{META} says step {meta['step']!r} but the directory is named {checkpoint.name}"
     training = purpose == "training"
     files = meta.get("files")
     if isinstance(files, dict):
@@ -141,6 +172,8 @@ def newest_intact(run_dir: str | Path, purpose: str = "inference", warn: bool = 
         problem = damage(candidate, purpose)
         if problem is None:
             return candidate
+        if not candidate.exists():  # pruned by its trainer while it was read: not damage, just gone
+            continue
         if warn:
             _warn(f"skipping checkpoint {candidate}: {problem}; trying an older one")
     return None

@@ -34,6 +34,15 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"{name}={value!r} must be > 0")
 
 
+SEED_LIMIT = 2 ** 63
+"""Seeds are integers in [0, SEED_LIMIT): what torch, numpy and the per-step seeds (lm.training.loop) all take."""
+
+
+def _seed(name: str, value) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{name}={value} must be an integer in [0, 2**63 - 1], e.g. {name}=1234")
+
+
 def _in_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
               hint: str = "") -> None:
     """``value`` is a finite number in the interval from ``low`` to ``high`` (open at the ends asked for)."""
@@ -179,6 +188,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for k in ("train_tokens", "num_keys", "num_values", "num_pairs"):
             _positive(f"data.synthetic.{k}", getattr(self, k))
+        _seed("data.synthetic.seed", self.seed)
         if self.num_pairs > self.num_keys:
             raise ConfigError(f"data.synthetic.num_pairs={self.num_pairs} must be <= "
                               f"data.synthetic.num_keys={self.num_keys}")
@@ -454,6 +464,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for k in ("batch_size", "micro_batch_size", "max_steps", "log_every", "save_every", "keep_checkpoints"):
             _positive(k, getattr(self, k))
+        _seed("seed", self.seed)
         for k in ("save_every_minutes", "time_limit_minutes"):
             _in_range(k, getattr(self, k), 0.0, math.inf, high_open=True, hint=" (0 = off)")
         sp = self.deepspeed.sequence_parallel_size
@@ -593,8 +604,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     merged = OmegaConf.structured(TrainConfig)
     for f in files:
         path = Path(f)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        _check_config_file(path)
         loaded = _load_yaml_mapping(path)
         try:
             _refuse_moved(_dotted_keys(OmegaConf.to_container(loaded)), where=f"{path}: ")
@@ -603,6 +613,14 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             key = getattr(e, "full_key", None)
             raise ConfigError(f"{path}: bad config key {key!r}: {str(e).splitlines()[0]}") from None
     return _finish(merged, overrides)
+
+
+def _check_config_file(path: Path) -> None:
+    if path.is_dir():
+        example = path / "config.yaml" if (path / "config.yaml").is_file() else "configs/smoke.yaml"
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file, e.g. {str(example)!r}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
 
 
 def _load_yaml_mapping(path: Path) -> DictConfig:
@@ -639,8 +657,7 @@ def load_stored_config(path: str | Path, overrides: Sequence[str] = ()) -> Train
     """The ``config.yaml`` a run or checkpoint directory holds (written by this or an older version), validated,
     plus ``key=value`` overrides. (A YAML file given as a training config goes through :func:`load_config`.)"""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    _check_config_file(path)
     return config_from_dict(OmegaConf.to_container(_load_yaml_mapping(path)), overrides)
 
 

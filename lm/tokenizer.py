@@ -9,9 +9,11 @@ How exactness is obtained:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import signal
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -193,8 +195,30 @@ class Tokenizer:
 _worker_tokenizer: Tokenizer | None = None
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold SIGINT pending in this thread while worker processes are spawned in the block (it is delivered at the
+    end of the block, nothing is lost). The workers inherit the mask, so a Ctrl-C, which reaches every process of
+    the terminal's group, cannot stop them while they start; :func:`ignore_interrupts` then makes them deaf to it.
+    The parent alone decides what Ctrl-C means (it stops the pool), and no worker prints a traceback of its own."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if signal.SIGINT not in held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def ignore_interrupts() -> None:
+    """In a worker process spawned under :func:`interrupts_held`: ignore SIGINT from now on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def init_worker(model_proto: bytes) -> None:
+    """Load the tokenizer in a worker process (which ignores SIGINT: :func:`interrupts_held`)."""
     global _worker_tokenizer
+    ignore_interrupts()
     _worker_tokenizer = Tokenizer(model_proto)
 
 

@@ -139,6 +139,23 @@ def copy_run(run: Path, where: Path) -> Path:
     return copy
 
 
+def write_meta(checkpoint_dir: Path, meta: dict, older_version: bool = False) -> None:
+    """Rewrite a checkpoint's meta.json as ``meta`` and record its hash beside it, as the trainer does (a test that
+    means to change a checkpoint's metadata, not to damage it); ``older_version``: as a version before meta.json
+    had a hash of its own wrote it (no hash file)."""
+    import json
+
+    from lm.checkpoint import META, META_HASH, meta_digest
+    text = json.dumps(meta).encode()
+    (checkpoint_dir / META).write_bytes(text)
+    if older_version:
+        meta.pop("meta_sha256", None)
+        (checkpoint_dir / META).write_bytes(json.dumps(meta).encode())
+        (checkpoint_dir / META_HASH).unlink(missing_ok=True)
+    else:
+        (checkpoint_dir / META_HASH).write_text(meta_digest(text) + "\n")
+
+
 def launch_env(path_prepend=None, **env) -> dict:
     """The environment of a ``launch.sh`` call from a test: no set-up step (``LM_SKIP_SETUP=1``), this
     interpreter's ``python`` first on PATH, no inherited NGPU / HOSTFILE / MASTER_*; ``env`` on top."""

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch_env
+from conftest import REPO, SAMPLE_DIR, launch_env
 from lm.config import SyntheticConfig
 from lm.data.synthetic import split_text
 from test_tools_cli import load_tool
@@ -28,8 +28,11 @@ def run_check(out, **env) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    """wiki.{train,valid,test}.tokens of a small synthetic corpus, in the layout of the WikiText-103 sample."""
+def wikitext_sample(tmp_path_factory):
+    """The repository's real WikiText-103 sample (:data:`conftest.SAMPLE_DIR`) when present, else
+    wiki.{train,valid,test}.tokens of a small synthetic corpus in its layout."""
+    if SAMPLE_DIR.is_dir():
+        return SAMPLE_DIR
     d = tmp_path_factory.mktemp("corpus")
     for split in ("train", "valid", "test"):
         (d / f"wiki.{split}.tokens").write_text(split_text(SyntheticConfig(train_tokens=20000), split))
@@ -37,9 +40,9 @@ def tiny_corpus(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_runs_every_stage_and_writes_every_section(tmp_path, tiny_corpus):
+def test_cpu_rehearsal_runs_every_stage_and_writes_every_section(tmp_path, wikitext_sample):
     out = tmp_path / "out"
-    r = run_check(out, LM_GPU_CHECK_CPU="1", LM_WIKITEXT_SAMPLE=str(tiny_corpus))
+    r = run_check(out, LM_GPU_CHECK_CPU="1", LM_WIKITEXT_SAMPLE=str(wikitext_sample))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (out / "gpu_report.md").read_text()
     assert r.stdout.rstrip().endswith(text.rstrip())  # the report is printed last

@@ -5,6 +5,7 @@ each row what it gets alone; sampling honours temperature, top-k and top-p; the 
 lm-evaluation-harness's stock `hf` backend agrees with our `lm-kernelized` adapter."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,8 +208,11 @@ def test_export_errors_are_one_line_and_nothing_is_overwritten(exported, tmp_pat
     (target / "keep.txt").write_text("mine")
     assert export_main([str(run), str(target)]) == 2
     assert "not empty" in one_line_error(capsys) and (target / "keep.txt").read_text() == "mine"
-    assert export_main([str(run), str(target), "--force"]) == 0
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    assert export_main([str(run), str(target), "--force"]) == 2  # --force replaces only an earlier export
+    assert "not an export" in one_line_error(capsys) and os.listdir(target) == ["keep.txt"]
+    (target / "keep.txt").unlink()
+    assert export_main([str(run), str(target)]) == 0 and (target / "model.safetensors").is_file()
+    assert export_main([str(run), str(target), "--force"]) == 0 and (target / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary debris left beside it
     capsys.readouterr()
     assert export_main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, copy_run, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, copy_run, smoke_argv, write_meta
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, damage, find_checkpoint
 from lm.inference.loading import load_for_inference
@@ -114,7 +114,7 @@ def test_a_run_ending_far_above_its_first_loss_fails(run, cache_dir, capsys):
     meta_path = ckpt(run, 6) / checkpoint.META
     meta = json.loads(meta_path.read_text())
     meta["counters"]["first_loss"] = 0.5  # as if the run had started far lower than it ends
-    meta_path.write_text(json.dumps(meta))
+    write_meta(meta_path.parent, meta)
     with pytest.raises(TrainingStopped) as stopped:  # what an in-process caller (e.g. a study) sees
         train(load_config([SMOKE_CONFIG], smoke_argv(run, cache_dir, "max_steps=8", "save_every=2")[1:]))
     assert stopped.value.kind == "ended_far_above_start" and stopped.value.step == 8
@@ -243,7 +243,7 @@ def test_checkpoints_written_before_integrity_records_are_checked_by_their_archi
     for step in (4, 6):
         meta = json.loads((ckpt(run, step) / checkpoint.META).read_text())
         del meta["files"], meta["sha256"]
-        (ckpt(run, step) / checkpoint.META).write_text(json.dumps(meta))
+        write_meta(ckpt(run, step), meta, older_version=True)
     assert damage(ckpt(run, 6), "training") is None
     truncate(ckpt(run, 6) / "model.pt", keep=0.9)
     assert "model.pt is truncated or damaged" in damage(ckpt(run, 6))
@@ -261,7 +261,7 @@ def test_deepspeed_state_is_part_of_what_a_resume_checks(run):
     meta["engine"] = "deepspeed"
     meta["files"] = {k: v for k, v in meta["files"].items() if k != "optimizer.pt"}
     meta["files"]["deepspeed/mp_rank_00_model_states.pt"] = 1000
-    (c / checkpoint.META).write_text(json.dumps(meta))
+    write_meta(c, meta)
     assert damage(c, "training") is None
     truncate(c / "deepspeed" / "mp_rank_00_model_states.pt")
     assert damage(c, "training") == "deepspeed/mp_rank_00_model_states.pt is 500 bytes but 1,000 were written"
@@ -303,7 +303,7 @@ def test_resuming_with_weights_of_another_shape_is_a_one_line_error(run, cache_d
     meta = json.loads((c / checkpoint.META).read_text())
     meta["files"]["model.pt"] = (c / "model.pt").stat().st_size
     meta["sha256"]["model.pt"] = sha256_file(c / "model.pt")
-    (c / checkpoint.META).write_text(json.dumps(meta))
+    write_meta(c, meta)
     assert main(smoke_argv(run, cache_dir, "max_steps=8")) == 1
     err = capsys.readouterr().err
     assert f"weights of another shape than the model: {name}" in err and "Traceback" not in err
@@ -313,7 +313,7 @@ def test_a_damaged_checkpoint_tokenizer_is_not_advised_to_be_rebuilt(run):
     c = ckpt(run, 6)
     meta = json.loads((c / checkpoint.META).read_text())
     del meta["files"], meta["sha256"]  # written before checkpoints listed their files: only loading finds out
-    (c / checkpoint.META).write_text(json.dumps(meta))
+    write_meta(c, meta, older_version=True)
     (c / "tokenizer" / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(CheckpointError) as e:
         load_for_inference(c)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, scalars, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, scalars, smoke_argv, write_meta
 from lm import checkpoint
 from lm.cli.train import EXIT_DIVERGED, main
 from lm.config import load_config
@@ -126,7 +126,7 @@ def test_resuming_with_another_tokenizer_is_an_error(tmp_path, cache_dir, capsys
     meta_path = checkpoint.find_checkpoint(run) / checkpoint.META
     meta = json.loads(meta_path.read_text())
     meta["tokenizer_hash"] = "0" * 64  # as if trained with another tokenizer
-    meta_path.write_text(json.dumps(meta))
+    write_meta(meta_path.parent, meta)
     assert main(smoke_argv(run, cache_dir, "max_steps=4")) == 1
     assert "another tokenizer" in capsys.readouterr().err
 
@@ -149,6 +149,6 @@ def test_resuming_with_the_other_engine_is_a_clear_error(tmp_path, cache_dir, ca
     meta_path = checkpoint.find_checkpoint(run) / checkpoint.META
     meta = json.loads(meta_path.read_text())
     meta["engine"] = "deepspeed"  # as if written by launch.sh
-    meta_path.write_text(json.dumps(meta))
+    write_meta(meta_path.parent, meta)
     assert main(smoke_argv(run, cache_dir, "max_steps=4")) == 1
     assert "launch.sh" in capsys.readouterr().err

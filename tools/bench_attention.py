@@ -400,8 +400,9 @@ def main(argv=None) -> int:
                     roofline += f" {row['predicted_ms']:>8.4g} {row['measured_over_predicted']:>9.3g}"
                 print(f"{n:>6} {c:<18} {res['time_s']:>9.3f} {ratio:>7} {res['peak_mem_bytes'] / 2**20:>9.0f}"
                       f"  {res['fft_precision'] or '':<7}{roofline}", flush=True)
-    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
-                                                     "bias": BIASES[a.bias], "rows": rows}, indent=1))
+    from lm.fileio import atomic_write_text  # here, not at the top: workers may import an older checkout's lm
+    atomic_write_text(a.out / "results.json", json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                         "bias": BIASES[a.bias], "rows": rows}, indent=1))
     plot(rows, a.out / "plot.png", f"{a.device}, {a.threads} threads, B={a.batch} H={a.heads} D={a.head_dim} "
                                     f"M={a.features}, bias {a.bias}")
     print(f"wrote {a.out / 'results.json'} and {a.out / 'plot.png'}")
@@ -429,7 +430,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from lm.fileio import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

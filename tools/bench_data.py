@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from lm.fileio import atomic_write_text
+
 PHASES = {
     "tokenizer": "from lm.data.corpus import resolve_sources\n"
                  "from lm.data.tokenizer_cache import prepare_tokenizer\n"
@@ -122,7 +124,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['phase']} | {r['seconds']:.0f} | {size_mb / r['seconds']:.1f} | {r['peak_rss_mb']:,.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"corpus_mb": size_mb, "token_mb": token_mb, "args": vars(args) | {
+        atomic_write_text(args.json, json.dumps({"corpus_mb": size_mb, "token_mb": token_mb, "args": vars(args) | {
             "dir": str(args.dir), "json": str(args.json)}, "phases": rows}, indent=2))
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lm.fileio import atomic_write_text
 from lm.ops import kernelized_attention
 from lm.ops.precision import FP32_MAX_RISK, far_field_risk, fp32_max_lengths
 from lm.ops.reference import BIAS_FAMILIES, bias_family, kernelized_attention_reference_rows
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
             rows_out.append(dict(n=n, family=family, span=span, risk=risk, policy=policy, err_fp32=err["fp32"],
                                  err_fp64=err["fp64"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"fp32_max_risk": FP32_MAX_RISK, "rows": rows_out}, indent=1))
+    atomic_write_text(args.json, json.dumps({"fp32_max_risk": FP32_MAX_RISK, "rows": rows_out}, indent=1))
     print(f"wrote {args.json}")
     return 0
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from lm.config import AttentionConfig, ModelConfig
+from lm.fileio import atomic_write_text
 from lm.inference.decoding import DecodeCache, SoftmaxLayerCache, decode_step, prefill
 from lm.model import Transformer
 
@@ -271,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"RSS {mib(r['rss_bytes'])} MiB", file=sys.stderr, flush=True)
     print(format_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"contexts": contexts, "rounds": args.rounds, "block": args.block,
-                                     "size": SIZE, "clip": CLIP, "vocab_size": args.vocab_size,
-                                     "device": args.device, "results": rows}, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps({"contexts": contexts, "rounds": args.rounds, "block": args.block,
+                                             "size": SIZE, "clip": CLIP, "vocab_size": args.vocab_size,
+                                             "device": args.device, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

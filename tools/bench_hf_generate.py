@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench_generate import rss_bytes  # tools/ is this script's folder: the same memory reading as bench_generate
+from lm.fileio import atomic_write_text
 
 MODELS = ("clipped", "general", "softmax")
 SIZE = dict(n_layers=2, d_model=128, n_heads=4, d_ff=512)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} @ {context}: cache {mib(rows[-1]['cache_bytes'])} MiB", file=sys.stderr, flush=True)
     print(format_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"size": SIZE, "clip": CLIP, "results": rows}, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps({"size": SIZE, "clip": CLIP, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from lm.fileio import atomic_write_text
+
 STAGES = ("machine", "tests", "attention", "train", "wikitext", "generate")
 TITLES = {
     "machine": "Machine and ceilings",
@@ -149,7 +151,7 @@ def machine(out: Path, device: str) -> dict:
         info["cpu"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "name": platform.processor()}
     info["ceilings"] = ceilings(device)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+    atomic_write_text(out / "machine.json", json.dumps(info, indent=1) + "\n")
     print(json.dumps(info, indent=1))
     return info
 
@@ -478,8 +480,8 @@ def report(out: Path, mode: str) -> int:
     for s in failed:
         md += [f"### {s['stage']}: {s['status']}", "", s["reason"], "", "```", *s["tail"], "```", ""]
     text = "\n".join(md).rstrip() + "\n"
-    (out / "gpu_report.md").write_text(text)
-    (out / "gpu_report.json").write_text(json.dumps({"mode": mode, **sections}, indent=1, default=str) + "\n")
+    atomic_write_text(out / "gpu_report.md", text)
+    atomic_write_text(out / "gpu_report.json", json.dumps({"mode": mode, **sections}, indent=1, default=str) + "\n")
     print(text)
     return 1 if failed else 0
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lm.config import load_config
+from lm.fileio import atomic_write_text
 from lm.training.engine import DistInfo, TorchEngine
 from lm.model import Transformer
 
@@ -189,8 +190,8 @@ def main(argv=None) -> int:
               + (f" {r['mfu']:>6.1%}" if args.peak_tflops else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "threads": threads, "args": vars(args), "results": results}, f, indent=1)
+        atomic_write_text(args.json, json.dumps({"device": str(device), "threads": threads, "args": vars(args),
+                                                 "results": results}, indent=1))
     return 0
 
 

@@ -88,8 +88,8 @@ else
     --features 8 --vocab 64 --steps 1 --repeats 1"
   export WIKITEXT_ARGS="max_steps=20 log_every=5 save_every=20 optim.warmup_steps=2 optim.lr=3e-3 batch_size=8
     micro_batch_size=8 data.seq_len=64 model.n_layers=1 model.d_model=32 model.n_heads=2 model.d_ff=64
-    model.attention.num_features=8 model.attention.rpe_max_distance=64 data.tokenizer.vocab_size=300
-    data.tokenizer.train_max_bytes=200000 data.num_proc=1"
+    model.attention.num_features=8 model.attention.rpe_max_distance=64 data.tokenizer.vocab_size=1024
+    data.tokenizer.character_coverage=0.9995 data.tokenizer.train_max_bytes=200000 data.num_proc=1"
   export EVAL_ARGS="--batch-size 16" GENERATE_TOKENS=16
   export GENERATE_ARGS="--device cpu --contexts 128,256 --rounds 2 --block 2 --softmax-max-prefill 64
     --vocab-size 512"

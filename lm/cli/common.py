@@ -4,14 +4,15 @@ traceback), how ``--device`` is resolved, and where a checkpoint's reports go.""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from lm.device import resolve_device
-from lm.errors import UserError
+from lm.errors import UserError, disk_problem
 
 __all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
-           "resolve_device", "eval_dir"]
+           "resolve_device", "eval_dir", "reports_disk_errors"]
 
 
 def command_parser(doc: str) -> argparse.ArgumentParser:
@@ -40,6 +41,25 @@ def report_error(error: BaseException, status: int) -> int:
     """Print ``error: <message>`` to stderr; return ``status`` (the process exit status)."""
     print(f"error: {error}", file=sys.stderr, flush=True)
     return status
+
+
+def reports_disk_errors(status: int):
+    """Decorator of a command's ``main``: a disk that refuses a write the command makes (full, read-only, ...) is
+    one ``error: <problem>: <path>; ...`` line and ``status``, not a traceback. (Files are written atomically,
+    :mod:`lm.fileio`: what was there before is unchanged.)"""
+    def decorate(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except OSError as e:
+                problem = disk_problem(e)
+                if problem is None or isinstance(e, UserError):
+                    raise
+                return report_error(f"{problem}: {e.filename or 'a file this command writes'}; free space there (or "
+                                    f"make it writable) and run again (what was there before is unchanged)", status)
+        return run
+    return decorate
 
 
 def eval_dir(checkpoint: Path) -> Path:

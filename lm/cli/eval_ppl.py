@@ -40,6 +40,8 @@ from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
 from lm.device import set_tf32
+from lm.errors import disk_errors
+from lm.fileio import atomic_write, atomic_write_text
 from lm.eval.perplexity import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
 from lm.eval.plots import plot_position_loss
 from lm.eval.position import PositionLoss, loss_by_position
@@ -183,7 +185,7 @@ def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -256,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    args.per_document)
         check_writable(json_path, "--json")
         split = tokenize_split(cfg.data, tokenizer, args.split)
+        if max(contexts) > split.num_tokens:
+            raise CommandError(f"context {max(contexts):,} is longer than the {args.split} split ({split.num_tokens:,} "
+                               f"tokens): one window would hold it all, so the figure would be that of context "
+                               f"{split.num_tokens:,}; give contexts <= {split.num_tokens:,}")
         if args.per_document and not split.num_documents:
             raise CommandError(f"--per-document needs a documents corpus; the {args.split} split of this run's "
                                f"corpus is a text of lines (WikiText): drop --per-document")
@@ -271,15 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, status=2)
 
     print(format_table(rows))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
               "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "device": device,
               "results": [dataclasses.asdict(r) for r in rows]}
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {json_path}", file=sys.stderr)
-    if len(rows) > 1:
-        plot_path = args.plot or json_path.with_suffix(".png")
-        plot_curve(rows, cfg.data.seq_len, f"{cfg.model.attention.kind}, {args.split}, step {inference.step}",
-                   plot_path)
-        print(f"wrote {plot_path}", file=sys.stderr)
+    try:  # each report whole or not at all: a full disk leaves an earlier one as it was
+        with disk_errors(json_path, "the figures are printed above; free space there (or give --json on another "
+                                    "disk) and run again (an earlier report there is unchanged)"):
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+            print(f"wrote {json_path}", file=sys.stderr)
+            if len(rows) > 1:
+                plot_path = args.plot or json_path.with_suffix(".png")
+                plot_curve(rows, cfg.data.seq_len, f"{cfg.model.attention.kind}, {args.split}, step "
+                           f"{inference.step}", plot_path)
+                print(f"wrote {plot_path}", file=sys.stderr)
+    except USER_ERRORS as e:
+        return report_error(e, status=2)
     return 0

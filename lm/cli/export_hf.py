@@ -7,9 +7,9 @@ tokenizer's ids, BOS first), the two small Python files that ``trust_remote_code
 ``lm`` package, which must be installed where the model is loaded) and a model card. Load it with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained``;
 after ``import lm.hf`` no remote code is needed. Given a run directory it exports the newest intact checkpoint. The
-export is checked before it is put in place (the written model's logits equal the checkpoint's); an existing
-non-empty OUT_DIR is refused unless --force, and then replaced only once the new export is complete. Needs the
-optional extra: pip install -e '.[hf]'.
+export is checked before it is put in place (the written model's logits equal the checkpoint's). --force replaces
+only an earlier export (recognised by its lm_export.json), once the new one is complete; a run directory, a folder
+holding runs or anything else is never replaced. Needs the optional extra: pip install -e '.[hf]'.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", help="the Hugging Face model directory to write")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.attention.method=fft")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR (and nothing else)")
     args = p.parse_intermixed_args(argv)
     try:
         from lm.hf.export import export_checkpoint  # needs the optional extra: the error says how to install it

@@ -15,6 +15,7 @@ stdout (streamed with --stream); statistics (tokens/s) go to stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         set_tf32(inference.cfg.compute.tf32, device)
     except USER_ERRORS as e:
         return report_error(e, status=2)
+    try:
+        _sample(args, inference, prompt, device, sampling)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as any Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_BROKEN_PIPE
+    return 0
+
+
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a filter whose reader closed the pipe."""
+
+
+def _sample(args: argparse.Namespace, inference, prompt: str, device, sampling: Sampling) -> None:
     tok = inference.tokenizer
     prompt_ids = tok.encode(prompt)
     print(f"checkpoint {inference.path} (step {inference.step}, {inference.cfg.model.attention.kind}) on {device}; "
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write("\n")
         out.flush()
         stop = "end of sequence" if stats.stopped_at_eos else "token budget"
+        decode = (f"decode {stats.decode_tokens_per_second:.1f} tokens/s" if stats.decode_steps else
+                  "no decoding steps")
         print(f"[sample {i + 1}: {stats.new_tokens} new tokens ({stop}); prefill {stats.prompt_tokens + 1} tokens in "
-              f"{stats.prefill_seconds:.3f} s; decode {stats.decode_tokens_per_second:.1f} tokens/s]",
-              file=sys.stderr, flush=True)
-    return 0
+              f"{stats.prefill_seconds:.3f} s; {decode}]", file=sys.stderr, flush=True)

@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir, report_error
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
+                           report_error, reports_disk_errors)
 from lm.device import set_tf32
 from lm.fileio import atomic_write_text
 
@@ -54,6 +55,7 @@ def default_output(checkpoint: Path) -> Path:
     return eval_dir(checkpoint) / f"harness_{checkpoint.name}.json"
 
 
+@reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error
+from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
 from lm.eval.harness_tasks import write_tasks
 
 
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

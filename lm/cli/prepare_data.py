@@ -16,6 +16,10 @@ from lm.config import load_config
 from lm.data import prepare_corpus
 
 
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", help="YAML config file (its data section is used)")
@@ -32,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
     except USER_ERRORS as e:
         return report_error(e, status=2)
+    except KeyboardInterrupt:
+        return report_error("interrupted: what was complete is kept (a half-built cache is never used); run the same "
+                            "command again to go on", status=EXIT_INTERRUPTED)
     tok = corpus.tokenizer
     print(f"tokenizer {tok.hash[:16]} vocab {tok.vocab_size} (built: {', '.join(corpus.built) or 'nothing'}; "
           f"{seconds:.1f} s)")

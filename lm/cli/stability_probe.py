@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error
+from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
 from lm.fileio import atomic_write_text
 from lm.stability.probe import format_probe, probe_run
 
 
+@reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     p = command_parser(__doc__)
     p.add_argument("run_dir", type=Path, help="a run directory whose steps.jsonl has a bad step")

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error
+from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
 from lm.config import load_config
 from lm.fileio import atomic_write_text
 from lm.stability.grid import GRIDS, VARIANTS, build_specs, format_lr, quick, with_choices
@@ -98,6 +98,7 @@ def _previous_invocations(path: Path) -> list[dict]:
         return []
 
 
+@reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

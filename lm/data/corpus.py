@@ -23,6 +23,7 @@ from lm.data.source import SPLITS, DataError, SplitSource
 from lm.data.synthetic import synthetic_source
 from lm.data.token_cache import TokenSplit, prepare_split
 from lm.data.tokenizer_cache import install_in_run_dir, prepare_tokenizer
+from lm.errors import disk_errors
 from lm.tokenizer import Tokenizer
 
 
@@ -77,21 +78,23 @@ def prepare_corpus(cfg: DataConfig, run_dir: str | Path | None = None,
         raise DataError(f"cannot create data.cache_dir={cfg.cache_dir!r} ({e.strerror})") from None
     if not os.access(cache, os.W_OK | os.X_OK):
         raise DataError(f"data.cache_dir={cfg.cache_dir!r} is not writable: point it at a writable directory")
-    sources = resolve_sources(cfg, splits)
-    lines = [s for s in sources.values() if not isinstance(s, DocumentSource)]
-    if cfg.document_mask and lines:
-        raise DataError(f"data.document_mask=true needs a corpus of documents, each ended by an EOS (data.files, or "
-                        f"a hub dataset read as documents); the {lines[0].origin} is one running text without "
-                        f"document ends: set data.document_mask=false")
-    tok, tok_built = prepare_tokenizer(cfg, sources["train"], run_dir)
-    if run_dir is not None:
-        install_in_run_dir(tok, run_dir)
-    prepared: dict[str, TokenSplit] = {}
-    built = ["tokenizer"] if tok_built else []
-    for name in splits:
-        src = sources[name]
-        prepare = prepare_document_split if isinstance(src, DocumentSource) else prepare_split
-        prepared[name], split_built = prepare(cfg, tok, src)
-        if split_built:
-            built.append(name)
+    with disk_errors(cache, f"free space there (or point data.cache_dir at another disk) and run again: what was "
+                            f"complete is kept, and a half-built cache is never used"):
+        sources = resolve_sources(cfg, splits)
+        lines = [s for s in sources.values() if not isinstance(s, DocumentSource)]
+        if cfg.document_mask and lines:
+            raise DataError(f"data.document_mask=true needs a corpus of documents, each ended by an EOS (data.files, "
+                            f"or a hub dataset read as documents); the {lines[0].origin} is one running text without "
+                            f"document ends: set data.document_mask=false")
+        tok, tok_built = prepare_tokenizer(cfg, sources["train"], run_dir)
+        if run_dir is not None:
+            install_in_run_dir(tok, run_dir)
+        prepared: dict[str, TokenSplit] = {}
+        built = ["tokenizer"] if tok_built else []
+        for name in splits:
+            src = sources[name]
+            prepare = prepare_document_split if isinstance(src, DocumentSource) else prepare_split
+            prepared[name], split_built = prepare(cfg, tok, src)
+            if split_built:
+                built.append(name)
     return Corpus(tok, prepared, tuple(built))

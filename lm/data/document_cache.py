@@ -39,7 +39,7 @@ from lm.data.sharded_tokens import ShardedTokens
 from lm.data.source import DataError
 from lm.data.token_cache import CACHE_FORMAT, TokenSplit, dtype_for, worker_count
 from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir
-from lm.tokenizer import Tokenizer
+from lm.tokenizer import Tokenizer, interrupts_held
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def _encoded(work: Iterator[tuple[int, object]], tok: Tokenizer, dtype: str, pro
                                  initargs=(tok.model_proto,)) as pool:
             pending: deque = deque()
             for g, task in work:
-                pending.append((g, task if task is _END else pool.submit(packing.encode_task, task, dtype)))
+                with interrupts_held():  # a worker may be spawned here: deaf to Ctrl-C from its start
+                    pending.append((g, task if task is _END else pool.submit(packing.encode_task, task, dtype)))
                 while len(pending) > 2 * processes:
                     g0, item = pending.popleft()
                     yield g0, item if item is _END else item.result()

@@ -59,6 +59,15 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
+def _lone_surrogate(value) -> str | None:
+    """The first lone UTF-16 surrogate (U+D800..U+DFFF, which JSON's ``\\uXXXX`` escapes can give and UTF-8
+    cannot hold) in a parsed JSON value, else None."""
+    if isinstance(value, str):
+        return next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((c for c in map(_lone_surrogate, items) if c is not None), None)
+
+
 def _first_bad_line(path: Path, kind: str) -> str | None:
     """Why ``path`` cannot be read, found by reading it line by line: its first line that is not UTF-8 (or, for
     JSON lines, not JSON). None when every line is fine."""
@@ -81,6 +90,12 @@ def _first_bad_line(path: Path, kind: str) -> str | None:
                     if not isinstance(row, dict):
                         return (f"line {n} is a JSON {type(row).__name__}, not an object: give JSON lines, one "
                                 f"object per line")
+                    lone = _lone_surrogate(row)
+                    if lone is not None:
+                        escape = f"\\u{ord(lone):04x}"
+                        column = line.lower().find(escape) + 1
+                        return (f"line {n} holds the escape {escape}{f' at column {column}' if column else ''}, half "
+                                f"of a UTF-16 surrogate pair and not a character: fix or drop the line")
     except (OSError, EOFError, ValueError) as e:  # a truncated or corrupt compressed file
         return f"cannot be decompressed ({type(e).__name__}: {e}): check the file"
     return None

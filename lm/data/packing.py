@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lm.data.source import DataError
-from lm.tokenizer import Tokenizer
+from lm.tokenizer import Tokenizer, ignore_interrupts
 
 Segment = tuple[str, bool]
 
@@ -92,7 +92,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 
 def init_worker(model_proto: bytes) -> None:
+    """Load the tokenizer in a worker process (which ignores SIGINT: :func:`lm.tokenizer.interrupts_held`)."""
     global _worker_tokenizer
+    ignore_interrupts()
     _worker_tokenizer = Tokenizer(model_proto)
 
 

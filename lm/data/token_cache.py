@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from lm.config import DataConfig
 from lm.data.sharded_tokens import ShardedTokens
 from lm.data.source import DataError, LineEnds, SplitSource
-from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir, sha256_file
-from lm.tokenizer import Tokenizer, encode_chunk, encode_chunk_with, init_worker
+from lm.fileio import atomic_write_text, exclusive_lock, fsync_dir, open_for_writing, sha256_file
+from lm.tokenizer import Tokenizer, encode_chunk, encode_chunk_with, init_worker, interrupts_held
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,17 @@ def _encoded_chunks(chunks: Iterator[str], tok: Tokenizer, dtype: str, num_proc:
         with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=init_worker,
                                  initargs=(tok.model_proto,)) as pool:
             pending: deque = deque()
-            for c in chunks:
-                pending.append(pool.submit(encode_chunk, c, dtype))
-                if len(pending) >= 2 * num_proc:
+            try:
+                for c in chunks:
+                    with interrupts_held():  # a worker may be spawned here: deaf to Ctrl-C from its start
+                        pending.append(pool.submit(encode_chunk, c, dtype))
+                    if len(pending) >= 2 * num_proc:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            except BaseException:  # e.g. Ctrl-C: the chunks not started yet are dropped, not encoded first
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     except BrokenProcessPool as e:
         raise DataError(f"a tokenizer worker process died ({e}); set data.num_proc=1 to tokenize in this "
                         f"process") from None
@@ -150,7 +155,7 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
     line_ends = LineEnds()
     start = time.perf_counter()
     try:
-        with open(tmp, "wb") as f, tqdm(total=src.num_bytes, unit="B", unit_scale=True, disable=not progress,
+        with open_for_writing(tmp) as f, tqdm(total=src.num_bytes, unit="B", unit_scale=True, disable=not progress,
                                         desc=f"tokenize {src.name}") as bar:
             parallel = src.num_bytes >= PARALLEL_MIN_BYTES
             chunks = map(line_ends.add, src.chunks())

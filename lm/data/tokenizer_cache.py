@@ -111,10 +111,14 @@ def prepare_tokenizer(cfg: DataConfig, train: SplitSource | DocumentSource, run_
             built = True
         if _try_load(final, key) is None:
             tmp = final.with_name(f".{key}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tok.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            for stale in final.parent.glob(f".{key}.tmp*"):  # left by a killed process (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                tok.save(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a full disk: what was written goes
             fsync_dir(final.parent)
     return tok, built
 
@@ -132,4 +136,8 @@ def install_in_run_dir(tok: Tokenizer, run_dir: Path) -> None:
                             f"{tok.hash[:12]}: a run cannot change tokenizer; use a new run_dir or restore the "
                             f"data.* settings the run was started with")
         return
+    foreign = sorted(n for n in os.listdir(dst) if not n.startswith(".")) if dst.is_dir() else []  # ".": our temps
+    if foreign:
+        raise DataError(f"{dst} holds files that are not a tokenizer of this tool ({', '.join(foreign[:3])}); move "
+                        f"them out or use another run_dir (nothing was overwritten)")
     tok.save(dst)

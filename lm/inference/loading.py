@@ -33,8 +33,30 @@ def load_for_inference(path: str | Path, overrides: Sequence[str] = (), device: 
 
     ``overrides`` are ``key=value`` config overrides applied to the stored config (e.g. ``data.path=DIR``, or
     ``model.attention.method=fft``); overrides that change the architecture fail when the weights are loaded.
+    Beside a trainer that prunes old checkpoints, a run directory's checkpoint deleted while it is read is not
+    damage: the newest one is picked again.
     """
-    checkpoint = find_checkpoint(path)
+    for attempt in range(PRUNED_RETRIES):
+        checkpoint = find_checkpoint(path)
+        try:
+            return _load(checkpoint, overrides, device)
+        except CheckpointError:
+            # a run directory's newest checkpoint, pruned by its trainer while it was read (a trainer saving every
+            # few steps keeps only the newest ones): not damage; the next newest is read instead
+            if checkpoint.exists() or attempt == PRUNED_RETRIES - 1:
+                raise
+            if checkpoint == Path(path):
+                raise CheckpointError(f"checkpoint {checkpoint} was deleted while it was read (pruned by its "
+                                      f"trainer?): give the run directory to load its newest checkpoint") from None
+    raise AssertionError("unreachable")
+
+
+PRUNED_RETRIES = 10
+"""How often :func:`load_for_inference` picks a run directory's newest checkpoint again when the one it was
+reading was deleted meanwhile."""
+
+
+def _load(checkpoint: Path, overrides: Sequence[str], device: str | torch.device) -> Inference:
     meta = read_meta(checkpoint)
     cfg = config_from_dict(meta["config"], overrides)
     try:

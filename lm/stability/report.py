@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lm.config import load_config
+from lm.fileio import atomic_write
 from lm.stability.grid import Grid, RunSpec, format_lr
 from lm.stability.verdict import (Outcome, divergence_reasons, nonfinite_steps, stop_cause,
                                   summarize_run)
@@ -258,5 +259,5 @@ def plot_curves(study: Study, path: Path) -> None:
     fig.suptitle(f"{study.grid.name}: training loss per step", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

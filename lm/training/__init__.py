@@ -8,6 +8,7 @@
     divergence.py       which steps are bad, when a run has diverged
     steplog.py          RUN/steps.jsonl, one record per step
     checkpointing.py    saving, pruning and resuming checkpoints (their format is lm.checkpoint)
+    memory.py           whether a training step fits in the device's memory, told before anything is written
     preemption.py       stopping early and saved on a signal or a time limit; saving by the clock; SLURM requeue
 
 Nothing outside training imports this package except the stability study and the command lines: evaluation,

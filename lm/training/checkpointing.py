@@ -4,23 +4,28 @@ The format itself (layout, meta.json, integrity) is :mod:`lm.checkpoint`.
 
 A checkpoint is written under ``checkpoints/.tmp-step_...`` and renamed into place only when complete, so a
 crash while saving leaves the previous checkpoints intact; the debris of a crash (``.tmp-*``, ``.pruned-*``,
-``.old-*``) is cleared by :func:`clean_debris` when the next run starts.
+``.old-*``) is cleared by :func:`clean_debris` when the next run starts, before it writes anything. A save the
+disk refuses (full, read-only) removes its partial files at once and stops the run with a one-line
+:class:`lm.errors.DiskError`. A checkpoint directory may be a symbolic link (e.g. to an archive): pruning it
+unlinks the link, never what it points to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from lm.checkpoint import (CHECKPOINTS, DIVERGED, META, WEIGHTS, CheckpointError, checkpoint_name, checkpoint_step,
-                           list_checkpoints, load_weights, newest_intact, read_meta)
+from lm.checkpoint import (CHECKPOINTS, DIVERGED, META, META_HASH, WEIGHTS, CheckpointError, checkpoint_name,
+                           checkpoint_step, list_checkpoints, load_weights, meta_digest, newest_intact, read_meta)
 from lm.config import TrainConfig, as_dict, to_yaml
-from lm.fileio import atomic_write_text, fsync_dir, fsync_tree, sha256_file
-from lm.training.distributed import barrier, check_ranks_agree
+from lm.errors import DiskError, disk_problem
+from lm.fileio import (atomic_write, atomic_write_text, free_bytes, fsync_dir, fsync_tree, open_for_writing,
+                       remove_path, sha256_file)
+from lm.training.distributed import all_reduce, barrier, check_ranks_agree
 from lm.training.engine import Engine
 
 
@@ -35,14 +40,61 @@ def clean_debris(run_dir: str | Path) -> None:
         if debris.name.startswith(".old-") and not (root / debris.name[len(".old-"):]).exists():
             os.replace(debris, root / debris.name[len(".old-"):])
         elif debris.name.startswith((".tmp-", ".pruned-", ".old-")):
-            shutil.rmtree(debris, ignore_errors=True)
+            with contextlib.suppress(OSError):  # what cannot go now goes at the next start
+                remove_path(debris)
 
 
 def _remove(checkpoint: Path) -> None:
-    """Delete a checkpoint so that a crash midway leaves debris, never a half-deleted ``step_N``."""
+    """Delete a checkpoint so that a crash midway leaves debris, never a half-deleted ``step_N``; a checkpoint
+    that is a symbolic link loses the link only."""
     doomed = checkpoint.with_name(f".pruned-{checkpoint.name}")
+    remove_path(doomed)  # left by an earlier deletion that could not finish
     os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed)
+    remove_path(doomed)
+
+
+DISK_FULL_BYTES = 16 << 20
+"""A write error on a file system with less than this free is taken for a full disk (DeepSpeed's and torch's own
+writers report one as a RuntimeError without an errno)."""
+
+
+def _save_problem(error: BaseException, where: Path) -> Optional[str]:
+    """``<problem>: <path>`` when ``error`` is a disk refusing a write under ``where``, else None."""
+    problem = disk_problem(error)
+    if problem is None and isinstance(error, (OSError, RuntimeError)):
+        free = free_bytes(where)
+        if free is not None and free < DISK_FULL_BYTES:
+            problem = f"no space left on the device ({free:,} bytes free)"
+    if problem is None:
+        return None
+    return f"{problem}: {getattr(error, 'filename', None) or where}"
+
+
+@contextlib.contextmanager
+def _noting_disk_problems(found: list, where: Path):
+    """Record in ``found`` (and swallow) a disk refusing a write inside the block; other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        problem = _save_problem(e, where)
+        if problem is None:
+            raise
+        found.append(problem)
+
+
+def _save_failed(found: list, tmp: Path, step: int, main: bool) -> None:
+    """Every rank learns whether any rank's part of the save met a disk problem; if one did, rank 0 removes the
+    partial checkpoint (freeing its space) and every rank raises :class:`DiskError`. Collective."""
+    failed = all_reduce(torch.tensor([float(bool(found))]), op=torch.distributed.ReduceOp.MAX).item() > 0
+    if not failed:
+        return
+    if main:
+        with contextlib.suppress(OSError):
+            remove_path(tmp)
+    what = found[0] if found else "another rank could not write its part of the checkpoint (its error says why)"
+    raise DiskError(f"{what}; the checkpoint of step {step} was not saved and its partial files were removed "
+                    f"(earlier checkpoints are untouched): free space there, then run the same command again to "
+                    f"resume from the newest checkpoint")
 
 
 def set_aside_diverged(run_dir: str | Path, last_update_step: int) -> tuple[Optional[Path], Optional[Path]]:
@@ -76,32 +128,43 @@ def save_checkpoint(run_dir: str | Path, engine: Engine, step: int, cfg: TrainCo
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
     main = engine.info.is_main
+    found: list[str] = []  # disk problems met by this rank
     if main:
-        if root.is_dir():  # debris of crashes mid-save
-            for debris in root.glob(".tmp-*"):
-                shutil.rmtree(debris, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with _noting_disk_problems(found, root):
+            if root.is_dir():  # debris of crashes mid-save
+                for debris in root.glob(".tmp-*"):
+                    remove_path(debris)
+            tmp.mkdir(parents=True)
+    _save_failed(found, tmp, step, main)
     check_ranks_agree(engine.module)
     barrier()
-    engine.save_state(tmp)
+    with _noting_disk_problems(found, tmp):
+        engine.save_state(tmp)
     weights = engine.consolidated_state_dict()
+    if main and not found:
+        with _noting_disk_problems(found, tmp):
+            with open_for_writing(tmp / WEIGHTS) as f:  # a full disk: an OSError with its errno and path
+                torch.save(weights, f)
+            tokenizer.save(tmp / "tokenizer")
+            atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
+            fsync_tree(tmp)
+            written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+            meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
+                    "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg),
+                    "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
+                    "sha256": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written},
+                    "meta_sha256": META_HASH}
+            text = json.dumps(meta, indent=1).encode()
+            atomic_write(tmp / META, lambda f: f.write(text))
+            atomic_write_text(tmp / META_HASH, meta_digest(text) + "\n")  # last: covers meta.json itself
+    _save_failed(found, tmp, step, main)
     if main:
-        torch.save(weights, tmp / WEIGHTS)
-        tokenizer.save(tmp / "tokenizer")
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        fsync_tree(tmp)
-        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-        meta = {"step": step, "tokenizer_hash": tokenizer.hash, "engine": engine.info.kind,
-                "world_size": engine.info.world_size, "counters": counters, "config": as_dict(cfg),
-                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
-                "sha256": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}}
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (e.g. a resumed run stopping at once): swap atomically
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists() or final.is_symlink():  # the same step saved again (e.g. a resumed run stopping at
+            old = root / f".old-{final.name}"   # once): swap atomically
+            remove_path(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old)
+            remove_path(old)
         else:
             os.replace(tmp, final)
         fsync_dir(root)

@@ -35,6 +35,7 @@ from torch import nn
 from lm.config import ConfigError, TrainConfig
 from lm.data.batches import document_starts
 from lm.device import set_tf32
+from lm.fileio import open_for_writing
 from lm.training.distributed import DistInfo, all_reduce, broadcast
 from lm.training.divergence import bad_step
 from lm.training.optimizer_state import MomentsUnsupported, gather_moments, scatter_master_weights, scatter_moments
@@ -265,7 +266,8 @@ class TorchEngine(Engine):
 
     def save_state(self, directory):
         if self.info.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict()}, Path(directory) / "optimizer.pt")
+            with open_for_writing(Path(directory) / "optimizer.pt") as f:  # a full disk: OSError, errno and path
+                torch.save({"optimizer": self.optimizer.state_dict()}, f)
 
     def load_state(self, directory):
         path = Path(directory) / "optimizer.pt"
@@ -385,8 +387,8 @@ class DeepSpeedEngine(Engine):
         except MomentsUnsupported:
             return  # such a checkpoint resumes on its own layout only (load_state says so)
         if self.info.is_main:
-            torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments},
-                       Path(directory) / MOMENTS)
+            with open_for_writing(Path(directory) / MOMENTS) as f:
+                torch.save({"layout": self.layout(), "sequence_parallel_size": self.info.sp_size, **moments}, f)
 
     def load_state(self, directory):
         """DeepSpeed's own state when the checkpoint was written on this layout (same number of ranks, ZeRO stage

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import resource
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
@@ -30,8 +31,9 @@ from lm.training import checkpointing
 from lm.checkpoint import CheckpointError
 from lm.config import ConfigError, TrainConfig, as_dict, config_from_dict, to_yaml
 from lm.data import global_batch, prepare_corpus, shard
-from lm.errors import UserError
-from lm.fileio import LockHeld, OwnerLock, describe_holder
+from lm.errors import DiskError, UserError, disk_errors, disk_problem
+from lm.fileio import LockHeld, OwnerLock, atomic_write_text, describe_holder
+from lm.training import memory
 from lm.training.distributed import DistInfo, barrier, broadcast, init_distributed
 from lm.training.divergence import DivergenceMonitor
 from lm.training.engine import Engine, build_engine
@@ -42,6 +44,15 @@ from lm.training.steplog import StepLog
 
 LOCK = "train.lock"
 """The run directory's lock file (never delete it while a trainer may run)."""
+
+RUN_CONTENT = (LOCK, checkpoint.CHECKPOINTS, "steps.jsonl")
+"""What makes a folder a run directory (a run writes train.lock first of all)."""
+BEFORE_A_RUN = ("tokenizer", "eval", "spec.json", "log.txt", "result.json")
+"""What lm's own tools may put in a run directory before its first run (prepare_data --run-dir, the stability
+study); anything else in a folder that is not a run directory is the user's, and the run refuses the folder."""
+RESUME_NOTED = ("seed", "batch_size")
+"""Settings a resume may change (the run goes on, differently from the uninterrupted one): said in one line and
+recorded in steps.jsonl."""
 
 VALIDATION_PENDING = "validation_pending"
 """In a checkpoint's counters: the run stopped early before validating this step; a resume validates it first."""
@@ -63,18 +74,41 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
 
 
+DISK_ADVICE = "free space there (or make it writable), then run the same command again: training resumes from its " \
+              "newest checkpoint"
+
+
 class RunLog:
-    """TensorBoard scalars and a progress line, written by rank 0 only."""
+    """TensorBoard scalars and a progress line, written by rank 0 only. A disk that refuses TensorBoard's events
+    (written by a thread of TensorBoard's, which re-raises the error at the next scalar) is one line naming the
+    folder: while the log is open, that thread's own traceback of it is not printed."""
 
     def __init__(self, run_dir: Path, info: DistInfo, cfg: TrainConfig, start_step: int):
         self.enabled = info.is_main
         self.cfg, self.device = cfg, info.device
         self.writer = None
+        self.folder = run_dir / "tensorboard"
+        self.previous_hook = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.previous_hook = threading.excepthook
+            threading.excepthook = self._thread_exception  # restored by close()
+            try:
+                with self._writing():
+                    self.writer = SummaryWriter(str(self.folder), purge_step=start_step + 1)
+            except BaseException:
+                self.close()
+                raise
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
         self.skipped = 0
+
+    def _thread_exception(self, args) -> None:
+        if disk_problem(args.exc_value) and type(args.thread).__module__.startswith("tensorboard"):
+            return  # the main thread reports it, in one line
+        self.previous_hook(args)
+
+    def _writing(self):
+        return disk_errors(self.folder, DISK_ADVICE)
 
     def memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -92,10 +126,11 @@ class RunLog:
         tok_s = self.window_tokens / elapsed
         loss = self.window_loss / self.window_steps
         eta = (self.cfg.max_steps - step) * elapsed / self.window_steps
-        for name, value in [("train/loss", loss), ("train/lr", stats.lr), ("train/grad_norm", stats.grad_norm),
-                            ("train/tokens_per_s", tok_s), ("train/skipped_steps", self.skipped),
-                            ("system/memory_gb", self.memory_gb())]:
-            self.writer.add_scalar(name, value, step)
+        with self._writing():
+            for name, value in [("train/loss", loss), ("train/lr", stats.lr), ("train/grad_norm", stats.grad_norm),
+                                ("train/tokens_per_s", tok_s), ("train/skipped_steps", self.skipped),
+                                ("system/memory_gb", self.memory_gb())]:
+                self.writer.add_scalar(name, value, step)
         print(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {stats.lr:.2e} | grad norm "
               f"{stats.grad_norm:.3f} | {tok_s:,.0f} tok/s | ETA {_hms(eta)}", flush=True)
         self.t0, self.window_steps, self.window_tokens, self.window_loss = time.time(), 0, 0, 0.0
@@ -115,20 +150,32 @@ class RunLog:
             tag, label = "word_ppl", "word ppl"
             value = split_word_perplexity(nll, split.num_tokens, split.num_word_level_tokens)
             shown = format_perplexity(value, decimals=2)
-        for name, v in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), (f"valid/{tag}", value)]:
-            self.writer.add_scalar(name, v, step)
-        self.writer.flush()
+        with self._writing():
+            for name, v in [("valid/loss", nll.mean), ("valid/ppl", nll.perplexity), (f"valid/{tag}", value)]:
+                self.writer.add_scalar(name, v, step)
+            self.writer.flush()
         sample = "" if nll.num_tokens == split.num_tokens else f", {label} estimated from this sample"
         print(f"step {step} | valid loss {nll.mean:.4f} | valid ppl {format_perplexity(nll.perplexity, decimals=2)} | "
               f"valid {label} {shown} ({nll.num_tokens:,} tokens{sample})", flush=True)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Close the event file; a disk that refuses the last events is ignored here (flush and the scalars
+        report it), so that it never hides the error that ended the run."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception as e:  # TensorBoard's thread re-raises what it met, whatever its type
+            if not disk_problem(e):
+                raise
+        finally:
+            self.writer = None
+            if self.previous_hook is not None:
+                threading.excepthook, self.previous_hook = self.previous_hook, None
 
 
 def _hms(seconds: float) -> str:
@@ -147,13 +194,36 @@ def validate(engine: Engine, cfg: TrainConfig, valid_tokens, bos_id: int, eos_id
                         document_eos=eos_id if cfg.data.document_mask else None)
 
 
-def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+def _foreign_files(cfg: TrainConfig, run_dir: Path) -> list[str]:
+    """Entries of an existing ``run_dir`` that no run wrote: all but :data:`BEFORE_A_RUN` (and a data.cache_dir
+    inside it) when the folder is not a run directory yet; none when it is one."""
+    try:
+        names = sorted(p.name for p in run_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    if any(n in names for n in RUN_CONTENT):
+        return []
+    allowed = set(BEFORE_A_RUN)
+    try:
+        cache = Path(cfg.data.cache_dir).resolve().relative_to(run_dir.resolve())
+        allowed.add(cache.parts[0] if cache.parts else "")
+    except ValueError:
+        pass
+    return [n for n in names if n not in allowed]
+
+
+def _resume_changes(stored: dict, mine: dict) -> dict:
+    """``{key: [checkpoint's, now]}`` for the :data:`RESUME_NOTED` settings a resume changes."""
+    return {k: [stored.get(k), mine.get(k)] for k in RESUME_NOTED if stored.get(k) != mine.get(k)}
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> tuple[Optional[Path], dict]:
     found = checkpoint.checkpoint_dirs(run_dir)
     if found and not cfg.resume:
         raise ConfigError(f"run_dir={run_dir} already holds checkpoints (newest {found[-1].name}); pass resume=true "
                           f"to continue it, or choose another run_dir (nothing was overwritten)")
     if not found:
-        return None
+        return None, {}
     resume_from = checkpoint.newest_intact(run_dir, "training")  # warns about newer damaged ones
     if resume_from is None:
         raise CheckpointError(f"no checkpoint of {run_dir} is intact (see the warnings above); restore one, or "
@@ -168,36 +238,47 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
         if diff:
             raise ConfigError(f"resuming {resume_from} with a different {section} config: {diff}; use the same "
                               f"settings or another run_dir")
-    return resume_from
+    return resume_from, _resume_changes(stored, mine)
 
 
-def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLock) -> Optional[Path]:
-    """Rank 0 locks the run directory, clears the debris of crashes and picks the checkpoint to resume from;
-    every rank learns the outcome (a refusal is an error on every rank)."""
-    error, step = None, -1
+def _take_run_dir(cfg: TrainConfig, run_dir: Path, info: DistInfo, lock: OwnerLock) -> tuple[Optional[Path], dict]:
+    """Rank 0 checks that ``run_dir`` is new, empty or a run directory, locks it, clears the debris of crashes
+    (before it writes anything, so that a disk a crash left full can be used again) and picks the checkpoint to
+    resume from; every rank learns the outcome (a refusal is an error on every rank). Returns the checkpoint and
+    (rank 0) the :data:`RESUME_NOTED` settings the resume changes."""
+    error, step, changes = None, -1, {}
     if info.is_main:
         try:
+            foreign = _foreign_files(cfg, run_dir)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ConfigError(f"run_dir={run_dir} holds files that are not a training run's ({shown}): a run "
+                                  f"writes config.yaml, steps.jsonl, tensorboard/ and checkpoints/ there; give a new "
+                                  f"or empty run_dir (nothing was written)")
             run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                previous = lock.acquire()
+                previous = lock.acquire(before_writing=lambda: checkpointing.clean_debris(run_dir))
             except LockHeld as e:
                 raise ConfigError(f"run_dir={run_dir} is in use by {describe_holder(e.holder)}: two trainers on "
                                   f"one run directory would overwrite each other's checkpoints; wait for it to end, "
                                   f"stop it, or choose another run_dir") from None
             _report_takeover(lock, previous)
-            checkpointing.clean_debris(run_dir)
-            found = _resume_point(cfg, run_dir)
+            found, changes = _resume_point(cfg, run_dir)
             step = -1 if found is None else checkpoint.checkpoint_step(found)
         except (ConfigError, CheckpointError) as e:
             error = e
-        except OSError as e:  # e.g. a run_dir that cannot be created
-            error = ConfigError(f"run_dir={run_dir} cannot be used: {e}; choose another run_dir")
+        except OSError as e:  # e.g. a run_dir that cannot be created, or a full disk
+            problem = disk_problem(e)
+            error = DiskError(f"{problem}: {e.filename or run_dir}; free space there (or make it writable) and "
+                              f"run the same command again (nothing of the run was changed)") if problem else \
+                ConfigError(f"run_dir={run_dir} cannot be used: {e}; choose another run_dir")
     outcome = broadcast(torch.tensor([error is None, step], dtype=torch.int64)).tolist()
     if error is not None:
         raise error
     if not outcome[0]:
         raise ConfigError(f"rank 0 could not start the run in run_dir={run_dir} (its error message says why)")
-    return None if outcome[1] < 0 else run_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(outcome[1])
+    found = None if outcome[1] < 0 else run_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(outcome[1])
+    return found, changes
 
 
 def _report_takeover(lock: OwnerLock, previous: Optional[dict]) -> None:
@@ -237,7 +318,14 @@ def train(cfg: TrainConfig, clock: Callable[[], float] = time.monotonic) -> int:
         info = init_distributed(cfg)
         lock = OwnerLock(Path(cfg.run_dir) / LOCK)
         try:
-            return _train(cfg, info, lock, stop)
+            with disk_errors(cfg.run_dir, DISK_ADVICE):
+                return _train(cfg, info, lock, stop)
+        except (UserError, TrainingStopped, TrainingPreempted):
+            raise
+        except Exception as e:
+            if memory.is_out_of_memory(e):
+                raise memory.out_of_memory(cfg, info.device, e, info.world_size) from None
+            raise
         finally:
             lock.release()
 
@@ -246,7 +334,8 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
     from lm.model import Transformer
 
     run_dir = Path(cfg.run_dir)
-    resume_from = _take_run_dir(cfg, run_dir, info, lock)
+    memory.check_fits(cfg, info.device, info.world_size)  # before anything is written
+    resume_from, changes = _take_run_dir(cfg, run_dir, info, lock)
     barrier()  # every rank has looked at the run directory before rank 0 writes into it
     corpus = _prepare_data(cfg, run_dir, stop.signals)
     _stop_before_start(cfg, info, stop, resume_from)  # nothing written yet: no config.yaml, no steps
@@ -257,7 +346,7 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
                           f"{corpus.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model)
@@ -270,12 +359,18 @@ def _train(cfg: TrainConfig, info: DistInfo, lock: OwnerLock, stop: StopControl)
         start, counters = meta["step"], meta["counters"]
         if info.is_main:
             print(f"resumed from {resume_from} at step {start}", flush=True)
+            if changes:
+                changed = ", ".join(f"{k}={new} (the run so far: {old})" for k, (old, new) in changes.items())
+                print(f"note: resuming with {changed}: the steps from {start + 1} on differ from an uninterrupted "
+                      f"run's (recorded in steps.jsonl)", flush=True)
     _stop_before_start(cfg, info, stop, resume_from)
 
     train_split, valid_split = corpus.split("train"), corpus.split("valid")
     document_eos = corpus.tokenizer.eos_id if cfg.data.document_mask else None
     log = RunLog(run_dir, info, cfg, start)
     steps = StepLog(run_dir, start, enabled=info.is_main)
+    if changes:
+        steps.note_next(resumed={"from_step": start, "changed": changes})
     monitor = DivergenceMonitor(cfg.divergence, counters, start, first_loss_guess=math.log(cfg.model.vocab_size))
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     step = start

@@ -11,6 +11,8 @@ Fields of a record (strict JSON: a non-finite number is written ``null``):
     bad           "" for a good step, else "loss" / "gradients" (non-finite) or "spike" (lm.training.divergence)
     loss_limit    the spike limit the step ran under (null while the rule is not armed or is off)
     bad_in_a_row  length of the streak of bad steps this step ends (0 after a good step)
+    resumed       only in the first record after a resume that changed the seed or the batch size:
+                  ``{"from_step": s, "changed": {"seed": [the run's so far, now]}}``
 
 Crash safety: each record is one ``write`` of a whole line, flushed at once and fsynced before every checkpoint,
 so a crash loses at most the line being written, and never a line of a step a checkpoint holds. A torn last line
@@ -24,6 +26,8 @@ import math
 import os
 from pathlib import Path
 from typing import Optional
+
+from lm.errors import disk_errors
 
 FILE = "steps.jsonl"
 
@@ -67,10 +71,15 @@ class StepLog:
 
     def __init__(self, run_dir: str | Path, start_step: int, enabled: bool = True):
         self.file = None
+        self.path = Path(run_dir) / FILE
+        self.extra: dict = {}
         if enabled:
-            path = Path(run_dir) / FILE
-            truncate_after(path, start_step)
-            self.file = open(path, "ab", buffering=0)
+            truncate_after(self.path, start_step)
+            self.file = open(self.path, "ab", buffering=0)
+
+    def note_next(self, **fields) -> None:
+        """Add ``fields`` to the next record written (e.g. what a resume changed)."""
+        self.extra.update(fields)
 
     def write(self, step: int, stats, loss_limit: float, bad_in_a_row: int) -> None:
         """Record step ``step``; ``stats`` is the engine's :class:`lm.training.engine.StepStats`."""
@@ -78,8 +87,11 @@ class StepLog:
             return
         record = {"step": step, "loss": _number(stats.loss), "grad_norm": _number(stats.grad_norm),
                   "lr": _number(stats.lr), "skipped": bool(stats.skipped), "bad": stats.bad,
-                  "loss_limit": _number(loss_limit), "bad_in_a_row": bad_in_a_row}
-        self.file.write((json.dumps(record) + "\n").encode())
+                  "loss_limit": _number(loss_limit), "bad_in_a_row": bad_in_a_row, **self.extra}
+        self.extra = {}
+        with disk_errors(self.path, "free space there, then run the same command again: training resumes from its "
+                                    "newest checkpoint"):
+            self.file.write((json.dumps(record) + "\n").encode())
 
     def sync(self) -> None:
         """Flush the records to disk (before a checkpoint is written)."""
@@ -87,6 +99,10 @@ class StepLog:
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
+        """Close the file; a disk that refuses the last bytes is ignored here (write and sync report it)."""
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            f, self.file = self.file, None
+            try:
+                f.close()
+            except OSError:
+                pass
