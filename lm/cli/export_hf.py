@@ -3,10 +3,10 @@
     python tools/export_hf.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--force] [key=value ...]
 
 Writes config.json, model.safetensors, generation_config.json, the tokenizer files (tokenizer.json: exactly our
-tokenizer's ids, BOS first), the two small Python files that ``trust_remote_code=True`` loads (they import the
-``lm`` package, which must be installed where the model is loaded) and a model card. Load it with
-``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained``;
-after ``import lm.hf`` no remote code is needed. Given a run directory it exports the newest intact checkpoint. The
+tokenizer's ids, BOS first), the model's code that ``trust_remote_code=True`` loads (copies of this package's
+modules, needing only torch and transformers where the model is loaded) and a model card. Load it with
+``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained(OUT_DIR,
+trust_remote_code=True)``. Given a run directory it exports the newest intact checkpoint. The
 export is checked before it is put in place (the written model's logits equal the checkpoint's); an existing
 non-empty OUT_DIR is refused unless --force, and then replaced only once the new export is complete. Needs the
 optional extra: pip install -e '.[hf]'.
