@@ -184,6 +184,23 @@ def test_generate_invalid_parameters_are_clear_errors(run_dir, extra, message, c
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool", ["eval_ppl", "generate", "harness"])
+def test_every_device_flag_takes_cuda_n_and_names_a_device_this_machine_lacks(tool, run_dir, capsys):
+    """``--device cuda:N`` is accepted as docs/evaluation.md says, and a device that is not there is a one-line
+    error naming it (checked before any work), on a machine with or without CUDA."""
+    import torch
+
+    main = load_tool(tool).main
+    for device in ("cuda:0", f"cuda:{torch.cuda.device_count()}"):
+        if device == "cuda:0" and torch.cuda.is_available():
+            continue
+        argv = [str(run_dir), "--device", device] + (["--tasks", "x"] if tool == "harness" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device={device} but ") and err.count("\n") == 1, err
+        assert "CUDA is not available" in err or "CUDA device(s)" in err, err
+
+
 def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), str(run_dir), "--temperature", "0",

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--per-document", action="store_true",
                    help="documents corpus: score each document on its own, from BOS (default: the packed stream)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="PNG of perplexity vs context (default: the JSON path, .png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

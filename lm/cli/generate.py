@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return p.parse_intermixed_args(argv)
 
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
         if args.num_samples < 1:
             raise CommandError(f"--num-samples={args.num_samples} must be >= 1")
-        prompt = read_prompt(args)
         device = resolve_device(args.device)
+        prompt = read_prompt(args)
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
     except USER_ERRORS as e:

@@ -128,7 +128,7 @@ class DataConfig:
     num_proc: int = 0
     """Processes for tokenization; 0 = all cores."""
     progress: bool = True
-    """Show progress bars while preparing data."""
+    """Show progress bars while preparing data (on a terminal only: none in a log file)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -156,7 +156,7 @@ class HarnessLM(LM):
         sequences = [[self.tokenizer.bos_id, *context, *continuation] for context, continuation in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -len(sequences[i]))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=True if disable_tqdm else None, dynamic_ncols=True)
         for start in range(0, len(order), self.batch_size):
             batch = [i for i in order[start:start + self.batch_size] if pairs[i][1]]  # empty continuation: 0
             if batch:
@@ -193,7 +193,7 @@ class HarnessLM(LM):
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string as one document (BOS first, sliding windows, each token once)."""
         results = []
-        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm, dynamic_ncols=True):
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=True if disable_tqdm else None, dynamic_ncols=True):
             (text,) = req.args
             tokens = self.tokenizer.encode_array(text)
             if len(tokens) == 0:
@@ -210,7 +210,7 @@ class HarnessLM(LM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Continuation of each context, cut before the first stop sequence (``until``)."""
         results = []
-        for i, req in enumerate(tqdm(requests, desc="generate_until", disable=disable_tqdm, dynamic_ncols=True)):
+        for i, req in enumerate(tqdm(requests, desc="generate_until", disable=True if disable_tqdm else None, dynamic_ncols=True)):
             context, gen_kwargs = req.args
             text = self.generate_text(context, dict(gen_kwargs or {}), seed=self.seed + i)
             self.cache_hook.add_partial("generate_until", req.args, text)
