@@ -50,7 +50,9 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}"
 fi
 
-CMD=(deepspeed --no_local_rank)
+# --log_level error: the launcher's INFO lines (no hostfile, world info, CUDA_VISIBLE_DEVICES, spawned, exited) tell a
+# user nothing; its errors still show
+CMD=(deepspeed --no_local_rank --log_level error)
 if [ -n "${HOSTFILE:-}" ]; then
   if [ ! -f "$HOSTFILE" ]; then echo "launch.sh: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; fi
   CMD+=(--hostfile "$HOSTFILE")

@@ -29,12 +29,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
-from lm.device import set_tf32
-from lm.eval.perplexity import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
+from lm.device import set_cpu_threads, set_tf32
+
+if TYPE_CHECKING:
+    from lm.eval.perplexity import SplitPerplexity
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,6 +110,8 @@ def format_table(rows: list[SplitPerplexity]) -> str:
     past 1e6 in exponent notation, a diverged model's as inf). ``word ppl`` is per word-level token (words + line
     ends: the WikiText-103 convention, as in the literature); a documents corpus has none ("-") and a ``docs``
     column instead."""
+    from lm.eval.perplexity import format_perplexity
+
     documents = any(r.num_documents for r in rows)
     head = ["split", "context", "stride", "tokens", "docs" if documents else "words+eol", "token ppl", "word ppl",
             "bits/byte", "tok/s"]
@@ -150,6 +154,9 @@ def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lm.eval.perplexity import evaluate_split, tokenize_split  # after parsing: a fast --help
+    from lm.inference.loading import load_for_inference
+
     try:
         contexts = parse_contexts(args)
         device = resolve_device(args.device)
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(args.plot, "--plot")
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
+        set_cpu_threads(inference.cfg.compute.cpu_threads)
         cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):

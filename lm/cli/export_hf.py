@@ -13,7 +13,7 @@ optional extra: pip install -e '.[hf]'.
 """
 from __future__ import annotations
 
-from lm.cli.common import USER_ERRORS, command_parser, report_error
+from lm.cli.common import USER_ERRORS, command_parser, report_error, tell_deepspeed_the_accelerator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     args = p.parse_intermixed_args(argv)
+    tell_deepspeed_the_accelerator()
     try:
         from lm.hf.export import export_checkpoint  # needs the optional extra: the error says how to install it
 

@@ -18,13 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
                            resolve_device)
-from lm.device import set_tf32
-from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
+from lm.device import set_cpu_threads, set_tf32
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser(__doc__)
@@ -56,6 +52,11 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch  # after parsing: a fast --help
+
+    from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
+    from lm.inference.loading import load_for_inference
+
     try:
         try:
             sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = read_prompt(args)
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
+        set_cpu_threads(inference.cfg.compute.cpu_threads)
     except USER_ERRORS as e:
         return report_error(e, status=2)
     tok = inference.tokenizer

@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir, report_error
-from lm.device import set_tf32
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir, report_error,
+                           tell_deepspeed_the_accelerator)
+from lm.device import set_cpu_threads, set_tf32
 from lm.fileio import atomic_write_text
 
 
@@ -56,6 +57,7 @@ def default_output(checkpoint: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tell_deepspeed_the_accelerator()
     try:
         from lm.eval import harness  # needs the optional lm-eval: imported only now, so the hint can be printed
     except ImportError as e:
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         model = harness.HarnessLM(args.path, args.overrides, batch_size=args.batch_size, device=args.device,
                                   max_length=args.max_length, rolling_stride=args.rolling_stride, seed=args.seed)
         set_tf32(model.inference.cfg.compute.tf32, model.device)
+        set_cpu_threads(model.inference.cfg.compute.cpu_threads)
         results = harness.run_tasks(model, tasks, args.include_path, limit=limit, num_fewshot=args.num_fewshot,
                                     log_samples=args.log_samples)
     except USER_ERRORS as e:  # HarnessError is one too

@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error
-from lm.eval.harness_tasks import write_tasks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lm.eval.harness_tasks import write_tasks  # after parsing: a fast --help
+
     try:
         if args.num_questions < 1:
             raise CommandError(f"--num-questions={args.num_questions} must be >= 1")

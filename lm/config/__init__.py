@@ -242,8 +242,18 @@ class ComputeConfig:
     mantissa, fp32 accumulation). Set when the training engine, eval_ppl and generate start; false = full fp32.
     No effect on CPU."""
 
+    cpu_threads: int = 1
+    """torch's intra-op threads in each process (training ranks, eval_ppl, generate, harness). 1 (default): one
+    thread, the same speed on a busy machine as on an idle one, and the same numbers on every machine; N: N threads
+    (faster on idle cores for large CPU batches, but when other processes take cores every kernel waits for its
+    slowest thread: on a busy 2-core machine 2 threads trained the smoke model 3.6x and decoded 11x slower than 1);
+    0: leave torch's own choice (OMP_NUM_THREADS, else one per core). Not part of the run: a resume may change it."""
+
     def __post_init__(self) -> None:
         _choice("compute.precision", self.precision, ["fp32", "bf16", "fp16"])
+        if self.cpu_threads < 0:
+            raise ConfigError(f"compute.cpu_threads={self.cpu_threads} must be >= 0 (1 = one thread, the default; "
+                              f"0 = torch's own choice)")
 
 
 @dataclass

@@ -7,6 +7,8 @@ cannot see a collective on the wrong device: nothing outside this module calls `
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -143,6 +145,23 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+_BUILD_NOTICE = re.compile(r"^DeepSpeed [\w.]+ built successfully$")
+
+
+@contextlib.contextmanager
+def _without_build_notices():
+    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every CPU start
+    (it loads its compiled CPU communication op, built once); the rest of what it prints passes through."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not _BUILD_NOTICE.match(line.strip())]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
+
+
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Pick the engine and the device, start the process group, and (``deepspeed.sequence_parallel_size > 1``)
     DeepSpeed's sequence-parallel groups.
@@ -176,7 +195,8 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         import deepspeed
-        deepspeed.init_distributed(dist_backend=backend)
+        with _without_build_notices():
+            deepspeed.init_distributed(dist_backend=backend)
     elif launched and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
