@@ -77,7 +77,7 @@ def _model_card(inference: Inference, dtype: str) -> str:
         "(`modeling_lm_kernelized.py` and the files it imports), hence `trust_remote_code=True`.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # it reads config.json too",
         "ids = tokenizer(\"The\", return_tensors=\"pt\")  # BOS first, as the model expects",
         "out = model.generate(**ids, max_new_tokens=50, do_sample=False)",
         "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -149,15 +150,19 @@ _BUILD_NOTICE = re.compile(r"^DeepSpeed [\w.]+ built successfully$")
 
 
 @contextlib.contextmanager
-def _without_build_notices():
-    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every CPU start
-    (it loads its compiled CPU communication op, built once); the rest of what it prints passes through."""
+def _without_build_notices(after_a_build_s: float = 30.0):
+    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every CPU start,
+    also when it only loads the op compiled on first use; the notice stays when the start took ``after_a_build_s``
+    or more (a compile: about 2 minutes). The rest of what it prints passes through."""
     captured = io.StringIO()
+    start = time.monotonic()
     try:
         with contextlib.redirect_stdout(captured):
             yield
     finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not _BUILD_NOTICE.match(line.strip())]
+        built = time.monotonic() - start >= after_a_build_s
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if built or not _BUILD_NOTICE.match(line.strip())]
         sys.stdout.write("".join(kept))
         sys.stdout.flush()
 
