@@ -152,17 +152,18 @@ def test_export_directory_holds_what_transformers_and_a_reader_need(exported):
     modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
     assert set(modes.values()) == {modes["config.json"]}, modes  # the weights too, not 0600
     # the remote code: this package's model code, copied, importing nothing named lm
-    assert set(remote_sources()) <= names
-    for name in remote_sources():
+    sources, modules = remote_sources(), closure()
+    assert set(sources) <= names
+    for name, want in sources.items():
         code = (directory / name).read_text()
-        assert code == remote_sources()[name]
+        assert code == want
         assert not re.search(r"^\s*(from|import)\s+lm\b", code, re.MULTILINE), name
         assert '"lm::' not in code and "torch.ops.lm." not in code, name  # the op's namespace is the copy's own
     # each file is its module's source, with only the import lines and the op's namespace changed
     namespace = re.search(r'"(lm_kernelized_[0-9a-f]+)::', (directory / "lm_kernelized_ops_kernelized.py").read_text())
-    for module in closure():
+    for module in modules:
         code = (directory / f"{file_name(module)}.py").read_text().split("\n", 2)[2]  # after the two-line header
-        for other in closure():
+        for other in modules:
             code = code.replace(f"from .{file_name(other)} import", f"from {other} import")
         code = code.replace(f'"{namespace[1]}::', '"lm::').replace(f"torch.ops.{namespace[1]}.", "torch.ops.lm.")
         assert code == module_file(module).read_text(), module
