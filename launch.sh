@@ -46,7 +46,8 @@ if [ "$GPUS" -gt 0 ]; then
   if [ "$N" -gt "$GPUS" ]; then echo "launch.sh: NGPU=$N but only $GPUS GPU(s) visible" >&2; exit 2; fi
 else
   export DS_ACCELERATOR=cpu
-  # one thread pool per rank sharing the cores, unless the user chose
+  # the cores shared among the ranks, unless the user chose: OpenMP's pools, and torch's with compute.cpu_threads=0
+  # (torch uses compute.cpu_threads threads, by default 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}"
 fi
 
