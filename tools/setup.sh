@@ -15,6 +15,11 @@ WANT="$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16) ${CONST
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then exit 0; fi
 echo "lm set-up: installing into .venv (torch, deepspeed, lm-eval, transformers, ...: a few minutes, about 2 GB)" >&2
 python -m pip install -q --disable-pip-version-check --upgrade pip
+# this package was once installed as the distribution "lm": remove that editable install of this checkout (only
+# that one: the package index's lm is another project)
+if python -m pip show lm 2>/dev/null | grep -qx "Editable project location: $PWD"; then
+  python -m pip uninstall -q -y --disable-pip-version-check lm
+fi
 python -m pip install -q --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev,eval,hf]"
 python -c "import torch, deepspeed, sentencepiece, datasets, omegaconf, tensorboard, lm_eval, transformers; \
 print('lm set-up done: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| lm-eval', lm_eval.__version__, \
