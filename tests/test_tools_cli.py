@@ -225,6 +225,18 @@ def test_commands_use_the_configs_cpu_threads(run_dir, capsys):
         torch.set_num_threads(before)
 
 
+def test_progress_bars_leave_no_carriage_returns_in_a_log_file(run_dir, tmp_path, capfd):
+    """Progress bars (data preparation, scoring) are drawn on a terminal only: stderr captured to a file holds no
+    carriage-return runs."""
+    from lm.cli.prepare_data import main as prepare_main
+
+    assert prepare_main([str(ROOT / "configs" / "smoke.yaml"), f"data.cache_dir={tmp_path / 'cache'}",
+                         "data.synthetic.train_tokens=20000", "data.progress=true"]) == 0
+    assert eval_ppl.main([str(run_dir), "--json", str(tmp_path / "ppl.json")]) == 0
+    err = capfd.readouterr().err
+    assert "wrote" in err and "\r" not in err, err[-1000:]
+
+
 def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), str(run_dir), "--temperature", "0",
