@@ -46,11 +46,14 @@ if [ "$GPUS" -gt 0 ]; then
   if [ "$N" -gt "$GPUS" ]; then echo "launch.sh: NGPU=$N but only $GPUS GPU(s) visible" >&2; exit 2; fi
 else
   export DS_ACCELERATOR=cpu
-  # one thread pool per rank sharing the cores, unless the user chose
+  # the cores shared among the ranks, unless the user chose: OpenMP's pools, and torch's with compute.cpu_threads=0
+  # (torch uses compute.cpu_threads threads, by default 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}"
 fi
 
-CMD=(deepspeed --no_local_rank)
+# --log_level error: the launcher's INFO lines (no hostfile, world info, CUDA_VISIBLE_DEVICES, spawned, exited) tell a
+# user nothing; its errors still show
+CMD=(deepspeed --no_local_rank --log_level error)
 if [ -n "${HOSTFILE:-}" ]; then
   if [ ! -f "$HOSTFILE" ]; then echo "launch.sh: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; fi
   CMD+=(--hostfile "$HOSTFILE")

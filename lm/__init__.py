@@ -11,6 +11,7 @@ Packages by concern (docs/ARCHITECTURE.md has the layers and what each may impor
     stability/  the stability study
     cli/        the command lines behind tools/*.py and the lm-* console scripts
 
-and a shared bottom: config.py (the config tree), checkpoint.py (the checkpoint format), tokenizer.py,
-device.py, fileio.py (crash-safe files), errors.py (the base of every error a user can fix).
+and a shared bottom: config/ (the config tree; config/model.py, the model's part, travels in a Hugging Face
+export), checkpoint.py (the checkpoint format), tokenizer.py, device.py, fileio.py (crash-safe files), errors.py
+(the base of every error a user can fix).
 """

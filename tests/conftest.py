@@ -462,3 +462,28 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between {run_a} and {run_b}"
 
+
+
+# ------------------------------------------------------------------------------------ an environment without lm
+@pytest.fixture(scope="session")
+def python_without_lm(tmp_path_factory) -> tuple[str, dict]:
+    """(interpreter, environment) of a fresh virtual environment that sees this one's installed packages (torch,
+    transformers, ...) but not ``lm``: its site-packages holds one ``.pth`` line naming ours, so our editable
+    install's own ``.pth`` hook is never run; no PYTHONPATH; transformers' module cache in a folder of its own.
+    How a user without this repository loads an exported model."""
+    import site
+    import sysconfig
+
+    venv = tmp_path_factory.mktemp("venv-without-lm")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]} if Path(p).is_dir()]
+    (Path(purelib) / "shared-packages.pth").write_text("\n".join(ours) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_MODULES_CACHE=str(venv / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('lm'))"],
+                           capture_output=True, text=True, env=env, cwd=venv)
+    assert probe.stdout.strip() == "None", (probe.stdout, probe.stderr[-2000:])
+    return str(python), env

@@ -122,3 +122,29 @@ def test_no_machine_paths_or_tracker_references_in_docs_code_tests_or_configs():
                 found.append(f"{path.relative_to(REPO)}:{number}: {', '.join(hits)}: {line.strip()[:120]}")
     assert not found, ("machine paths or tracker references (write for users: no local paths, no issue "
                        "numbers):\n" + "\n".join(found))
+
+
+def test_no_message_suggests_installing_the_index_project_named_lm():
+    """The package index's ``lm`` is an unrelated project: nothing here may tell a user to install it by that name."""
+    pattern = re.compile(r"pip install\s+(-U\s+)?lm(?![\w.-])")
+    found = [f"{p.relative_to(REPO)}:{n}" for p in scanned_files() + [REPO / "pyproject.toml"]
+             for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if pattern.search(line)]
+    assert not found, found
+
+
+def test_what_the_documented_commands_write_into_the_repository_is_ignored_by_git(tmp_path):
+    """Run from the repository, the docs' commands write runs/, cache/, hf/ (exports), task folders and reports:
+    git ignores them, so a user's `git status` stays clean."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["runs/smoke/config.yaml", "cache/tokens/x", "hf/smoke/model.safetensors", "hf/smoke-bf16/config.json",
+               "harness_tasks/sample_rolling.yaml", "tasks/mine_rolling.yaml", "bench_results/train.json",
+               "shards/train-00000.jsonl.gz", "sample/wiki.train.tokens", "harness.json", "ppl_128.json",
+               ".torch_extensions/x", ".venv/bin/python"]
+    done = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *written], capture_output=True,
+                          text=True)
+    assert sorted(done.stdout.split()) == sorted(written), set(written) - set(done.stdout.split())

@@ -297,11 +297,16 @@ def test_rolling_word_perplexity_agrees_with_eval_ppl(wikitext_run, five_test_ar
 
 
 @pytest.mark.slow
-def test_multiple_choice_task_matches_direct_scoring(wikitext_run, five_test_articles, tmp_path):
+def test_multiple_choice_task_matches_direct_scoring(wikitext_run, five_test_articles, tmp_path, monkeypatch, capfd):
     tasks = tmp_path / "tasks"
     _, choice = write_tasks(five_test_articles / "wiki.test.tokens", tasks, prefix="sample", num_questions=12)
     lm_ = HarnessLM(wikitext_run, batch_size=5, device="cpu")
+    monkeypatch.chdir(tmp_path)  # outside any git repository, where lm-eval's own `git describe` complains
+    capfd.readouterr()
     results = run_tasks(lm_, [choice], [tasks], log_samples=True)
+    assert "fatal" not in capfd.readouterr().err  # nothing printed by a git run in the wrong place
+    assert results["git_hash"] == subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                                 capture_output=True, text=True).stdout.strip()
     samples = results["samples"][choice]
     assert len(samples) == 12
     correct = 0

@@ -3,9 +3,12 @@ process loads the directory with AutoModelForCausalLM / AutoTokenizer; its token
 our model's, its greedy generate() our generate's for 200 tokens past the training context; left-padded batches give
 each row what it gets alone; sampling honours temperature, top-k and top-p; the generation cache is ours; and
 lm-evaluation-harness's stock `hf` backend agrees with our `lm-kernelized` adapter."""
+import ast
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,8 @@ import lm.hf  # noqa: E402, F401  (registers the classes with the Auto factories
 from lm.cli.export_hf import main as export_main  # noqa: E402
 from lm.cli.train import main as train_main  # noqa: E402
 from lm.hf import KernelizedCache, KernelizedLMForCausalLM  # noqa: E402
+from lm.hf.remote_code import (RemoteCodeError, check_required_imports, closure, file_name, lm_imports,  # noqa: E402
+                               module_file, remote_sources, required_imports)
 from lm.inference.generation import Sampling, filter_logits, generate  # noqa: E402
 from lm.inference.loading import load_for_inference  # noqa: E402
 
@@ -51,11 +56,14 @@ def exported(trained_run, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 
 FRESH = r"""
-import json, sys, torch
+import importlib.util, json, sys
+sys.modules["triton"] = None  # as where Triton is not installed: an import of it raises ImportError
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+lm_found = importlib.util.find_spec("lm") is not None
 directory, prompts, new_tokens, tensors = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
-tok = AutoTokenizer.from_pretrained(directory)
+tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
 ids = [tok(p)["input_ids"] for p in prompts]
 first = torch.tensor([ids[0]])
 with torch.no_grad():
@@ -69,7 +77,8 @@ alone = [model64.generate(torch.tensor([i]), max_new_tokens=40, min_new_tokens=4
          for i in ids]
 torch.save({"logits": logits}, tensors)
 print("RESULT " + json.dumps({
-    "model_class": type(model).__module__ + "." + type(model).__name__, "ids": ids,
+    "model_class": type(model).__module__ + "." + type(model).__name__, "ids": ids, "lm_found": lm_found,
+    "lm_modules": sorted(m for m in sys.modules if m == "lm" or m.startswith("lm.")),
     "decoded": [tok.decode(i, skip_special_tokens=True) for i in ids],
     "greedy": greedy[0, len(ids[0]):].tolist(), "padding_side": tok.padding_side,
     "together": [row[batch["input_ids"].shape[1]:] for row in together.tolist()],
@@ -77,20 +86,42 @@ print("RESULT " + json.dumps({
 """
 
 
-def fresh_process(directory: Path, tmp_path: Path) -> tuple[dict, dict]:
-    tensors = tmp_path / "tensors.pt"
-    done = subprocess.run([sys.executable, "-c", FRESH, str(directory), json.dumps(PROMPTS), str(NEW_TOKENS),
-                           str(tensors)], capture_output=True, text=True, cwd=tmp_path)
+def fresh_process(python: tuple[str, dict], directory: Path | str, cwd: Path) -> tuple[dict, dict, str]:
+    """Run :data:`FRESH` on the export ``directory`` with ``python`` (an interpreter and its environment) in
+    ``cwd``: (its results, its tensors, its stderr)."""
+    tensors = cwd / "tensors.pt"
+    executable, env = python
+    done = subprocess.run([executable, "-c", FRESH, str(directory), json.dumps(PROMPTS), str(NEW_TOKENS),
+                           str(tensors)], capture_output=True, text=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):]), torch.load(tensors)
+    return json.loads(lines[-1][len("RESULT "):]), torch.load(tensors), done.stderr
+
+
+# Where the user stands: an unrelated folder, or the folder above a clone of the repository named ``lm`` with the
+# export inside the clone (``lm/hf/NAME``): there ``import lm`` finds the clone's folder as a namespace package.
+LAYOUTS = {"rpe-general": "elsewhere", "rpe-clipped": "above-a-clone", "rpe-bucketed": "elsewhere",
+           "kernelized-absolute": "elsewhere", "softmax-rpe": "elsewhere"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_a_fresh_process_loads_the_export_and_matches_our_model(kind, exported, tmp_path):
+def test_an_environment_without_lm_loads_the_export_and_matches_our_model(kind, exported, python_without_lm,
+                                                                          tmp_path):
     run, directory = exported[kind]
-    got, tensors = fresh_process(directory, tmp_path)
-    assert got["model_class"] == "lm.hf.modeling.KernelizedLMForCausalLM"
+    if LAYOUTS[kind] == "above-a-clone":
+        clone = tmp_path / "lm"
+        clone.mkdir()
+        (clone / "lm").symlink_to(REPO / "lm", target_is_directory=True)
+        shutil.copytree(directory, clone / "hf" / "smoke")
+        got, tensors, stderr = fresh_process(python_without_lm, "lm/hf/smoke", tmp_path)
+        assert got["lm_found"]  # the trap is there: `lm` is the clone's folder
+    else:
+        got, tensors, stderr = fresh_process(python_without_lm, directory, tmp_path)
+        assert not got["lm_found"]
+    assert got["lm_modules"] == []  # the export's code imports nothing named lm
+    assert got["model_class"].startswith("transformers_modules.")
+    assert got["model_class"].endswith(".modeling_lm_kernelized.KernelizedLMForCausalLM")
+    assert "pip install" not in stderr and "Do you wish to run the custom code" not in stderr, stderr[-2000:]
     ours = load_for_inference(run)
     tok = ours.tokenizer
     assert got["ids"] == [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]  # BOS first, as our tools put it
@@ -118,9 +149,52 @@ def test_export_directory_holds_what_transformers_and_a_reader_need(exported):
     assert config["model_type"] == "lm_kernelized" and config["n_positions"] == TRAIN_CONTEXT
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lm_kernelized.KernelizedLMForCausalLM"
     assert config["lm_model"]["attention"]["rpe_max_distance"] == 12
-    code = (directory / "modeling_lm_kernelized.py").read_text()
-    assert "from lm.hf.modeling import KernelizedLMForCausalLM" in code and "must be installed" in code
     assert not any(name.startswith(".") for name in names)  # no temporary debris
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes  # the weights too, not 0600
+    # the remote code: this package's model code, copied, importing nothing named lm
+    sources, modules = remote_sources(), closure()
+    assert set(sources) <= names
+    for name, want in sources.items():
+        code = (directory / name).read_text()
+        assert code == want
+        assert not re.search(r"^\s*(from|import)\s+lm\b", code, re.MULTILINE), name
+        assert '"lm::' not in code and "torch.ops.lm." not in code, name  # the op's namespace is the copy's own
+    # each file is its module's source, with only the import lines and the op's namespace changed
+    namespace = re.search(r'"(lm_kernelized_[0-9a-f]+)::', (directory / "lm_kernelized_ops_kernelized.py").read_text())
+    for module in modules:
+        code = (directory / f"{file_name(module)}.py").read_text().split("\n", 2)[2]  # after the two-line header
+        for other in modules:
+            code = code.replace(f"from .{file_name(other)} import", f"from {other} import")
+        code = code.replace(f'"{namespace[1]}::', '"lm::').replace(f"torch.ops.{namespace[1]}.", "torch.ops.lm.")
+        assert code == module_file(module).read_text(), module
+
+
+def test_the_remote_code_is_the_model_code_and_needs_only_torch_and_transformers():
+    modules = closure()
+    assert {"lm.hf.modeling", "lm.hf.configuration", "lm.model.transformer", "lm.model.attention", "lm.model.cache",
+            "lm.ops.kernelized", "lm.ops.recurrent", "lm.ops.fft", "lm.config.model"} <= set(modules)
+    assert not [m for m in modules if m.startswith(("lm.training", "lm.data", "lm.cli", "lm.eval", "lm.inference"))
+                or m in ("lm.config", "lm.tokenizer", "lm.checkpoint", "lm.hf.export", "lm.hf.tokenizer")]
+    for name, code in remote_sources().items():
+        assert required_imports(code) <= {"torch", "transformers"} | set(sys.stdlib_module_names), name
+        every = {n.split(".")[0] for node in ast.walk(ast.parse(code)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                 for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                           [node.module or ""] if not node.level else [])}  # guarded ones too
+        assert not every & {"deepspeed", "omegaconf", "yaml", "sentencepiece", "lm", "numpy", "datasets"}, name
+
+
+def test_a_module_the_copy_cannot_carry_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.py"
+    for line, advice in (("import lm.ops.fft", "from lm.ops.fft import NAME"),
+                         ("from lm.ops import fft", "from lm.ops.fft import NAME"),
+                         ("from .fft import fft_forward", "from lm.PACKAGE.MODULE import NAME")):
+        bad.write_text(f"def f():\n    {line}\n")
+        with pytest.raises(RemoteCodeError, match=re.escape(advice)):
+            lm_imports(bad)
+    with pytest.raises(RemoteCodeError, match="would require deepspeed"):
+        check_required_imports("x.py", "import torch\nimport deepspeed\n")
+    check_required_imports("x.py", "try:\n    import triton\nexcept ImportError:\n    triton = None\n")
 
 
 def test_importing_lm_hf_registers_the_auto_classes_without_remote_code(exported, tmp_path):

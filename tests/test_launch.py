@@ -112,6 +112,10 @@ def test_two_rank_deepspeed_run_then_resume_matches_one_process(tmp_path):
         # DeepSpeed's CPU all-reduce buffers (one per rank, in /dev/shm) are gone with the run
         assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert "resumed from" in r.stdout and "step 6/6 | loss" in r.stdout and "valid ppl" in r.stdout
+    # a quiet log: none of the launcher's INFO lines, DeepSpeed's op notice or accelerator guess, nor bars
+    log = r.stdout + r.stderr
+    for noise in ("[INFO]", "built successfully", "Setting accelerator", "CUDA_VISIBLE_DEVICES", "hostfile", "\r"):
+        assert noise not in log, (noise, log[-3000:])
     meta = checkpoint.read_meta(checkpoint.find_checkpoint(ds_run))
     assert meta["step"] == 6 and meta["engine"] == "deepspeed" and meta["world_size"] == 2
     assert (checkpoint.find_checkpoint(ds_run) / "deepspeed").is_dir()

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,58 @@ def test_generate_invalid_parameters_are_clear_errors(run_dir, extra, message, c
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool", ["eval_ppl", "generate", "harness"])
+def test_every_device_flag_takes_cuda_n_and_names_a_device_this_machine_lacks(tool, run_dir, capsys):
+    """``--device cuda:N`` is accepted as docs/evaluation.md says, and a device that is not there is a one-line
+    error naming it (checked before any work), on a machine with or without CUDA."""
+    import torch
+
+    main = load_tool(tool).main
+    for device in ("cuda:0", f"cuda:{torch.cuda.device_count()}"):
+        if device == "cuda:0" and torch.cuda.is_available():
+            continue
+        argv = [str(run_dir), "--device", device] + (["--tasks", "x"] if tool == "harness" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device={device} but ") and err.count("\n") == 1, err
+        assert "CUDA is not available" in err or "CUDA device(s)" in err, err
+
+
+def test_commands_use_the_configs_cpu_threads(run_dir, capsys):
+    """compute.cpu_threads is applied when a command starts: 1 by default (a run stored without the key gets it
+    too), N when given on the command line, and torch's own choice for 0."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for overrides, want in (([], 1), (["compute.cpu_threads=3"], 3)):
+            torch.set_num_threads(2)
+            assert generate.main([str(run_dir), "--max-new-tokens", "2", "--prompt", "a", *overrides]) == 0
+            assert torch.get_num_threads() == want, overrides
+            assert eval_ppl.main([str(run_dir), "--no-progress", "--json", str(run_dir.parent / "t.json"),
+                                  *overrides]) == 0
+            assert torch.get_num_threads() == want, overrides
+        torch.set_num_threads(2)
+        assert generate.main([str(run_dir), "--max-new-tokens", "1", "--prompt", "a", "compute.cpu_threads=0"]) == 0
+        assert torch.get_num_threads() == 2
+        assert generate.main([str(run_dir), "--prompt", "a", "compute.cpu_threads=-1"]) == 2
+        assert "compute.cpu_threads=-1 must be >= 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_progress_bars_leave_no_carriage_returns_in_a_log_file(run_dir, tmp_path, capfd):
+    """Progress bars (data preparation, scoring) are drawn on a terminal only: stderr captured to a file holds no
+    carriage-return runs."""
+    from lm.cli.prepare_data import main as prepare_main
+
+    assert prepare_main([str(ROOT / "configs" / "smoke.yaml"), f"data.cache_dir={tmp_path / 'cache'}",
+                         "data.synthetic.train_tokens=20000", "data.progress=true"]) == 0
+    assert eval_ppl.main([str(run_dir), "--json", str(tmp_path / "ppl.json")]) == 0
+    err = capfd.readouterr().err
+    assert "wrote" in err and "\r" not in err, err[-1000:]
+
+
 def test_generate_command_line_reads_the_prompt_from_stdin(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), str(run_dir), "--temperature", "0",
@@ -261,3 +314,54 @@ def test_every_mutant_of_tools_mutants_applies_to_todays_code():
     broken = mutants.Mutant("x", "lm/training/preemption.py", "no such snippet", "y", ("tests",), "")
     assert mutants.check([broken]) == ["x: the original snippet occurs 0 times in lm/training/preemption.py "
                                        "(expected once)"]
+
+
+# ----------------------------------------------------------------------------------------------- --help
+HELP = r"""
+import contextlib, importlib, io, json, sys
+heavy = ("torch", "omegaconf", "deepspeed", "transformers", "lm_eval", "sentencepiece", "datasets")
+out = {}
+for name in sys.argv[1:]:
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            importlib.import_module(f"lm.cli.{name}").main(["--help"])
+        except SystemExit:
+            pass
+    out[name] = {"text": text.getvalue(), "imported": [m for m in heavy if m in sys.modules]}
+print(json.dumps(out))
+"""
+FAST_HELP = ["train", "eval_ppl", "generate", "export_hf", "harness", "harness_tasks", "prepare_data",
+             "stability_probe"]
+
+
+def test_help_is_fast_says_each_thing_once_and_train_lists_every_config_key():
+    """``--help`` of every command answers without importing torch (or any other heavy library), prints its
+    description once, and train.py's lists every config key with its default."""
+    import dataclasses
+    import importlib
+
+    import yaml
+
+    from lm.config import TrainConfig
+
+    done = subprocess.run([sys.executable, "-c", HELP, *FAST_HELP], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    helps = json.loads(done.stdout)
+    for name, got in helps.items():
+        assert got["imported"] == [], (name, got["imported"])
+        first = importlib.import_module(f"lm.cli.{name}").__doc__.strip().splitlines()[0]
+        assert got["text"].count(first) == 1, (name, got["text"][:400])
+
+    def leaves(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield from (leaves(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                        else [(f"{prefix}{f.name}", value)])
+
+    listed = dict(re.findall(r"^  (\S+) = (.*)$", helps["train"]["text"], re.MULTILINE))
+    want = dict(leaves(TrainConfig()))
+    assert listed.keys() == want.keys()
+    assert {k: yaml.safe_load(v) for k, v in listed.items()} == want  # the defaults as YAML would give them
+    assert "Signals that stop training after the step in flight" in helps["train"]["text"]  # the help text

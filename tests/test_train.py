@@ -138,9 +138,17 @@ def test_resuming_with_another_model_is_an_error(tmp_path, cache_dir, capsys):
     assert "model.d_model" in capsys.readouterr().err
 
 
-def test_train_returns_last_step(tmp_path, cache_dir):
-    cfg = load_config([SMOKE_CONFIG], smoke_argv(tmp_path / "run", cache_dir, "max_steps=3")[1:])
-    assert train(cfg) == 3
+def test_train_returns_last_step_and_uses_the_configs_cpu_threads(tmp_path, cache_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg = load_config([SMOKE_CONFIG], smoke_argv(tmp_path / "run", cache_dir, "max_steps=3")[1:])
+        assert train(cfg) == 3
+        assert torch.get_num_threads() == 1  # compute.cpu_threads, by default 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_resuming_with_the_other_engine_is_a_clear_error(tmp_path, cache_dir, capsys):

@@ -1,24 +1,29 @@
 """What every command line shares: its parser (help from the module docstring; a checkpoint and config
 overrides), which errors are the user's to fix (reported as one ``error: ...`` line and an exit status, never a
-traceback), how ``--device`` is resolved, and where a checkpoint's reports go."""
+traceback), how ``--device`` is resolved, where a checkpoint's reports go, and the list of config keys that
+``--help`` prints (read from the config's source, so that ``--help`` answers without importing torch)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import sys
+import textwrap
 from pathlib import Path
 
 from lm.device import resolve_device
 from lm.errors import UserError, disk_problem
 
 __all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
-           "resolve_device", "eval_dir", "reports_disk_errors"]
+           "resolve_device", "eval_dir", "reports_disk_errors", "tell_deepspeed_the_accelerator", "config_keys",
+           "format_config_keys"]
 
 
-def command_parser(doc: str) -> argparse.ArgumentParser:
+def command_parser(doc: str, epilog: str = "") -> argparse.ArgumentParser:
     """The parser of a command whose module docstring is ``doc``: ``--help`` shows its first line, the
-    arguments, then the whole docstring."""
-    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
+    arguments, then the rest of the docstring (each once), then ``epilog``."""
+    first, _, rest = doc.strip().partition("\n")
+    return argparse.ArgumentParser(description=first, epilog="\n\n".join(x for x in (rest.strip(), epilog) if x),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -62,8 +67,88 @@ def reports_disk_errors(status: int):
     return decorate
 
 
+def tell_deepspeed_the_accelerator() -> None:
+    """Set ``DS_ACCELERATOR=cpu`` on a machine without CUDA, unless the user set it: transformers and lm-eval import
+    accelerate, which imports DeepSpeed when it is installed, and DeepSpeed then warns "Setting accelerator to CPU.
+    If you have GPU or other accelerator, we were unable to detect it." (launch.sh sets the same for CPU training).
+    Called by the commands that load transformers or lm-eval, when they start."""
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def eval_dir(checkpoint: Path) -> Path:
     """Where evaluation reports of ``checkpoint`` go: ``RUN_DIR/eval`` for ``RUN_DIR/checkpoints/<name>``, else
     ``<checkpoint>/eval``."""
     root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     return root / "eval"
+
+
+# ------------------------------------------------------------------------------------------ config keys for --help
+CONFIG_SOURCES = [Path(__file__).resolve().parents[1] / "config" / name for name in ("model.py", "__init__.py")]
+CONFIG_ROOT = "TrainConfig"
+
+
+def _classes() -> dict[str, list[tuple[str, ast.expr | None, str]]]:
+    """Dataclass name -> its fields as (name, default expression, docstring) in source order."""
+    out = {}
+    for path in CONFIG_SOURCES:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            fields, body = [], node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    after = body[i + 1] if i + 1 < len(body) else None
+                    doc = (after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                           and isinstance(after.value.value, str) else "")
+                    fields.append((stmt.target.id, stmt.value, " ".join(doc.split())))
+            if fields:
+                out[node.name] = fields
+    return out
+
+
+def _yaml(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, float) and "e" in repr(value) and "." not in repr(value):
+        return repr(value).replace("e", ".0e")  # 1.0e-08: YAML reads 1e-08 as a string
+    return str(value)
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML, help text) of every leaf of the config tree, in source order."""
+    classes = _classes()
+    out = []
+
+    def walk(name: str, prefix: str) -> None:
+        for field, default, doc in classes[name]:
+            if isinstance(default, ast.Call) and getattr(default.func, "id", "") == "field":
+                factory = next(k.value for k in default.keywords if k.arg == "default_factory")
+                if isinstance(factory, ast.Name) and factory.id in classes:
+                    walk(factory.id, f"{prefix}{field}.")
+                    continue
+                default = factory.body if isinstance(factory, ast.Lambda) else factory
+            value = ast.literal_eval(default) if default is not None else None
+            out.append((f"{prefix}{field}", _yaml(value), doc))
+
+    walk(CONFIG_ROOT, "")
+    return out
+
+
+def format_config_keys(width: int = 100) -> str:
+    """The keys as ``--help`` prints them: ``key = default`` and the help text below it."""
+    lines = ["config keys (key=value on the command line, or in a YAML file; docs/training.md#configs):"]
+    for key, default, doc in config_keys():
+        lines.append(f"  {key} = {default}")
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -24,8 +24,10 @@ context length next to it.
 ``--bucket-width W`` positions each), for each context: consecutive full windows of the split (at most
 ``--max-windows``, spread evenly), so every position is averaged over the same windows. Table, JSON
 (``..._positions.json``) and a PNG with one line per context: whether later positions are predicted better, and
-where a longer context stops helping. Given a run directory it scores the newest intact checkpoint (warning about newer
-damaged ones); a damaged checkpoint named explicitly is an error.
+where a longer context stops helping.
+
+Given a run directory it scores the newest intact checkpoint (warning about newer damaged ones); a damaged
+checkpoint named explicitly is an error.
 """
 from __future__ import annotations
 
@@ -35,16 +37,17 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
                            report_error, resolve_device)
-from lm.device import set_tf32
+from lm.device import set_cpu_threads, set_tf32
 from lm.errors import disk_errors
 from lm.fileio import atomic_write, atomic_write_text
-from lm.eval.perplexity import SplitPerplexity, evaluate_split, format_perplexity, tokenize_split
-from lm.eval.plots import plot_position_loss
-from lm.eval.position import PositionLoss, loss_by_position
+
+if TYPE_CHECKING:
+    from lm.eval.perplexity import SplitPerplexity
+    from lm.eval.position import PositionLoss
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--per-document", action="store_true",
                    help="documents corpus: score each document on its own, from BOS (default: the packed stream)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="PNG of perplexity vs context (default: the JSON path, .png)")
     p.add_argument("--by-position", action="store_true",
@@ -124,6 +127,8 @@ def format_table(rows: list[SplitPerplexity]) -> str:
     past 1e6 in exponent notation, a diverged model's as inf). ``word ppl`` is per word-level token (words + line
     ends: the WikiText-103 convention, as in the literature); a documents corpus has none ("-") and a ``docs``
     column instead."""
+    from lm.eval.perplexity import format_perplexity
+
     documents = any(r.num_documents for r in rows)
     head = ["split", "context", "stride", "tokens", "docs" if documents else "words+eol", "token ppl", "word ppl",
             "bits/byte", "tok/s"]
@@ -208,6 +213,8 @@ def check_position_args(args: argparse.Namespace) -> None:
 
 def by_position(args: argparse.Namespace, inference, split, contexts: list[int], device: str) -> int:
     """--by-position: the table, the JSON and the PNG of :func:`lm.eval.position.loss_by_position`."""
+    from lm.eval.plots import plot_position_loss
+    from lm.eval.position import loss_by_position
     cfg = inference.cfg
     json_path = args.json or default_json_path(inference.path, args.split, contexts, by_position=True)
     plot_path = args.plot or json_path.with_suffix(".png")
@@ -236,6 +243,9 @@ def by_position(args: argparse.Namespace, inference, split, contexts: list[int],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lm.eval.perplexity import evaluate_split, tokenize_split  # after parsing: a fast --help
+    from lm.inference.loading import load_for_inference
+
     try:
         contexts = parse_contexts(args)
         check_position_args(args)
@@ -244,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(args.plot, "--plot")
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
+        set_cpu_threads(inference.cfg.compute.cpu_threads)
         cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):

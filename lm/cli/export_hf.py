@@ -3,17 +3,17 @@
     python tools/export_hf.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--force] [key=value ...]
 
 Writes config.json, model.safetensors, generation_config.json, the tokenizer files (tokenizer.json: exactly our
-tokenizer's ids, BOS first), the two small Python files that ``trust_remote_code=True`` loads (they import the
-``lm`` package, which must be installed where the model is loaded) and a model card. Load it with
-``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained``;
-after ``import lm.hf`` no remote code is needed. Given a run directory it exports the newest intact checkpoint. The
-export is checked before it is put in place (the written model's logits equal the checkpoint's). --force replaces
-only an earlier export (recognised by its lm_export.json), once the new one is complete; a run directory, a folder
-holding runs or anything else is never replaced. Needs the optional extra: pip install -e '.[hf]'.
+tokenizer's ids, BOS first), the model's code that ``trust_remote_code=True`` loads (copies of this package's
+modules, needing only torch and transformers where the model is loaded) and a model card. Load it with
+``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained(OUT_DIR,
+trust_remote_code=True)``. Given a run directory it exports the newest intact checkpoint. The export is checked
+before it is put in place (the written model's logits equal the checkpoint's). --force replaces only an earlier
+export (recognised by its lm_export.json), once the new one is complete; a run directory, a folder holding runs or
+anything else is never replaced. Needs the optional extra: pip install -e '.[hf]'.
 """
 from __future__ import annotations
 
-from lm.cli.common import USER_ERRORS, command_parser, report_error
+from lm.cli.common import USER_ERRORS, command_parser, report_error, tell_deepspeed_the_accelerator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR (and nothing else)")
     args = p.parse_intermixed_args(argv)
+    tell_deepspeed_the_accelerator()
     try:
         from lm.hf.export import export_checkpoint  # needs the optional extra: the error says how to install it
 

@@ -19,13 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from lm.inference.loading import load_for_inference
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
                            resolve_device)
-from lm.device import set_tf32
-from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
+from lm.device import set_cpu_threads, set_tf32
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser(__doc__)
@@ -40,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return p.parse_intermixed_args(argv)
 
 
@@ -57,6 +53,11 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch  # after parsing: a fast --help
+
+    from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
+    from lm.inference.loading import load_for_inference
+
     try:
         try:
             sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -66,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
         if args.num_samples < 1:
             raise CommandError(f"--num-samples={args.num_samples} must be >= 1")
-        prompt = read_prompt(args)
         device = resolve_device(args.device)
+        prompt = read_prompt(args)
         inference = load_for_inference(args.path, args.overrides, device=device)
         set_tf32(inference.cfg.compute.tf32, device)
+        set_cpu_threads(inference.cfg.compute.cpu_threads)
     except USER_ERRORS as e:
         return report_error(e, status=2)
     try:

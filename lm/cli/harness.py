@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
-                           report_error, reports_disk_errors)
-from lm.device import set_tf32
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir, report_error,
+                           reports_disk_errors, tell_deepspeed_the_accelerator)
+from lm.device import set_cpu_threads, set_tf32
 from lm.fileio import atomic_write_text
 
 
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=float, help="documents per task (< 1: a fraction); for quick checks only")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences or windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--max-length", type=int, help="tokens per forward pass (default: the training context)")
     p.add_argument("--rolling-stride", type=int, help="new tokens per rolling-perplexity window (default: "
                    "--max-length)")
@@ -58,6 +58,7 @@ def default_output(checkpoint: Path) -> Path:
 @reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tell_deepspeed_the_accelerator()
     try:
         from lm.eval import harness  # needs the optional lm-eval: imported only now, so the hint can be printed
     except ImportError as e:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         model = harness.HarnessLM(args.path, args.overrides, batch_size=args.batch_size, device=args.device,
                                   max_length=args.max_length, rolling_stride=args.rolling_stride, seed=args.seed)
         set_tf32(model.inference.cfg.compute.tf32, model.device)
+        set_cpu_threads(model.inference.cfg.compute.cpu_threads)
         results = harness.run_tasks(model, tasks, args.include_path, limit=limit, num_fewshot=args.num_fewshot,
                                     log_samples=args.log_samples)
     except USER_ERRORS as e:  # HarnessError is one too

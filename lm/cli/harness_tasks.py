@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
-from lm.eval.harness_tasks import write_tasks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @reports_disk_errors(status=2)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lm.eval.harness_tasks import write_tasks  # after parsing: a fast --help
+
     try:
         if args.num_questions < 1:
             raise CommandError(f"--num-questions={args.num_questions} must be >= 1")

@@ -7,13 +7,10 @@ and the cache file (a folder of token files for a documents corpus).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
-from lm.cli.common import USER_ERRORS, report_error
-from lm.config import load_config
-from lm.data import prepare_corpus
+from lm.cli.common import USER_ERRORS, command_parser, report_error
 
 
 EXIT_INTERRUPTED = 130
@@ -21,12 +18,16 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__, epilog="Config keys: python tools/train.py --help lists every one (the data.* keys "
+                                       "are the ones used here); docs/training.md#configs explains them.")
     p.add_argument("config", help="YAML config file (its data section is used)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=DIR data.num_proc=4")
     p.add_argument("--splits", default="train,valid,test", help="comma-separated splits to prepare")
     p.add_argument("--run-dir", action="store_true", help="also save the tokenizer into the config's run_dir")
     args = p.parse_args(argv)
+    from lm.config import load_config  # after parsing: a fast --help
+    from lm.data import prepare_corpus
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         cfg = load_config([args.config], args.overrides)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
 from lm.fileio import atomic_write_text
-from lm.stability.probe import format_probe, probe_run
 
 
 @reports_disk_errors(status=2)
@@ -33,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", type=int, help="probe up to this step instead of the first bad one")
     p.add_argument("--json", type=Path, help="where to write the figures (default WORK/probe.json)")
     args = p.parse_intermixed_args(argv)
+    from lm.stability.probe import format_probe, probe_run  # after parsing: a fast --help
+
     work = args.work or args.run_dir / "probe"
     try:
         if args.snapshots < 1:

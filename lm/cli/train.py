@@ -15,11 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from lm.cli.common import USER_ERRORS, report_error
-from lm.config import ConfigError, load_config
-from lm.training.distributed import shutdown
-from lm.training.loop import TrainingStopped, train
-from lm.training.preemption import TrainingPreempted
+from lm.cli.common import USER_ERRORS, CommandError, report_error
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -33,7 +29,8 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in argv if "=" in a]
     for f in files:
         if f.startswith("-"):
-            raise ConfigError(f"unknown option {f!r}: usage: train.py [CONFIG.yaml] [key=value ...]")
+            raise CommandError(f"unknown option {f!r}: usage: train.py [CONFIG.yaml] [key=value ...] (--help lists "
+                               f"the keys)")
     return files, overrides
 
 
@@ -42,12 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: train.py [CONFIG.yaml ...] [key=value ...]\n\nTrain a language model. Keys are the fields of "
-              "lm.config.TrainConfig (e.g. run_dir=runs/x max_steps=1000 model.attention.kind=softmax); every run "
-              "directory gets the resolved config.yaml. Shipped configs: configs/*.yaml.\n\nExit status: 0 done, "
-              f"{EXIT_ERROR} error, {EXIT_DIVERGED} diverged, {EXIT_PREEMPTED} stopped early by a signal or "
-              "time_limit_minutes after saving (re-run the same command to resume).")
+        print(help_text())
         return EXIT_OK
+    from lm.config import load_config  # after the --help check: it answers without loading torch
+    from lm.training.distributed import shutdown
+    from lm.training.loop import TrainingStopped, train
+    from lm.training.preemption import TrainingPreempted
+
     try:
         files, overrides = parse_argv(argv)
         train(load_config(files, overrides))
@@ -60,3 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutdown()
     return EXIT_OK
+
+
+def help_text() -> str:
+    """``--help``: usage, what the command does (this module's docstring) and every config key."""
+    from lm.cli.common import format_config_keys
+
+    return (f"usage: train.py [CONFIG.yaml ...] [key=value ...]\n\n{__doc__.strip()}\n\nShipped configs: "
+            f"configs/*.yaml. Files merge in order, then key=value overrides; every run directory\ngets the "
+            f"resolved config.yaml.\n\n{format_config_keys()}")

@@ -205,7 +205,7 @@ def _build(cfg: DataConfig, tok: Tokenizer, src: DocumentSource, folder: Path, s
     stats: dict[int, ReadStats] = {}
     start, done_bytes = time.perf_counter(), 0
     writer: _PartWriter | None = None
-    bar = tqdm(unit="B", unit_scale=True, disable=not cfg.progress, desc=f"tokenize {src.name}")
+    bar = tqdm(unit="B", unit_scale=True, disable=None if cfg.progress else True, desc=f"tokenize {src.name}")
     try:
         for g, item in _encoded(_work(src, todo, groups, stats), tok, dtype.name, processes, parallel):
             if writer is None:

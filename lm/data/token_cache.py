@@ -155,8 +155,10 @@ def _build_cache(bin_path: Path, side_path: Path, tok: Tokenizer, src: SplitSour
     line_ends = LineEnds()
     start = time.perf_counter()
     try:
-        with open_for_writing(tmp) as f, tqdm(total=src.num_bytes, unit="B", unit_scale=True, disable=not progress,
-                                        desc=f"tokenize {src.name}") as bar:
+        # disable=None: no bar when stderr is not a terminal (a log file gets no carriage-return runs)
+        with open_for_writing(tmp) as f, tqdm(total=src.num_bytes, unit="B", unit_scale=True,
+                                              disable=None if progress else True,
+                                              desc=f"tokenize {src.name}") as bar:
             parallel = src.num_bytes >= PARALLEL_MIN_BYTES
             chunks = map(line_ends.add, src.chunks())
             for ids, words, nbytes in _encoded_chunks(chunks, tok, dtype.name, num_proc, parallel):

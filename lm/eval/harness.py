@@ -23,9 +23,11 @@ Conventions (where lm-eval leaves a choice to the model):
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,7 +158,7 @@ class HarnessLM(LM):
         sequences = [[self.tokenizer.bos_id, *context, *continuation] for context, continuation in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -len(sequences[i]))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=True if disable_tqdm else None, dynamic_ncols=True)
         for start in range(0, len(order), self.batch_size):
             batch = [i for i in order[start:start + self.batch_size] if pairs[i][1]]  # empty continuation: 0
             if batch:
@@ -193,7 +195,7 @@ class HarnessLM(LM):
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string as one document (BOS first, sliding windows, each token once)."""
         results = []
-        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm, dynamic_ncols=True):
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=True if disable_tqdm else None, dynamic_ncols=True):
             (text,) = req.args
             tokens = self.tokenizer.encode_array(text)
             if len(tokens) == 0:
@@ -210,7 +212,7 @@ class HarnessLM(LM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Continuation of each context, cut before the first stop sequence (``until``)."""
         results = []
-        for i, req in enumerate(tqdm(requests, desc="generate_until", disable=disable_tqdm, dynamic_ncols=True)):
+        for i, req in enumerate(tqdm(requests, desc="generate_until", disable=True if disable_tqdm else None, dynamic_ncols=True)):
             context, gen_kwargs = req.args
             text = self.generate_text(context, dict(gen_kwargs or {}), seed=self.seed + i)
             self.cache_hook.add_partial("generate_until", req.args, text)
@@ -287,7 +289,7 @@ def run_tasks(lm: HarnessLM, tasks: Sequence[str], include_path: Sequence[str | 
 
     if not tasks:
         raise HarnessError("no tasks given (--tasks T1,T2)")
-    with hub_offline(offline) as is_offline:
+    with hub_offline(offline) as is_offline, _our_commit_as_git_hash(), _datasets_bars_on_a_terminal_only():
         manager = task_manager(tasks, include_path)
         try:
             return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
@@ -299,6 +301,52 @@ def run_tasks(lm: HarnessLM, tasks: Sequence[str], include_path: Sequence[str | 
             raise HarnessError(f"a task's data cannot be loaded: {why} ({str(e).splitlines()[0]}); run where the "
                                f"hub is reachable once (it caches the data), or use local tasks "
                                f"(tools/harness_tasks.py, --include-path)") from None
+
+
+def lm_commit() -> str | None:
+    """``git describe --always --dirty`` of the checkout this package runs from; None when it is not a git
+    checkout (an installed copy) or git is missing. Asked quietly."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _our_commit_as_git_hash():
+    """lm-eval records ``results["git_hash"]`` by running ``git describe`` in the working directory, which prints
+    "fatal: not a git repository" outside one; meanwhile it records this package's commit instead (the code that
+    evaluated: :func:`lm_commit`), asked quietly."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lm_commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+@contextlib.contextmanager
+def _datasets_bars_on_a_terminal_only():
+    """No `datasets` progress bars (carriage-return runs) while stderr is a file; as before afterwards."""
+    import sys
+
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    off = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if off:
+            enable_progress_bars()
 
 
 def json_safe(results: dict[str, Any]) -> dict[str, Any]:

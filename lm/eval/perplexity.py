@@ -162,7 +162,7 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, cont
     was_training = model.training
     model.eval()
     nll_sum, num_tokens = 0.0, 0
-    bar = tqdm(total=total_targets, unit="tok", desc="scoring", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_targets, unit="tok", desc="scoring", disable=None if progress else True, dynamic_ncols=True)
     try:
         for group in _batches(windows, batch_size):
             ids = torch.stack([_window_inputs(tokens, w, bos_id) for w in group]).to(device)
@@ -326,7 +326,7 @@ def score_documents(model: torch.nn.Module, tokens, eos_id: int, context: int, s
     judged on per document; costs one forward pass per window of each document."""
     total, count = 0.0, 0
     spans = document_spans(tokens, eos_id)
-    bar = tqdm(total=len(spans), unit="doc", desc="documents", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(spans), unit="doc", desc="documents", disable=None if progress else True, dynamic_ncols=True)
     try:
         for start, end in spans:
             nll = score_tokens(model, tokens[start:end], context, stride, batch_size, bos_id, device)

@@ -1,4 +1,4 @@
-"""``KernelizedLMConfig``: a transformers config that carries our :class:`lm.config.ModelConfig` whole
+"""``KernelizedLMConfig``: a transformers config that carries our :class:`lm.config.model.ModelConfig` whole
 (``lm_model``), so the Hugging Face model is built exactly as the checkpoint's model was."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from lm.config import ConfigError, config_from_dict
+from lm.config.model import ConfigError, model_config_from_dict
 
 MODEL_TYPE = "lm_kernelized"
 
@@ -14,7 +14,7 @@ MODEL_TYPE = "lm_kernelized"
 class KernelizedLMConfig(PretrainedConfig):
     """transformers config of a model trained with ``lm``.
 
-    ``lm_model``: the ``model`` section of the training config (``lm.config.ModelConfig`` as a dict).
+    ``lm_model``: the ``model`` section of the training config (``lm.config.model.ModelConfig`` as a dict).
     ``n_positions``: the training context (``data.seq_len``). It is not a limit: the model runs on any length (RPE
     tables clamp, absolute positions are sinusoidal), so no ``max_position_embeddings`` is declared; tools that ask
     a config for a context (lm-evaluation-harness) take ``n_positions``, as our own tools default to it.
@@ -35,9 +35,9 @@ class KernelizedLMConfig(PretrainedConfig):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
     def model_config(self):
-        """The :class:`lm.config.ModelConfig` this config carries (validated)."""
+        """The :class:`lm.config.model.ModelConfig` this config carries (validated)."""
         try:
-            return config_from_dict({"model": self.lm_model}).model
+            return model_config_from_dict(self.lm_model)
         except ConfigError as e:
             raise ConfigError(f"config.json's lm_model is not a model config of this lm version: {e}") from None
 

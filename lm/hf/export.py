@@ -6,9 +6,9 @@ The directory::
     model.safetensors             the weights (float32 or bfloat16), random-feature projections included
     generation_config.json        BOS / EOS / pad ids
     tokenizer.json, tokenizer_config.json   exactly our tokenizer (lm.hf.tokenizer), BOS put first by default
-    configuration_lm_kernelized.py, modeling_lm_kernelized.py
-                                  what ``trust_remote_code=True`` loads: they import the ``lm`` package, which
-                                  must be installed where the model is loaded (pip install -e '.[hf]')
+    configuration_lm_kernelized.py, modeling_lm_kernelized.py, lm_kernelized_*.py
+                                  what ``trust_remote_code=True`` loads: copies of this package's model code
+                                  (:mod:`lm.hf.remote_code`), needing only torch and transformers
     lm_training_config.yaml       the full config the checkpoint was trained with (provenance)
     README.md                     a short model card: what it is, how to load it
     lm_export.json                the export's own marker (written last): what it was exported from, the files
@@ -38,6 +38,7 @@ from lm.errors import DiskError, UserError, disk_problem
 from lm.fileio import atomic_write_text, free_bytes, fsync_dir, fsync_tree, lock_holder, remove_path
 from lm.hf.configuration import KernelizedLMConfig
 from lm.hf.modeling import KernelizedLMForCausalLM
+from lm.hf.remote_code import CONFIGURATION_FILE, MODELING_FILE, remote_module, write_remote_code
 from lm.hf.tokenizer import CHECK_TEXT, save_hf_tokenizer
 from lm.inference.loading import Inference, load_for_inference
 
@@ -47,11 +48,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOGITS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 0.0}
 """How far the written model's logits may be from the checkpoint's (max-norm relative error). bfloat16: the same
 computation in the same dtype, so the same numbers."""
-
-_REMOTE_CODE = {
-    "configuration_lm_kernelized.py": ("KernelizedLMConfig", "lm.hf.configuration"),
-    "modeling_lm_kernelized.py": ("KernelizedLMForCausalLM", "lm.hf.modeling"),
-}
 
 
 class ExportError(UserError, ValueError):
@@ -153,14 +149,6 @@ def _check_target(out_dir: Path, source: Path, force: bool) -> None:
                           f"read-only or not writable); give an OUT_DIR in a writable folder")
 
 
-def _remote_code_file(class_name: str, module: str) -> str:
-    return (f'"""Loads a model trained with the `lm` package ({class_name}) for transformers\' trust_remote_code=True.\n\n'
-            f'The class lives in the `lm` package, which must be installed where the model is loaded: from a checkout\n'
-            f'of the lm repository, `pip install -e \'.[hf]\'`. With `lm` installed, `import lm.hf` also registers the\n'
-            f'class with the Auto* factories, and trust_remote_code is then not needed.\n"""\n'
-            f"from {module} import {class_name}\n\n__all__ = [\"{class_name}\"]\n")
-
-
 def _model_card(inference: Inference, dtype: str) -> str:
     m = inference.cfg.model
     a = m.attention
@@ -169,10 +157,11 @@ def _model_card(inference: Inference, dtype: str) -> str:
         f"Decoder-only Transformer, {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, attention "
         f"`{a.kind}` (feature map {a.feature_map}, RPE {a.rpe}), vocabulary {m.vocab_size}, trained at context "
         f"{inference.cfg.data.seq_len} for {inference.step} steps; weights in {dtype}.", "",
-        "Loading needs the `lm` package installed (from its repository: `pip install -e '.[hf]'`):", "",
+        "Loading needs `torch` and `transformers` only: the model's code is in this directory "
+        "(`modeling_lm_kernelized.py` and the files it imports), hence `trust_remote_code=True`.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # it reads config.json too",
         "ids = tokenizer(\"The\", return_tensors=\"pt\")  # BOS first, as the model expects",
         "out = model.generate(**ids, max_new_tokens=50, do_sample=False)",
         "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
@@ -195,8 +184,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: str = "float
     tok, cfg = inference.tokenizer, inference.cfg
     config = KernelizedLMConfig.from_model_config(cfg.model, cfg.data.seq_len, bos_token_id=tok.bos_id,
                                                   eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
-    config.auto_map = {"AutoConfig": "configuration_lm_kernelized.KernelizedLMConfig",
-                       "AutoModelForCausalLM": "modeling_lm_kernelized.KernelizedLMForCausalLM"}
+    config.auto_map = {"AutoConfig": f"{CONFIGURATION_FILE}.KernelizedLMConfig",
+                       "AutoModelForCausalLM": f"{MODELING_FILE}.KernelizedLMForCausalLM"}
     torch_dtype = DTYPES[dtype]
     config.dtype = dtype
     model = KernelizedLMForCausalLM(config)
@@ -211,12 +200,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: str = "float
         remove_path(tmp)
         model.save_pretrained(str(tmp))
         model.generation_config.save_pretrained(str(tmp))
+        _same_mode_as(tmp / "model.safetensors", tmp / "config.json")  # safetensors writes its file 0600
         try:
             save_hf_tokenizer(tok, tmp)
         except ValueError as e:
             raise ExportError(f"{inference.path}: {e}") from None
-        for name, (cls, module) in _REMOTE_CODE.items():
-            (tmp / name).write_text(_remote_code_file(cls, module))
+        write_remote_code(tmp)
         (tmp / "lm_training_config.yaml").write_text(to_yaml(cfg))
         (tmp / "README.md").write_text(_model_card(inference, dtype))
         error = _check_written(tmp, inference, torch_dtype)
@@ -233,14 +222,21 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: str = "float
     return Exported(out_dir, inference.step, dtype, error)
 
 
+def _same_mode_as(path: Path, like: Path) -> None:
+    """Give ``path`` the permissions of ``like`` (a file written with the umask's default mode)."""
+    os.chmod(path, like.stat().st_mode & 0o777)
+
+
 @torch.no_grad()
 def _check_written(directory: Path, inference: Inference, dtype: torch.dtype) -> float:
-    """Load the written model back and compare its logits with the checkpoint's on the check sample."""
-    loaded = KernelizedLMForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    """Load the written model back, with the code written beside it, and compare its logits with the checkpoint's
+    on the check sample."""
     ids = torch.tensor([[inference.tokenizer.bos_id, *inference.tokenizer.encode(CHECK_TEXT)]])
     want = inference.model.to(dtype)(ids)
     inference.model.float()
-    got = loaded(ids, use_cache=False).logits
+    with remote_module(directory, MODELING_FILE) as code:
+        loaded = code.KernelizedLMForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+        got = loaded(ids, use_cache=False).logits
     error = _relative_error(got, want)
     if not error <= LOGITS_RTOL[dtype]:
         raise ExportError(f"the written model's logits differ from the checkpoint's (relative error {error:.2e} > "

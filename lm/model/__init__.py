@@ -1,5 +1,5 @@
 """The model: relative positional encodings, the attention layers, and the decoder-only Transformer built from
-:class:`lm.config.ModelConfig` alone (it knows nothing of devices, launchers or files).
+:class:`lm.config.model.ModelConfig` alone (it knows nothing of devices, launchers or files).
 
     rpe.py          clipped RPE tables (per offset, T5 buckets) and the causal bias matrix of softmax attention
     attention.py    kernelized (random features + the op) and softmax attention layers

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.config import ModelConfig
+from lm.config.model import ModelConfig
 from lm.model.cache import KernelizedLayerCache, SoftmaxLayerCache
 from lm.model.rpe import relative_bias
 from lm.ops import kernelized_attention, kernelized_attention_step, state_after

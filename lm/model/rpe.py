@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from lm.config import check_buckets
+from lm.config.model import check_buckets
 from lm.ops.rpe_matrix import causal_rpe_bias
 
 __all__ = ["PerOffsetRPE", "BucketedRPE", "t5_causal_buckets", "relative_bias"]

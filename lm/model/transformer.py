@@ -1,5 +1,5 @@
 """Decoder-only Transformer: token embedding (tied to the output), pre-norm blocks of attention + GELU MLP,
-final LayerNorm. Built only from :class:`lm.config.ModelConfig`; knows nothing of devices, launchers or files.
+final LayerNorm. Built only from :class:`lm.config.model.ModelConfig`; knows nothing of devices, launchers or files.
 
 Positions: ``kernelized_rpe`` and ``softmax`` (with RPE) use the relative bias of :mod:`lm.model.rpe` only;
 ``kernelized`` (no RPE) adds sinusoidal absolute positions, which extend past the training length.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lm.config import ModelConfig
+from lm.config.model import ModelConfig
 from lm.model.attention import KernelizedAttention, build_attention
 from lm.model.cache import ModelCache
 from lm.model.rpe import BucketedRPE, PerOffsetRPE

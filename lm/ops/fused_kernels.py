@@ -31,8 +31,12 @@ tensors under ``TRITON_INTERPRET=1`` (how the tests check them against the float
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the fused method is only chosen where triton imports (lm.ops.fused.fused_available)
+    raise ImportError("the fused attention method needs triton (it ships with CUDA builds of torch); use another "
+                      "method") from e
 
 
 @triton.jit

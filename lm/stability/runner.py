@@ -77,7 +77,7 @@ def child_main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     evaluations: list[dict] = []
     try:
-        cfg = load_config([], spec["overrides"])
+        cfg = load_config([], [*spec["overrides"], f"compute.cpu_threads={spec['threads']}"])
         if Path(cfg.run_dir).resolve() != run_dir.resolve():
             raise ConfigError(f"spec {spec_path} names run_dir={cfg.run_dir}, not its own folder")
         try:

@@ -7,11 +7,14 @@ cannot see a collective on the wrong device: nothing outside this module calls `
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -143,6 +146,27 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+_BUILD_NOTICE = re.compile(r"^DeepSpeed [\w.]+ built successfully$")
+
+
+@contextlib.contextmanager
+def _without_build_notices(after_a_build_s: float = 30.0):
+    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every CPU start,
+    also when it only loads the op compiled on first use; the notice stays when the start took ``after_a_build_s``
+    or more (a compile: about 2 minutes). The rest of what it prints passes through."""
+    captured = io.StringIO()
+    start = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        built = time.monotonic() - start >= after_a_build_s
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if built or not _BUILD_NOTICE.match(line.strip())]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
+
+
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Pick the engine and the device, start the process group, and (``deepspeed.sequence_parallel_size > 1``)
     DeepSpeed's sequence-parallel groups.
@@ -176,7 +200,8 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         import deepspeed
-        deepspeed.init_distributed(dist_backend=backend)
+        with _without_build_notices():
+            deepspeed.init_distributed(dist_backend=backend)
     elif launched and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -34,7 +34,7 @@ from torch import nn
 
 from lm.config import ConfigError, TrainConfig
 from lm.data.batches import document_starts
-from lm.device import set_tf32
+from lm.device import set_cpu_threads, set_tf32
 from lm.fileio import open_for_writing
 from lm.training.distributed import DistInfo, all_reduce, broadcast
 from lm.training.divergence import bad_step
@@ -173,9 +173,11 @@ class Engine:
     cfg: TrainConfig
 
     def _start(self, cfg: TrainConfig, info: DistInfo) -> None:
-        """What every engine does first: keep the config and placement, and apply ``compute.tf32``."""
+        """What every engine does first: keep the config and placement, and apply ``compute.tf32`` and
+        ``compute.cpu_threads``."""
         self.cfg, self.info = cfg, info
         set_tf32(cfg.compute.tf32, info.device)
+        set_cpu_threads(cfg.compute.cpu_threads)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], global_tokens: int, lr: float,
                    loss_limit: float = math.inf, flags: Optional[Flags] = None,
