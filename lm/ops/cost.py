@@ -169,9 +169,9 @@ class CostCounter(TorchDispatchMode):
 
     def __init__(self, gpu: GPU = H100_SXM, tf32: bool = False):
         super().__init__()
-        from lm.ops import kernelized
-        self.impls = {torch.ops.lm.kernelized_mix.default: kernelized._mix_impl,
-                      torch.ops.lm.kernelized_mix_backward.default: kernelized._mix_backward_impl}
+        from lm.ops.kernelized import _mix_backward_impl, _mix_impl
+        self.impls = {torch.ops.lm.kernelized_mix.default: _mix_impl,
+                      torch.ops.lm.kernelized_mix_backward.default: _mix_backward_impl}
         self.gpu, self.tf32, self.cost = gpu, tf32, Cost()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

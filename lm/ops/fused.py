@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -41,9 +42,12 @@ def fused_available(device: torch.device | str) -> bool:
     return kind == "cpu" and _TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernels():
-    from lm.ops import fused_kernels  # imports triton: only when the method runs
-    return fused_kernels
+def _kernels() -> SimpleNamespace:
+    from lm.ops.fused_kernels import (ACC_FLOAT32, ACC_FLOAT64, backward_delta, backward_dkv,  # imports triton:
+                                      backward_dq, far_states, far_states_backward, forward)  # only when it runs
+    return SimpleNamespace(far_states=far_states, forward=forward, backward_delta=backward_delta,
+                           far_states_backward=far_states_backward, backward_dq=backward_dq, backward_dkv=backward_dkv,
+                           acc={torch.float32: ACC_FLOAT32, torch.float64: ACC_FLOAT64})
 
 
 def _pow2(n: int) -> int:
@@ -51,14 +55,12 @@ def _pow2(n: int) -> int:
 
 
 def _settings(q: torch.Tensor, tf32: bool, block: int):
-    import triton.language as tl
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     half = q.dtype in (torch.float16, torch.bfloat16)
     prec = "tf32" if (tf32 and q.dtype == torch.float32) else "ieee"
     far_prec = "tf32" if (half or (tf32 and q.dtype == torch.float32)) else "ieee"
     upcast = half and q.device.type == "cpu"  # the interpreter's half-precision tl.dot is wrong (see _dot)
-    return dict(BT=block, BM=_pow2(q.shape[-1]), PREC=prec, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                UPCAST=upcast), far_prec, acc
+    return dict(BT=block, BM=_pow2(q.shape[-1]), PREC=prec, ACC=_kernels().acc[acc], UPCAST=upcast), far_prec, acc
 
 
 def _shapes(q, v, c, block):

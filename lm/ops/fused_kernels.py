@@ -38,6 +38,9 @@ except ImportError as e:  # the fused method is only chosen where triton imports
     raise ImportError("the fused attention method needs triton (it ships with CUDA builds of torch); use another "
                       "method") from e
 
+ACC_FLOAT32, ACC_FLOAT64 = tl.float32, tl.float64
+"""The accumulator types a launch passes as ``ACC``."""
+
 
 @triton.jit
 def _load_rows(ptr, rows, n_rows, cols, n_cols):
