@@ -87,6 +87,9 @@ EXIT_BROKEN_PIPE = 141
 
 
 def _sample(args: argparse.Namespace, inference, prompt: str, device, sampling: Sampling) -> None:
+    import torch
+
+    from lm.inference.generation import GenerationStats, TextStream, generate
     tok = inference.tokenizer
     prompt_ids = tok.encode(prompt)
     print(f"checkpoint {inference.path} (step {inference.step}, {inference.cfg.model.attention.kind}) on {device}; "
