@@ -7,18 +7,24 @@
 
 Numerator and normaliser come out of one pass over ``u = [v, 1]``. Here the bias becomes weights (``max``
 subtracted per head: it cancels in the ratio and keeps every weight <= 1) by ordinary differentiable torch,
-a method is picked from the shapes, and the mixing runs in the custom op ``lm::kernelized_mix``:
+a method is picked from the shapes and the device (:func:`choose_method`: measured crossovers on CPU, the cost
+model of ``cost.py`` on GPUs), and the mixing runs in a custom op:
 
+- ``fused``: Triton kernels of the chunk form (``fused.py``, ``fused_kernels.py``; the op ``lm::fused_chunk``);
 - ``band`` / ``prefix``: exact band + prefix sums (``band.py``) with the weights ``(H, L)`` (``(H, 1)`` of
-  ones for ``prefix``);
+  ones for ``prefix``), in ``lm::kernelized_mix``;
 - ``fft``: the same band for offsets ``< NEAR_BAND`` plus a constant ``mu`` (the smallest far weight) for all
   farther offsets, and an FFT (``fft.py``) of the far residual ``c(t) - mu >= 0`` (``precision.py`` explains
   why this keeps a float32 FFT accurate); the FFT runs in ``fft_dtype``;
 - ``dense``: plain differentiable torch (``dense.py``).
 
-The custom op saves only its inputs, the output and the normaliser; its backward (``lm::kernelized_mix_backward``,
-also a custom op) recomputes. Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces the
-op without graph breaks; nothing in the op reads tensor values on the host.
+Document boundaries (``documents.py``) reach every method but the FFT; a continued recurrent state enters as its
+ring's keys in front of the tokens and its far sums as an initial state (every method; the FFT only while the
+state holds no far keys).
+
+The custom ops save only their inputs, the output and the normaliser; their backwards (also custom ops) recompute.
+All have fake implementations whose strides match the real outputs, so ``torch.compile(fullgraph=True)`` traces
+the op without graph breaks, inductor included; nothing in the op reads tensor values on the host.
 """
 from __future__ import annotations
 
