@@ -75,6 +75,7 @@ export LM_WIKITEXT_SAMPLE="${LM_WIKITEXT_SAMPLE:-$ROOT/../shared/data/wikitext-1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
 
 if [ "$MODE" = cuda ]; then
+  export ATTENTION_CASES="sdpa fused fused_band fused_prefix fft band prefix"
   export ATTENTION_ARGS="--device cuda --n 4096 8192 16384 32768 65536 --heads 8 --head-dim 64 --features 64
     --repeats 3 --max-memory-gb 100 --threads 8"
   export TRAIN_ARGS="--device cuda --contexts 512,4096,16384 --tokens-per-step 32768 --layers 6 --d-model 512
@@ -84,6 +85,7 @@ if [ "$MODE" = cuda ]; then
   export GENERATE_ARGS="--device cuda --contexts 1024,4096,16384,32768,65536 --rounds 8 --block 4"
 else
   export ATTENTION_ARGS="--device cpu --n 256 --heads 2 --head-dim 16 --features 8 --band-l 33 --repeats 1 --threads 1"
+  export ATTENTION_CASES="sdpa fused fft band prefix"  # the fused kernels run interpreted on CPU: one case is enough
   export TRAIN_ARGS="--device cpu --contexts 32,64 --tokens-per-step 64 --layers 1 --d-model 32 --heads 2
     --features 8 --vocab 64 --steps 1 --repeats 1"
   export WIKITEXT_ARGS="max_steps=20 log_every=5 save_every=20 optim.warmup_steps=2 optim.lr=3e-3 batch_size=8
@@ -102,7 +104,7 @@ stage_attention() {
   # shellcheck disable=SC2086
   # on CPU (the rehearsal) the fused method runs in Triton's interpreter
   [ "$MODE" = cuda ] || export TRITON_INTERPRET=1
-  "$PY" tools/bench_attention.py $ATTENTION_ARGS --cases sdpa fused fused_band fused_prefix fft band prefix --bf16 \
+  "$PY" tools/bench_attention.py $ATTENTION_ARGS --cases $ATTENTION_CASES --bf16 \
     --no-fp64 --no-isolate \
     --bias decay --out "$OUT/attention"
 }
