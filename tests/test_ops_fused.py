@@ -68,11 +68,9 @@ def test_fused_method_float32_through_the_op():
     check_against_reference(xs, out, 1e-4, 1e-3)
 
 
-def test_fused_packed_documents_equal_each_document_alone():
-    lengths = [20, 1, 33, 17]
-    xs = leaves(1, 2, sum(lengths), 4, 3, 12, seed=2)
-    cu = torch.tensor([0, 20, 21, 54, 71], dtype=torch.int32)
-    got = kernelized_attention(*xs, method="fused", cu_seqlens=cu)
+def check_each_document_alone(xs, lengths, got, seed):
+    """``got`` (a packed row of the documents ``lengths``) equals the float64 reference of each document alone,
+    values and all four gradients."""
     parts, start = [], 0
     for n in lengths:
         sl = slice(start, start + n)
@@ -80,10 +78,18 @@ def test_fused_packed_documents_equal_each_document_alone():
         start += n
     want = torch.cat(parts, dim=2)
     assert norm_relative(got, want) < 1e-12
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for name, a, b in zip(("phi_q", "phi_k", "v", "rpe_bias"), torch.autograd.grad(got, xs, g),
                           torch.autograd.grad(want, xs, g)):
         assert norm_relative(a, b) < 1e-10, name
+
+
+def test_fused_packed_documents_equal_each_document_alone():
+    lengths = [20, 1, 33, 17]
+    xs = leaves(1, 2, sum(lengths), 4, 3, 12, seed=2)
+    cu = torch.tensor([0, 20, 21, 54, 71], dtype=torch.int32)
+    got = kernelized_attention(*xs, method="fused", cu_seqlens=cu)
+    check_each_document_alone(xs, lengths, got, seed=1)
 
 
 def test_fused_documents_with_a_far_field_in_small_blocks():
@@ -93,17 +99,7 @@ def test_fused_documents_with_a_far_field_in_small_blocks():
     starts = torch.cat([torch.full((n,), s) for n, s in zip(lengths, [0, 23, 39, 48])])[None]
     xs = leaves(1, 2, 80, 4, 3, 9, seed=4)
     out = fused_attention(*xs[:3], weights(xs[3], 80, 2, torch.float64), starts, block=16)
-    parts, start = [], 0
-    for n in lengths:
-        sl = slice(start, start + n)
-        parts.append(kernelized_attention_reference(xs[0][:, :, sl], xs[1][:, :, sl], xs[2][:, :, sl], xs[3]))
-        start += n
-    want = torch.cat(parts, dim=2)
-    assert norm_relative(out, want) < 1e-12
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    for name, a, b in zip(("phi_q", "phi_k", "v", "rpe_bias"), torch.autograd.grad(out, xs, g),
-                          torch.autograd.grad(want, xs, g)):
-        assert norm_relative(a, b) < 1e-10, name
+    check_each_document_alone(xs, lengths, out, seed=2)
 
 
 def test_bfloat16_error_within_twice_sdpa():

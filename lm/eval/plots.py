@@ -7,6 +7,7 @@ from typing import Sequence
 
 from lm.eval.passkey import PasskeyReport
 from lm.eval.position import PositionLoss
+from lm.fileio import atomic_write
 
 __all__ = ["plot_position_loss", "plot_passkey"]
 
@@ -35,12 +36,7 @@ def plot_position_loss(results: Sequence[PositionLoss], path: str | Path, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_passkey(report: PasskeyReport, path: str | Path, title: str = "") -> Path:
@@ -59,9 +55,18 @@ def plot_passkey(report: PasskeyReport, path: str | Path, title: str = "") -> Pa
             ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label=f"accuracy ({report.trials} trials per cell)")
     ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (a reader never sees half a file; a full disk leaves the
+    previous one), then closed."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
