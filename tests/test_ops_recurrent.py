@@ -93,3 +93,43 @@ def test_step_errors_name_what_to_change():
         kernelized_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, bias_of((2, 3)))
     with pytest.raises(ValueError, match="one token per sequence"):
         kernelized_attention_step(q, k, v, state, bias_of((2, 5)))
+
+
+@pytest.mark.parametrize("L", [1, 5, 40])
+def test_a_graphable_state_steps_like_the_pure_one_and_launches_the_same_kernels_at_every_position(L):
+    """graphable(): the position on the device, the ring whole, the state advanced in place. Its steps give the pure
+    steps' outputs and states; and a step traced at two positions is the same graph (the same kernels with the same
+    arguments: what a CUDA graph captures once and replays), where the pure step's differs (a host slot index)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lm.ops import graphable
+    g = torch.Generator().manual_seed(0)
+    B, H, M, D, n0, steps = 2, 3, 4, 5, 7, 16
+    bias = torch.randn(H, L, generator=g, dtype=torch.float64) if L > 1 else None
+    k0, v0 = torch.rand(B, H, n0, M, generator=g, dtype=torch.float64), torch.randn(B, H, n0, D, generator=g,
+                                                                                     dtype=torch.float64)
+    pure = state_after(k0, v0, L)
+    fast = graphable(pure)
+    for _ in range(steps):
+        q, k = torch.rand(B, H, M, generator=g, dtype=torch.float64), torch.rand(B, H, M, generator=g,
+                                                                                dtype=torch.float64)
+        v = torch.randn(B, H, D, generator=g, dtype=torch.float64)
+        want, pure = kernelized_attention_step(q, k, v, pure, bias)
+        got, fast = kernelized_attention_step(q, k, v, fast, bias)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+        assert fast.position == pure.position and int(fast.step) == pure.position
+        assert torch.allclose(fast.far_kv, pure.far_kv, rtol=1e-12, atol=1e-14)
+
+    def traced(state):
+        def step(q, k, v, ring_k, ring_v, far_kv, far_k, *device_step):
+            s = state._replace(ring_k=ring_k, ring_v=ring_v, far_kv=far_kv, far_k=far_k,
+                               step=device_step[0] if device_step else None)
+            return kernelized_attention_step(q, k, v, s, bias)[0]
+        args = [q, k, v, state.ring_k, state.ring_v, state.far_kv, state.far_k]
+        return make_fx(step)(*args, *([state.step.clone()] if state.step is not None else [])).code
+
+    later = graphable(state_after(torch.cat([k0, k0], 2), torch.cat([v0, v0], 2), L))
+    assert traced(fast) == traced(later)
+    if L > 1:
+        assert traced(pure) != traced(state_after(torch.cat([k0, k0], 2)[:, :, :n0 + 1],
+                                                  torch.cat([v0, v0], 2)[:, :, :n0 + 1], L))

@@ -21,13 +21,14 @@ reads no tensor values on the host, and keeps shapes that depend only on ``n`` a
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from lm.ops.feature_maps import no_autocast
 
-__all__ = ["RecurrentState", "initial_state", "state_after", "kernelized_attention_step", "MIN_RING_CAPACITY"]
+__all__ = ["RecurrentState", "initial_state", "state_after", "graphable", "kernelized_attention_step",
+           "MIN_RING_CAPACITY"]
 
 MIN_RING_CAPACITY = 16
 """Ring slots allocated at least (while fewer than ``R`` are needed), so short prompts do not regrow every step."""
@@ -48,6 +49,10 @@ class RecurrentState(NamedTuple):
     ring_v: torch.Tensor
     far_kv: torch.Tensor
     far_k: torch.Tensor
+    step: Optional[torch.Tensor] = None
+    """For a state made by :func:`graphable`: ``position`` as a 0-dim long tensor on the state's device. A step then
+    reads it there and advances the state in place, so every position runs the same kernels with the same
+    arguments (one step can be captured in a CUDA graph and replayed); ``position`` stays the host's count."""
 
     def nbytes(self) -> int:
         """Bytes held (allocated ring capacity included)."""
@@ -102,6 +107,48 @@ def state_after(phi_k: torch.Tensor, v: torch.Tensor, table_len: int = 1) -> Rec
     return RecurrentState(n, window, ring_k, ring_v, far_kv, far_k)
 
 
+def graphable(state: RecurrentState) -> RecurrentState:
+    """``state`` with its ring allocated whole and its position also on the device (:attr:`RecurrentState.step`):
+    steps from it advance it in place and launch the same kernels at every position, so a decoding step can be
+    captured in a CUDA graph once and replayed (the ring's ``window`` slots are then held from the start)."""
+    R = state.window
+    pad = R - state.ring_k.shape[2]
+    ring_k, ring_v = state.ring_k, state.ring_v
+    if pad:
+        ring_k = torch.nn.functional.pad(ring_k, (0, 0, 0, pad))
+        ring_v = torch.nn.functional.pad(ring_v, (0, 0, 0, pad))
+    step = torch.full((), state.position, dtype=torch.long, device=state.far_kv.device)
+    return state._replace(ring_k=ring_k.clone(), ring_v=ring_v.clone(), far_kv=state.far_kv.clone(),
+                          far_k=state.far_k.clone(), step=step)
+
+
+def _step_on_device(q, k, val, state: RecurrentState, weights, w_far):
+    """:func:`kernelized_attention_step` for a :func:`graphable` state: the slot, the evicted key and the offsets
+    from the device position; the ring, far sums and position updated in place. No host value depends on the
+    position (an unfilled slot holds zero features, so evicting it adds nothing)."""
+    R = state.window
+    far_kv, far_k, ring_k, ring_v, t = state.far_kv, state.far_k, state.ring_k, state.ring_v, state.step
+    if R == 0:
+        far_kv.add_(k[..., :, None] * val[..., None, :])
+        far_k.add_(k)
+        num = w_far * torch.einsum("bhm,bhmd->bhd", q, far_kv)
+        den = w_far[:, 0] * (q * far_k).sum(-1)
+    else:
+        slot = torch.remainder(t, R).view(1)
+        old_k, old_v = ring_k.index_select(2, slot)[:, :, 0], ring_v.index_select(2, slot)[:, :, 0]
+        far_kv.add_(old_k[..., :, None] * old_v[..., None, :])  # the key at offset R joins the far sums
+        far_k.add_(old_k)
+        ring_k.index_copy_(2, slot, k[:, :, None])
+        ring_v.index_copy_(2, slot, val[:, :, None])
+        offsets = torch.remainder(t - torch.arange(R, device=t.device), R)  # of each slot's key from query t
+        a = torch.einsum("bhm,bhsm->bhs", q, ring_k) * weights[:, offsets]
+        num = torch.einsum("bhs,bhsd->bhd", a, ring_v) + w_far * torch.einsum("bhm,bhmd->bhd", q, far_kv)
+        den = a.sum(-1) + w_far[:, 0] * (q * far_k).sum(-1)
+    t.add_(1)
+    out = num / den.clamp_min(torch.finfo(num.dtype).tiny)[..., None]
+    return out, state._replace(position=state.position + 1)
+
+
 def kernelized_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: RecurrentState,
                               rpe_bias: torch.Tensor | None = None, *, in_place: bool = False
                               ) -> tuple[torch.Tensor, RecurrentState]:
@@ -114,7 +161,8 @@ def kernelized_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
 
     ``in_place``: write the new key into the ring of ``state`` itself (the returned state shares it) instead of
     a copy, so that a decoding loop that owns its state does not copy ``R (M + D)`` numbers per token; the given
-    ``state`` must not be used again. Without it the function is pure.
+    ``state`` must not be used again. Without it the function is pure. A :func:`graphable` state is always
+    advanced in place (that is what lets a CUDA graph replay the step).
     """
     L = 1 if rpe_bias is None else rpe_bias.shape[-1]
     if L - 1 != state.window:
@@ -133,6 +181,9 @@ def kernelized_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
             b = rpe_bias.to(dtype).reshape(-1, L)  # (H or 1, L)
             weights = torch.exp(b - b.amax(-1, keepdim=True))  # the max cancels between numerator and normaliser
         w_far = weights[:, -1:]  # c(L - 1): (H or 1, 1), broadcasts against (B, H, D)
+        if state.step is not None:
+            out, new = _step_on_device(q, k, val, state, weights, w_far)
+            return out.to(v.dtype), new
         far_kv, far_k, ring_k, ring_v = state.far_kv, state.far_k, state.ring_k, state.ring_v
         if R == 0:
             far_kv = far_kv + k[..., :, None] * val[..., None, :]
