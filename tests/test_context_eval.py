@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_model
 from lm.eval.passkey import (PasskeyError, build_prompt, evaluate_passkey, greedy_answers, passkey_task,

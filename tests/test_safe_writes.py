@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from conftest import REPO, SMOKE_CONFIG, copy_run, cpu_info, smoke_argv
 from lm import checkpoint
-from lm.checkpoint import damage, find_checkpoint
+from lm.checkpoint import damage
 from lm.cli import eval_ppl, generate, prepare_data
 from lm.cli.train import main
 from lm.config import load_config

@@ -18,10 +18,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
                            resolve_device)
 from lm.device import set_cpu_threads, set_tf32
+
+if TYPE_CHECKING:
+    from lm.inference.generation import Sampling
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser(__doc__)
@@ -53,9 +58,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch  # after parsing: a fast --help
-
-    from lm.inference.generation import GenerationStats, Sampling, TextStream, generate
+    from lm.inference.generation import Sampling  # after parsing: a fast --help
     from lm.inference.loading import load_for_inference
 
     try:

@@ -78,8 +78,8 @@ def prepare_corpus(cfg: DataConfig, run_dir: str | Path | None = None,
         raise DataError(f"cannot create data.cache_dir={cfg.cache_dir!r} ({e.strerror})") from None
     if not os.access(cache, os.W_OK | os.X_OK):
         raise DataError(f"data.cache_dir={cfg.cache_dir!r} is not writable: point it at a writable directory")
-    with disk_errors(cache, f"free space there (or point data.cache_dir at another disk) and run again: what was "
-                            f"complete is kept, and a half-built cache is never used"):
+    with disk_errors(cache, "free space there (or point data.cache_dir at another disk) and run again: what was "
+                            "complete is kept, and a half-built cache is never used"):
         sources = resolve_sources(cfg, splits)
         lines = [s for s in sources.values() if not isinstance(s, DocumentSource)]
         if cfg.document_mask and lines:
