@@ -114,8 +114,25 @@ def test_records_prompts_are_in_the_corpus_format():
     text = "".join(chr(i - 3) for i in p.ids[1:])  # char_encode is invertible on this text
     assert p.key in keys and 0 <= int(p.value) < 100
     assert text.startswith("= record =") and text.endswith(f"\nquestions : what is {p.key} ?")
-    assert text.count(" is ") == 2 and f"\nfacts : {p.key} is {p.value} .\n" in text  # the one fact, asked once
+    assert text.count(" is ") == 2 and f"\nfacts : {p.key} is {p.value} . the " in text  # the one fact, asked once
     assert not any(c.isdigit() for c in text.replace(p.value, ""))  # no other number in the filler
+
+
+def test_records_prompts_in_the_pairs_style_end_as_a_record_of_that_corpus():
+    from lm.config import SyntheticConfig
+    from lm.data.synthetic import STYLES, filler_sentence, make_keys, split_text
+    keys = make_keys(16, 3)
+    task = records_task(char_encode, BOS, keys, 100, filler_sentence, *STYLES["pairs"])
+    p = build_prompt(task, 300, 1.0, trial_rng(0, 300, 0))
+    text = "".join(chr(i - 3) for i in p.ids[1:])
+    tail = "\nfacts : {k} {v} .\nquestions : {k}"
+    assert text.startswith("= record = the ") and text.endswith(tail.format(k=p.key, v=p.value))
+    assert text.count(p.value) == 1
+    # the same two lines as in the corpus's records without filler, up to the answer
+    corpus = split_text(SyntheticConfig(train_tokens=300, num_pairs=1, filler_sentences=0, style="pairs"), "valid")
+    record = corpus.split("\n\n")[0]
+    key, value = record.split("\n")[1].split()[2:4]
+    assert record.endswith(tail.format(k=key, v=value) + f" {value} .")
 
 
 # ---------------------------------------------------------------------------------------------- passkey scoring

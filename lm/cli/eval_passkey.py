@@ -20,7 +20,8 @@ Tasks (``--task auto`` picks by the run's corpus):
   ``--filler builtin`` repeats the original test's five sentences ("The grass is green. The sky is blue. ...").
   Nothing is downloaded.
 - ``records`` (the built-in synthetic corpus, ``data.source=synthetic``): the corpus's own format: one fact
-  "kelo is 37 ." among the corpus's filler sentences, then "questions : what is kelo ?"; keys and values are the
+  "facts : kelo is 37 ." among the corpus's filler sentences, then "questions : what is kelo ?" (or, for
+  ``data.synthetic.style=pairs``, "facts : kelo 37 ." and "questions : kelo"); keys and values are the
   corpus's. What the corpus trains (recall of a fact across filler), at any length.
 
 Prints the accuracy table (rows: contexts, columns: depths), writes it with every trial as JSON (default
@@ -104,10 +105,11 @@ def build_task(args: argparse.Namespace, cfg, tokenizer) -> PasskeyTask:
         if args.filler != "auto":
             raise CommandError("--filler is for --task passkey (records uses the synthetic corpus's own filler "
                                "sentences): drop --filler")
-        from lm.data.synthetic import filler_sentence, make_keys
+        from lm.data.synthetic import STYLES, filler_sentence, make_keys
         s = cfg.data.synthetic
+        fact, question = STYLES[s.style]
         return records_task(tokenizer.encode, tokenizer.bos_id, make_keys(s.num_keys, s.seed), s.num_values,
-                            filler_sentence)
+                            filler_sentence, fact, question)
     filler = None
     if args.filler in ("auto", "valid"):
         split = tokenize_split(cfg.data, tokenizer, "valid")

@@ -70,8 +70,16 @@ class SyntheticConfig:
     """Key-value bindings listed (and later queried) per record."""
     filler_sentences: int = 8
     """Sentences (about 6 tokens each) between the listing and the queries: the recall distance."""
+    random_filler: bool = False
+    """Give each record a uniformly random number of filler sentences, 0 to filler_sentences, so that the distance
+    from a fact to its question varies and position alone cannot find the fact."""
+    style: str = "sentences"
+    """How facts and questions are written. sentences: ``kelo is 37 .`` then ``what is kelo ? 37 .``; pairs:
+    ``kelo 37 .`` in both the listing and the questions, so the value follows its key in both places (recall is
+    one copy: find the key's earlier occurrence, say the token after it)."""
 
     def __post_init__(self) -> None:
+        _choice("data.synthetic.style", self.style, ["sentences", "pairs"])
         for k in ("train_tokens", "num_keys", "num_values", "num_pairs"):
             _positive(f"data.synthetic.{k}", getattr(self, k))
         _seed("data.synthetic.seed", self.seed)

@@ -13,6 +13,15 @@ The value after ``?`` can only be predicted by looking back past the filler to t
 needs far more than a minute for that part; the grammar is what it learns at once). Keys are random
 pseudo-words, values numbers below ``num_values``; the text is a pure function of the config
 (``random.Random`` with integer seeds gives the same stream on every platform and Python version).
+
+``style: pairs`` writes a fact ``kelo 37 .`` and asks it as ``kelo 37 .``, so the value follows its key in both
+places; ``random_filler`` gives each record 0 to ``filler_sentences`` filler sentences (the filler line is left
+out when it has none)::
+
+    = record =
+    facts : kelo 37 .
+    the red fox sees a small bird . the lamp passes a old cat .
+    questions : kelo 37 .
 """
 from __future__ import annotations
 
@@ -27,6 +36,11 @@ _VOWELS = "aeiou"
 _ADJECTIVES = ["red", "small", "old", "quiet", "bright", "tall", "green", "slow"]
 _NOUNS = ["fox", "bird", "river", "stone", "house", "tree", "cat", "road", "ship", "lamp"]
 _VERBS = ["sees", "finds", "follows", "likes", "passes", "guards"]
+
+
+STYLES = {"sentences": ("{key} is {value} .", "what is {key} ?"), "pairs": ("{key} {value} .", "{key}")}
+"""``data.synthetic.style`` -> (a fact of the listing, a question), format strings; the answer `` {value} .``
+follows the question."""
 
 
 def make_keys(num_keys: int, seed: int) -> list[str]:
@@ -53,12 +67,15 @@ def filler_sentence(rng: random.Random) -> str:
 def _record(rng: random.Random, keys: list[str], cfg: SyntheticConfig) -> str:
     bound = rng.sample(keys, cfg.num_pairs)
     values = {k: str(rng.randrange(cfg.num_values)) for k in bound}
-    listing = " ".join(f"{k} is {values[k]} ." for k in bound)
-    filler = " ".join(filler_sentence(rng) for _ in range(cfg.filler_sentences))
+    fact, query = STYLES[cfg.style]
+    listing = " ".join(fact.format(key=k, value=values[k]) for k in bound)
+    count = rng.randint(0, cfg.filler_sentences) if cfg.random_filler else cfg.filler_sentences
+    filler = "".join(filler_sentence(rng) + "\n" if i == count - 1 else filler_sentence(rng) + " "
+                     for i in range(count))
     rng.shuffle(bound)
     # every key follows a space, so it is the same token(s) in the listing and in the queries
-    queries = " ".join(f"what is {k} ? {values[k]} ." for k in bound)
-    return f"= record =\nfacts : {listing}\n{filler}\nquestions : {queries}\n\n"
+    queries = " ".join(f"{query.format(key=k)} {values[k]} ." for k in bound)
+    return f"= record =\nfacts : {listing}\n{filler}questions : {queries}\n\n"
 
 
 def split_text(cfg: SyntheticConfig, split: str) -> str:

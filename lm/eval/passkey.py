@@ -6,7 +6,7 @@ A prompt is token ids, ``context`` of them at most (BOS included)::
     [BOS] prefix  filler[:a]  needle  filler[a:]  question   ->  the model continues with  answer
 
 - the **needle** states the value (``" The pass key is 68079. Remember it. 68079 is the pass key."``, or in the
-  synthetic corpus's own format ``" kelo is 37 ."``), the **question** asks for it, the **answer** is the value's
+  synthetic corpus's own format ``"facts : kelo is 37 ."``), the **question** asks for it, the **answer** is the value's
   tokens (``" 68079"``); the model decodes as many tokens greedily and is right only if they are exactly those;
 - **depth** ``d`` puts the needle after the filler unit boundary closest to ``d`` times the filler length:
   ``0`` right after the prefix (farthest from the question), ``1`` right before the question;
@@ -164,11 +164,15 @@ def passkey_task(encode: Encode, bos_id: int, filler_tokens: np.ndarray | None =
         description=f"a {digits}-digit pass key in {source}", chance=1 / (9 * 10 ** (digits - 1)))
 
 
-def records_task(encode: Encode, bos_id: int, keys: Sequence[str], num_values: int, sentence) -> PasskeyTask:
+def records_task(encode: Encode, bos_id: int, keys: Sequence[str], num_values: int, sentence,
+                 fact: str = "{key} is {value} .", question: str = "what is {key} ?") -> PasskeyTask:
     """The passkey test in the synthetic corpus's own format (:mod:`lm.data.synthetic`): one fact
-    ``" kelo is 37 ."`` hidden among the corpus's filler sentences (``sentence(rng)`` draws one), then the
-    corpus's question ``"questions : what is kelo ?"``. ``keys`` are the corpus's keys, values ``0 ..
-    num_values - 1``; the filler holds no other fact, so finding the one number is the whole task."""
+    ``"facts : kelo is 37 ."`` hidden among the corpus's filler sentences (``sentence(rng)`` draws one), then the
+    corpus's question ``"questions : what is kelo ?"``. ``fact`` and ``question`` are the corpus's style
+    (``lm.data.synthetic.STYLES``; these defaults are its ``sentences`` style). ``keys`` are the corpus's keys,
+    values ``0 .. num_values - 1``; the filler holds no other fact, so finding the one number is the whole task.
+    With the needle last (depth 1) the prompt's end is a record of the corpus exactly (a fact line, then the
+    question line)."""
     if not keys or num_values < 1:
         raise ValueError("records_task needs at least one key and one value")
 
@@ -178,8 +182,8 @@ def records_task(encode: Encode, bos_id: int, keys: Sequence[str], num_values: i
     def filler(rng: random.Random, key: str) -> Iterator[Sequence[int]]:
         while True:
             yield list(encode(" " + sentence(rng)))
-    return PasskeyTask("records", encode, bos_id, prefix="= record =", needle="\nfacts : {key} is {value} .\n",
-                       question="\nquestions : what is {key} ?", answer=" {value}", filler=filler, draw=draw,
+    return PasskeyTask("records", encode, bos_id, prefix="= record =", needle="\nfacts : " + fact,
+                       question="\nquestions : " + question, answer=" {value}", filler=filler, draw=draw,
                        description="a fact of the synthetic corpus among its filler sentences",
                        chance=1 / num_values)
 
