@@ -40,6 +40,7 @@ def wikitext_sample(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cpu_rehearsal_runs_every_stage_and_writes_every_section(tmp_path, wikitext_sample):
     out = tmp_path / "out"
     r = run_check(out, LM_GPU_CHECK_CPU="1", LM_WIKITEXT_SAMPLE=str(wikitext_sample))

@@ -93,6 +93,7 @@ def test_bad_launch_arguments_are_clear_errors(argv, env, needle):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_rank_deepspeed_run_then_resume_matches_one_process(tmp_path):
     """A real DeepSpeed run: 2 CPU ranks (gloo), ZeRO stage 1, stopped at step 3 and resumed to step 6.
 

@@ -266,12 +266,14 @@ def test_signals_during_saves_never_break_a_checkpoint(tmp_path, cache, plain_re
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 @pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_starts_two_deepspeed_ranks(ds_reference):
     meta = read_meta(find_checkpoint(ds_reference))
     assert meta["step"] == 8 and meta["engine"] == "deepspeed" and meta["world_size"] == 2
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ctrl_c_to_launch_sh_reaches_every_rank_and_the_resume_ends_bit_for_bit(tmp_path, cache, ds_reference):
     """SIGINT to launch.sh's process group, as Ctrl-C in a terminal: the script alone gets it (the launcher has
     a process group of its own) and passes it on to both ranks, waits for their save and exits with their
@@ -319,6 +321,7 @@ def srun(argv, job: str, bin_dir: Path, tasks: int = 2) -> list[TrainerProcess]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_slurm_tasks_map_themselves_stop_together_requeue_and_the_rerun_ends_bit_for_bit(tmp_path, cache,
                                                                                          ds_reference):
     """Two tasks with SLURM's variables only: they map themselves to DeepSpeed ranks. SIGUSR1 (sbatch

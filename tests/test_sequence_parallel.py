@@ -314,6 +314,7 @@ A wrongly scaled gradient is off by tens of percent."""
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("case", ["bucketed", "absolute", "softmax_rpe"])
 def test_two_sequence_parallel_ranks_train_like_one_process(case, cache, tmp_path):
     """``NGPU=2 ./launch.sh configs/smoke.yaml deepspeed.sequence_parallel_size=2``: every step's loss and gradient
@@ -330,6 +331,7 @@ def test_two_sequence_parallel_ranks_train_like_one_process(case, cache, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sequence_parallel_run_on_the_fft_path_then_resumed_at_sp1_on_one_rank(cache, tmp_path):
     """Per-offset RPE on the FFT path, ZeRO-1, activation checkpointing.
 
