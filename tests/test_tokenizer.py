@@ -92,3 +92,37 @@ def test_real_wikitext_round_trip(model_type, sample_dir):
     assert tok.unk_id not in ids  # byte fallback: nothing is ever unknown
     # a real subword vocabulary: clearly fewer tokens than characters
     assert len(ids) < 0.6 * len(valid)
+
+
+def test_ranks_installing_the_tokenizer_together_never_see_it_half_written(tok, tmp_path, monkeypatch):
+    """Every rank of a run installs the tokenizer into the run directory when it starts. A second rank that saves
+    its tokenizer while the first is between finding none and looking at the folder must not make the first refuse
+    the second's files as foreign: the ranks take turns."""
+    import os
+    import threading
+
+    from lm.data.tokenizer_cache import install_in_run_dir
+
+    errors, other_done, real_listdir = [], threading.Event(), os.listdir
+
+    def install(done=None):
+        try:
+            install_in_run_dir(tok, tmp_path / "run")
+        except Exception as e:  # noqa: BLE001 - what a rank would print
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            if done is not None:
+                done.set()
+
+    def listdir(path):
+        if not other_done.is_set() and threading.current_thread() is threading.main_thread():
+            threading.Thread(target=install, args=(other_done,)).start()  # the other rank, now
+            other_done.wait(timeout=1.0)  # (while this rank holds the install lock, it waits its turn)
+        return real_listdir(path)
+
+    (tmp_path / "run" / "tokenizer").mkdir(parents=True)  # as the other rank's save begins
+    monkeypatch.setattr(os, "listdir", listdir)
+    install()
+    assert other_done.wait(timeout=30)
+    assert errors == []
+    assert Tokenizer.load(tmp_path / "run" / "tokenizer").hash == tok.hash

@@ -124,8 +124,14 @@ def prepare_tokenizer(cfg: DataConfig, train: SplitSource | DocumentSource, run_
 
 
 def install_in_run_dir(tok: Tokenizer, run_dir: Path) -> None:
-    """Save ``tok`` to ``run_dir/tokenizer/``; a tokenizer already there must be the same one."""
+    """Save ``tok`` to ``run_dir/tokenizer/``; a tokenizer already there must be the same one. Ranks starting
+    together take turns (a lock file in the folder), so none sees another's tokenizer half written."""
     dst = run_dir / "tokenizer"
+    with exclusive_lock(dst / ".install.lock"):
+        _install(tok, dst)
+
+
+def _install(tok: Tokenizer, dst: Path) -> None:
     if (dst / MODEL_FILE).is_file():
         try:
             old = Tokenizer.load(dst)
