@@ -16,7 +16,7 @@ from lm.errors import UserError, disk_problem
 
 __all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
            "resolve_device", "eval_dir", "reports_disk_errors", "tell_deepspeed_the_accelerator", "config_keys",
-           "format_config_keys"]
+           "format_config_keys", "number_list"]
 
 
 def command_parser(doc: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -35,6 +35,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, override_example: 
 
 class CommandError(UserError, ValueError):
     """A command-line request that cannot be served; the message says what to change."""
+
+
+def number_list(text: str, flag: str, kind=float, example: str = "1,2,3") -> list:
+    """``"a,b,c"`` given to ``flag`` -> ``[kind(a), kind(b), kind(c)]``; a one-line CommandError when it is empty
+    or holds something else (e.g. ``--contexts=512,x``)."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise CommandError(f"{flag}={text!r}: give comma-separated {noun}, e.g. {example}") from None
+    if not values:
+        raise CommandError(f"{flag} is empty")
+    return values
 
 
 USER_ERRORS = UserError

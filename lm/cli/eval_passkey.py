@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
-                           report_error, resolve_device)
+                           number_list, report_error, resolve_device)
 from lm.cli.eval_ppl import check_writable
 from lm.device import set_tf32
 from lm.eval.passkey import PasskeyReport, PasskeyTask, evaluate_passkey, passkey_task, records_task
@@ -70,25 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def parse_list(text: str, flag: str, kind):
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CommandError(f"{flag}={text!r}: give comma-separated numbers, e.g. {DEFAULT_DEPTHS}") from None
-    if not values:
-        raise CommandError(f"{flag} is empty")
-    return values
-
-
 def check_args(args: argparse.Namespace) -> tuple[list[int] | None, list[float]]:
     """Contexts (None = from the training context) and depths, validated with the other numbers."""
     for flag, value in (("--trials", args.trials), ("--batch-size", args.batch_size), ("--digits", args.digits)):
         if value < 1:
             raise CommandError(f"{flag}={value} must be >= 1")
-    depths = parse_list(args.depths, "--depths", float)
+    depths = number_list(args.depths, "--depths", float, DEFAULT_DEPTHS)
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise CommandError(f"--depths={args.depths}: depths are fractions of the filler, in [0, 1]")
-    contexts = parse_list(args.contexts, "--contexts", int) if args.contexts is not None else None
+    contexts = number_list(args.contexts, "--contexts", int, "256,1024") if args.contexts is not None else None
     if contexts is not None and min(contexts) < 1:
         raise CommandError(f"--contexts must be >= 1, got {contexts}")
     return contexts, depths

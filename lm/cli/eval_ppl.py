@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
-                           report_error, resolve_device)
+                           number_list, report_error, resolve_device)
 from lm.device import set_cpu_threads, set_tf32
 from lm.errors import disk_errors
 from lm.fileio import atomic_write, atomic_write_text
@@ -81,12 +81,7 @@ def parse_contexts(args: argparse.Namespace) -> list[int] | None:
     if args.stride is not None and args.stride < 1:
         raise CommandError(f"--stride={args.stride} must be >= 1 (new tokens scored per window)")
     if args.contexts is not None:
-        try:
-            contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-        except ValueError:
-            raise CommandError(f"--contexts={args.contexts!r}: give comma-separated integers, e.g. 512,1024") from None
-        if not contexts:
-            raise CommandError("--contexts is empty")
+        contexts = number_list(args.contexts, "--contexts", int, "512,1024")
     elif args.context is not None:
         contexts = [args.context]
     else:

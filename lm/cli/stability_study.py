@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from lm.cli.common import USER_ERRORS, CommandError, command_parser, report_error, reports_disk_errors
+from lm.cli.common import (USER_ERRORS, CommandError, command_parser, number_list, report_error,
+                           reports_disk_errors)
 from lm.config import load_config
 from lm.fileio import atomic_write_text
 from lm.stability.grid import GRIDS, VARIANTS, build_specs, format_lr, quick, with_choices
@@ -43,16 +44,6 @@ DIVERGED_RULE = ("A run **diverged** when the trainer stopped it (divergence.max
                  "weights). Skipped loss spikes followed by recovery are not divergences: they are counted in the "
                  "spikes column, with the number of runs that recovered from them. Final valid ppl: token "
                  "perplexity of the whole valid split at the training context, non-diverged runs only.")
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CommandError(f"{flag}={text!r}: give comma-separated numbers, e.g. 3e-3,1.5e-2") from None
-    if not values:
-        raise CommandError(f"{flag} is empty")
-    return values
 
 
 def parse_args(argv):
@@ -103,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        grid = with_choices(GRIDS[args.grid], _floats(args.lrs, "--lrs") if args.lrs else None,
-                            [int(x) for x in _floats(args.seeds, "--seeds")] if args.seeds else None,
+        lrs = number_list(args.lrs, "--lrs", float, "3e-3,1.5e-2") if args.lrs else None
+        seeds = number_list(args.seeds, "--seeds", int, "0,1,2") if args.seeds else None
+        grid = with_choices(GRIDS[args.grid], lrs, seeds,
                             [v for v in args.variants.split(",") if v] if args.variants else None)
         if args.quick:
             grid = quick(grid)
