@@ -220,13 +220,14 @@ def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequen
         raise ValueError("answer_nll batches prompt + answer of one length, each answer at least one token")
     logits_of = logits_function(model)
     ids = torch.tensor([[*p, *a[:-1]] for p, a in zip(prompts, answers)], dtype=torch.int64, device=device)
-    out = []
+    rows = [r for r, a in enumerate(answers) for _ in a]  # one entry per answer token: its row, position, id
+    pos = [len(p) - 1 + i for p, a in zip(prompts, answers) for i in range(len(a))]
+    target = [t for a in answers for t in a]
     logp = torch.log_softmax(logits_of(ids).double(), dim=-1)
-    for row, (p, a) in enumerate(zip(prompts, answers)):
-        pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=logp.device)
-        target = torch.tensor(list(a), dtype=torch.int64, device=logp.device)
-        out.append(-logp[row, pos, target].sum().item())
-    return out
+    picked = -logp[torch.tensor(rows, device=logp.device), torch.tensor(pos, device=logp.device),
+                   torch.tensor(target, device=logp.device)]  # (tokens,)
+    per_row = torch.zeros(len(answers), dtype=picked.dtype, device=picked.device)
+    return per_row.index_add_(0, torch.tensor(rows, device=picked.device), picked).tolist()  # one device read
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
