@@ -139,6 +139,24 @@ def copy_run(run: Path, where: Path) -> Path:
     return copy
 
 
+@pytest.fixture
+def run(trained_run, tmp_path) -> Path:
+    """A copy of the suite's trained run (checkpoints at steps 2, 4, 6), to damage or to resume."""
+    return copy_run(trained_run, tmp_path)
+
+
+@pytest.fixture
+def cache_dir(trained_run) -> Path:
+    """The trained run's data cache (its tokenizer is trained once for every test that resumes a copy)."""
+    return trained_run.parent / "cache"
+
+
+def ckpt(run: Path, step: int) -> Path:
+    """Checkpoint ``step`` of the run directory ``run``."""
+    from lm import checkpoint
+    return run / "checkpoints" / checkpoint.checkpoint_name(step)
+
+
 def write_meta(checkpoint_dir: Path, meta: dict, older_version: bool = False) -> None:
     """Rewrite a checkpoint's meta.json as ``meta`` and record its hash beside it, as the trainer does (a test that
     means to change a checkpoint's metadata, not to damage it); ``older_version``: as a version before meta.json

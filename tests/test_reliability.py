@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, copy_run, smoke_argv, write_meta
+from conftest import REPO, SMOKE_CONFIG, ckpt, smoke_argv, write_meta
 from lm import checkpoint
 from lm.checkpoint import CheckpointError, damage, find_checkpoint
 from lm.inference.loading import load_for_inference
@@ -24,22 +24,6 @@ from lm.config import load_config
 from lm.fileio import LockHeld, OwnerLock, sha256_file
 from lm.training.steplog import read_steps
 from lm.training.loop import TrainingStopped, train
-
-
-@pytest.fixture
-def cache_dir(trained_run):
-    """The trained run's data cache (its tokenizer is trained once for every test here)."""
-    return trained_run.parent / "cache"
-
-
-@pytest.fixture
-def run(trained_run, tmp_path):
-    """A copy of the trained run to damage."""
-    return copy_run(trained_run, tmp_path)
-
-
-def ckpt(run, step):
-    return run / "checkpoints" / checkpoint.checkpoint_name(step)
 
 
 def truncate(path, keep=0.5):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMOKE_CONFIG, copy_run, cpu_info, smoke_argv
+from conftest import REPO, SMOKE_CONFIG, ckpt, copy_run, cpu_info, smoke_argv
 from lm import checkpoint
 from lm.checkpoint import damage
 from lm.cli import eval_ppl, generate, prepare_data
@@ -26,21 +26,6 @@ from lm.config import load_config
 from lm.fileio import OwnerLock
 from lm.inference.loading import load_for_inference
 from lm.training.steplog import read_steps
-
-
-@pytest.fixture
-def cache_dir(trained_run):
-    return trained_run.parent / "cache"
-
-
-@pytest.fixture
-def run(trained_run, tmp_path):
-    """A copy of the suite's trained run (checkpoints at steps 2, 4, 6)."""
-    return copy_run(trained_run, tmp_path)
-
-
-def ckpt(run, step):
-    return run / "checkpoints" / checkpoint.checkpoint_name(step)
 
 
 def one_line(capsys) -> str:
