@@ -74,6 +74,9 @@ def test_bench_roofline_writes_its_table_and_json(tmp_path):
         assert x["method"] == "fused" and x["fa2_predicted_ms"] == pytest.approx(
             fa2_cost(x["batch"], x["heads"], x["context"], x["head_dim"]).ms)
     assert all(g["met"] for g in report["goals"]), report["goals"]
+    # before the fused method: the previous crossovers (band for clipped RPE, fft for general RPE at 8k)
+    assert [x["before_method"] for x in rows] == ["band", "fft", "band", "prefix"]
+    assert all(x["before_predicted_ms"] > x["predicted_ms"] for x in rows)
     assert "| configs/wikitext103_long.yaml | clipped 129 | 4,096 |" in r.stdout
 
 

@@ -6,9 +6,11 @@
 Rows: every ``configs/*.yaml`` at its own context (per GPU: its micro-batch, and under sequence parallelism the
 ``n_heads / sp`` heads one GPU attends over for the whole sequence; bf16 configs hand the op bfloat16 features),
 then N = 2k, 8k, 32k, 128k for general RPE (a table as long as the context), RPE clipped at L = 128 and no RPE
-(B = 1, H = 8, M = D = 64, bfloat16). For each: the method ``auto`` picks on a CUDA GPU with Triton, its kernels,
-bytes, flops and predicted milliseconds (:mod:`lm.ops.cost`: a roofline of every kernel at the GPU's bandwidth
-and 40% of its matmul peak), the best method without Triton (the torch-kernel methods, counted on ``meta``), and
+(B = 1, H = 8, M = D = 64, bfloat16). For each: what ``auto`` took on a GPU before the fused method (fixed
+crossovers, float32 features) and its predicted time; the method ``auto`` picks now on a CUDA GPU with Triton,
+its kernels, bytes, flops and predicted milliseconds (:mod:`lm.ops.cost`: a roofline of every kernel at the GPU's
+bandwidth and 40% of its matmul peak), the best method without Triton (the torch-kernel methods, counted on
+``meta``), and
 FlashAttention-2's predicted time for the same shapes: ``7 B H N^2 D`` flops at 40% of the bfloat16 peak.
 Prints a table and checks the goals: every shipped config that trains in bf16 at most 1.5x FlashAttention-2 at its
 context (a float32 config is shown with its ratio: FlashAttention-2 has no float32, and its matmuls run on float32
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +55,17 @@ def config_shape(path: Path) -> Shape | None:
     return Shape(cfg.micro_batch_size, heads, n, features, head_dim, L, dtype)
 
 
+def previous_auto(n: int, num_offsets: int | None) -> str:
+    """What ``auto`` took on a GPU before the fused method and the cost model: fixed crossovers carried over from
+    the CPU (dense up to 512 tokens without RPE / 1,024 with, then the band while ``L + 64 <= 160 log2 N``, else
+    the FFT). The model then handed the op float32 features, whatever the training precision."""
+    if num_offsets is None:
+        return "dense" if n <= 512 else "prefix"
+    if n <= 1024 and 4 * num_offsets > n:
+        return "dense"
+    return "band" if num_offsets + 64 <= 160 * math.log2(max(n, 2)) else "fft"
+
+
 def kind_of(s: Shape) -> str:
     return "none" if s.L is None else ("general" if s.L >= s.N else "clipped")
 
@@ -62,7 +76,10 @@ def row(config: str | None, s: Shape, gpu: GPU) -> dict:
     torch_only = {m: method_cost(m, s, gpu) for m in candidates(s.L, False, False, fused=False)}
     best = min(torch_only, key=lambda m: torch_only[m].seconds)
     fa2 = fa2_cost(s.B, s.H, s.N, s.D, gpu)
-    return {"config": config, "kind": kind_of(s), "context": s.N, "method": method, "kernels": cost.kernels,
+    before_method = previous_auto(s.N, s.L)
+    before = method_cost(before_method, s._replace(dtype=torch.float32), gpu)
+    return {"before_method": before_method, "before_kernels": before.kernels, "before_predicted_ms": before.ms,
+            "config": config, "kind": kind_of(s), "context": s.N, "method": method, "kernels": cost.kernels,
             "bytes": int(cost.bytes), "flops": int(cost.flops), "predicted_ms": cost.ms,
             "fa2_predicted_ms": fa2.ms, "batch": s.B, "heads": s.H, "features": s.M, "head_dim": s.D,
             "table": s.L, "dtype": str(s.dtype).replace("torch.", ""), "torch_only_method": best,
@@ -108,18 +125,19 @@ def goals(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| config | kind | N | B x H | M, D | dtype | auto on CUDA | kernels | GB | GFLOP | predicted ms | FA2 ms "
-            "| x FA2 | without Triton | ms | x FA2 |")
-    lines = [head, "|" + "---|" * 16]
+    head = ("| config | kind | N | B x H | M, D | dtype | before: auto (kernels) | ms | x FA2 | now: auto | kernels "
+            "| GB | GFLOP | ms | x FA2 | FA2 ms | without Triton | ms | x FA2 |")
+    lines = [head, "|" + "---|" * 19]
     for r in rows:
-        x = r["predicted_ms"] / r["fa2_predicted_ms"]
-        y = r["torch_only_predicted_ms"] / r["fa2_predicted_ms"]
+        fa2 = r["fa2_predicted_ms"]
         lines.append(f"| {r['config'] or ''} | {r['kind']}{'' if r['kind'] != 'clipped' else ' ' + str(r['table'])} "
                      f"| {r['context']:,} | {r['batch']} x {r['heads']} | {r['features']}, {r['head_dim']} "
-                     f"| {r['dtype']} | {r['method']} | {r['kernels']} | {r['bytes'] / 1e9:.3g} "
-                     f"| {r['flops'] / 1e9:,.4g} | {r['predicted_ms']:.4g} | {r['fa2_predicted_ms']:.4g} | {x:.2f} "
-                     f"| {r['torch_only_method']} ({r['torch_only_kernels']} kernels) "
-                     f"| {r['torch_only_predicted_ms']:.4g} | {y:.1f} |")
+                     f"| {r['dtype']} | {r['before_method']} ({r['before_kernels']}) | {r['before_predicted_ms']:.4g} "
+                     f"| {r['before_predicted_ms'] / fa2:.1f} | {r['method']} | {r['kernels']} "
+                     f"| {r['bytes'] / 1e9:.3g} | {r['flops'] / 1e9:,.4g} | {r['predicted_ms']:.4g} "
+                     f"| {r['predicted_ms'] / fa2:.2f} | {fa2:.4g} "
+                     f"| {r['torch_only_method']} ({r['torch_only_kernels']}) | {r['torch_only_predicted_ms']:.4g} "
+                     f"| {r['torch_only_predicted_ms'] / fa2:.1f} |")
     return "\n".join(lines)
 
 
