@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK", "BandLayout", "band_forward", "band_backward", "band_budget"]
+__all__ = ["BLOCK", "BandLayout", "band_forward", "band_backward", "band_budget", "window_blocks"]
 
 BLOCK = 64
 """Rows per block ``T``. Per position the band costs ``(nw * T) (M + E)`` with ``nw * T ~ L + T``, so small
@@ -30,6 +30,12 @@ in the last-level cache."""
 BAND_WORKSPACE_BATCHED = 2**26
 """The same on GPUs (and ``meta``): 256 MiB in float32, about 1 GiB for the four pieces live in backward, so
 a step is a few large kernels."""
+
+
+def window_blocks(num_weights: int, block: int) -> int:
+    """Key blocks ``nw`` a query block meets as dense pieces for an RPE table of ``num_weights`` entries: every key
+    before them is at offset ``>= num_weights - 1`` (``(nw - 1) T + 1 >= L - 1``). The fused kernels use it too."""
+    return 1 + max(0, -(-(num_weights - 2) // block))
 
 
 def band_budget(device: torch.device) -> int:
@@ -44,8 +50,7 @@ class BandLayout:
     def __init__(self, n: int, num_weights: int, device, block: int = BLOCK):
         self.n, self.L, self.T = n, num_weights, block
         self.nb = -(-n // block)
-        # Keys before the window must be at offset >= L - 1: (nw - 1) T + 1 >= L - 1.
-        self.nw = 1 + max(0, -(-(num_weights - 2) // block))
+        self.nw = window_blocks(num_weights, block)
         a = torch.arange(block, device=device)
         j = torch.arange(self.nw, device=device)
         offset = j[:, None, None] * block + a[None, :, None] - a[None, None, :]  # (nw, T, T)

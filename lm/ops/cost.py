@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from lm.ops.fused import FUSED_BLOCK, window_blocks
+from lm.ops.band import window_blocks
+from lm.ops.fused import FUSED_BLOCK
 
 __all__ = ["GPU", "H100_SXM", "Shape", "Cost", "fused_cost", "counted_cost", "method_cost", "fa2_cost", "cheapest",
            "CostCounter"]

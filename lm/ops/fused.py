@@ -18,16 +18,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FUSED_BLOCK", "fused_available", "fused_attention", "window_blocks"]
+from lm.ops.band import window_blocks
+
+__all__ = ["FUSED_BLOCK", "fused_available", "fused_attention"]
 
 FUSED_BLOCK = 64
 """Rows per block ``BT`` (flash-linear-attention's chunk size: tiles fill tensor cores, states stay small)."""
-
-
-def window_blocks(num_weights: int, block: int) -> int:
-    """Key blocks ``NW`` a query block meets as dense tiles for an RPE table of ``num_weights`` entries: every key
-    before them is at offset ``>= num_weights - 1`` (``(NW - 1) BT + 1 >= L - 1``)."""
-    return 1 + max(0, -(-(num_weights - 2) // block))
 
 
 _TRITON = importlib.util.find_spec("triton") is not None
