@@ -205,25 +205,22 @@ class CostCounter(TorchDispatchMode):
 
 @functools.lru_cache(maxsize=1024)
 def counted_cost(method: str, s: Shape, gpu: GPU = H100_SXM) -> Cost:
-    """``method`` (a torch-kernel method) forward + backward on ``meta``, counted by :class:`CostCounter`."""
+    """``method`` (a torch-kernel method) forward + backward on ``meta``, counted by :class:`CostCounter`, apart
+    from whatever the caller runs under (no_grad, inference mode, autocast, its own dispatch modes)."""
     from lm.ops.kernelized import kernelized_attention
-    # apart from whatever the caller runs under: no_grad / inference mode, autocast, its own dispatch modes
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
             _disable_current_modes():
-        return _count(kernelized_attention, method, s, gpu)
-
-
-def _count(kernelized_attention, method: str, s: Shape, gpu: GPU) -> Cost:
-    with torch.device("meta"):
-        q = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
-        k = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
-        v = torch.empty(s.B, s.H, s.N, s.D, dtype=s.dtype, requires_grad=True)
-        bias = None if s.L is None else torch.empty(s.H, s.L, requires_grad=True)
-        starts = torch.zeros(s.B, s.N, dtype=torch.long) if s.documents else None
-    counter = CostCounter(gpu)
-    with counter:
-        out = kernelized_attention(q, k, v, bias, method=method, fft_dtype=torch.float32, document_starts=starts)
-        out.backward(torch.empty_like(out))
+        with torch.device("meta"):
+            q = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
+            k = torch.empty(s.B, s.H, s.N, s.M, dtype=s.dtype, requires_grad=True)
+            v = torch.empty(s.B, s.H, s.N, s.D, dtype=s.dtype, requires_grad=True)
+            bias = None if s.L is None else torch.empty(s.H, s.L, requires_grad=True)
+            starts = torch.zeros(s.B, s.N, dtype=torch.long) if s.documents else None
+        counter = CostCounter(gpu)
+        with counter:
+            out = kernelized_attention(q, k, v, bias, method=method, fft_dtype=torch.float32,
+                                       document_starts=starts)
+            out.backward(torch.empty_like(out))
     return counter.cost
 
 
