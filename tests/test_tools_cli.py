@@ -185,7 +185,7 @@ def test_generate_invalid_parameters_are_clear_errors(run_dir, extra, message, c
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool", ["eval_ppl", "generate", "harness"])
+@pytest.mark.parametrize("tool", ["eval_ppl", "eval_passkey", "generate", "harness"])
 def test_every_device_flag_takes_cuda_n_and_names_a_device_this_machine_lacks(tool, run_dir, capsys):
     """``--device cuda:N`` is accepted as docs/evaluation.md says, and a device that is not there is a one-line
     error naming it (checked before any work), on a machine with or without CUDA."""

@@ -75,7 +75,7 @@ def write_corpus(folder: Path, total_bytes: int, shards: int, seed: int = 0) -> 
                     f.write(line)
                     written += len(line)
         print(f"wrote {folder / f'train-{k:05d}.jsonl'}", file=sys.stderr)
-    marker.write_text(json.dumps(spec))
+    atomic_write_text(marker, json.dumps(spec))  # last: a corpus interrupted mid-write is rewritten
 
 
 def run_phase(name: str, overrides: list[str]) -> dict:

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lm.config import load_config  # noqa: E402
+from lm.fileio import atomic_write_text  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 from lm.ops.cost import GPU, Shape, candidates, cheapest, fa2_cost, method_cost  # noqa: E402
 
@@ -163,9 +164,9 @@ def main(argv=None) -> int:
         print(f"goal: {name}: {'met' if ok else 'NOT met'} ({detail})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"gpu": dataclasses.asdict(gpu), "rows": rows,
-                                         "goals": [{"goal": n, "met": ok, "detail": d} for n, ok, d in met]},
-                                        indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"gpu": dataclasses.asdict(gpu), "rows": rows,
+                                                 "goals": [{"goal": n, "met": ok, "detail": d} for n, ok, d in met]},
+                                                indent=1) + "\n")
     return 0
 
 

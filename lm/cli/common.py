@@ -1,22 +1,27 @@
 """What every command line shares: its parser (help from the module docstring; a checkpoint and config
 overrides), which errors are the user's to fix (reported as one ``error: ...`` line and an exit status, never a
-traceback), how ``--device`` is resolved, where a checkpoint's reports go, and the list of config keys that
-``--help`` prints (read from the config's source, so that ``--help`` answers without importing torch)."""
+traceback), the ``--device`` flag and how it is resolved, where a checkpoint's reports go and how they are
+written (whole or not at all), and the list of config keys that ``--help`` prints (read from the config's source,
+so that ``--help`` answers without importing torch)."""
 from __future__ import annotations
 
 import argparse
 import ast
 import functools
+import json
+import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 from lm.device import resolve_device
-from lm.errors import UserError, disk_problem
+from lm.errors import UserError, disk_errors, disk_problem
+from lm.fileio import atomic_write_text
 
-__all__ = ["command_parser", "add_checkpoint_arguments", "CommandError", "USER_ERRORS", "report_error",
-           "resolve_device", "eval_dir", "reports_disk_errors", "tell_deepspeed_the_accelerator", "config_keys",
-           "format_config_keys", "number_list"]
+__all__ = ["command_parser", "add_checkpoint_arguments", "add_device_argument", "CommandError", "USER_ERRORS",
+           "report_error", "resolve_device", "eval_dir", "check_writable", "write_report", "reports_disk_errors",
+           "tell_deepspeed_the_accelerator", "config_keys", "format_config_keys", "number_list"]
 
 
 def command_parser(doc: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -31,6 +36,11 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, override_example: 
     """The positional arguments of a command over a checkpoint: ``path`` and ``key=value`` config overrides."""
     parser.add_argument("path", help="run directory (its newest checkpoint) or one checkpoints/step_* directory")
     parser.add_argument("overrides", nargs="*", help=f"config overrides key=value, e.g. {override_example}")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (:func:`lm.device.resolve_device` checks it)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 class CommandError(UserError, ValueError):
@@ -99,6 +109,42 @@ def eval_dir(checkpoint: Path) -> Path:
     ``<checkpoint>/eval``."""
     root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     return root / "eval"
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """A CommandError now, before the work, if ``path`` could not be written (creating its folders is allowed)."""
+    if path.is_dir():
+        raise CommandError(f"{flag}={path} is a directory; give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise CommandError(f"{flag}={path} is not writable; give another path")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag}={path} cannot be written ({parent} is not a writable directory); give another "
+                           f"path")
+
+
+def write_report(json_path: Path, report: dict, plot: Callable[[Path], object] | None = None,
+                 plot_path: Path | None = None) -> None:
+    """An evaluation's report as JSON at ``json_path``, then ``plot(plot_path)`` when given, each whole or not at
+    all (:mod:`lm.fileio`; plots through :func:`lm.fileio.atomic_write` as well). A disk that refuses a write
+    (full, read-only) is one :class:`lm.errors.DiskError` line, and an earlier report there is left as it was; the
+    figures were printed before."""
+    def advice(flag: str) -> str:
+        return (f"the figures are printed above; free space there (or give {flag} on another disk) and run again (an "
+                f"earlier file there is unchanged)")
+    with disk_errors(json_path, advice("--json")):
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path}", file=sys.stderr)
+    if plot is not None:
+        with disk_errors(plot_path, advice("--plot")):
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            plot(plot_path)
+        print(f"wrote {plot_path}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------ config keys for --help

@@ -30,15 +30,13 @@ RUN_DIR/eval/<checkpoint>_passkey_<task>_ctx<contexts>.json) and a heatmap PNG n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
-                           number_list, report_error, resolve_device)
-from lm.cli.eval_ppl import check_writable
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, check_writable,
+                           command_parser, eval_dir, number_list, report_error, resolve_device, write_report)
 from lm.device import set_tf32
 from lm.eval.passkey import PasskeyReport, PasskeyTask, evaluate_passkey, passkey_task, records_task
 from lm.eval.perplexity import tokenize_split
@@ -63,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="passkey task: the run's validation split (auto) or the built-in sentences")
     p.add_argument("--digits", type=int, default=5, help="passkey task: digits of the pass key")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="heatmap PNG (default: the JSON path, .png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -156,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         return report_error(e, status=2)
     print(format_table(report))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     out = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
            "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "device": device, **report.to_dict()}
-    json_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {json_path}", file=sys.stderr)
-    plot_passkey(report, plot_path, f"{task.name} retrieval: {cfg.model.attention.kind}, step {inference.step} "
-                                    f"(training context {cfg.data.seq_len})")
-    print(f"wrote {plot_path}", file=sys.stderr)
+    title = (f"{task.name} retrieval: {cfg.model.attention.kind}, step {inference.step} (training context "
+             f"{cfg.data.seq_len})")
+    try:
+        write_report(json_path, out, lambda path: plot_passkey(report, path, title), plot_path)
+    except USER_ERRORS as e:
+        return report_error(e, status=2)
     return 0

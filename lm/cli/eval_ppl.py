@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir,
-                           number_list, report_error, resolve_device)
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, check_writable,
+                           command_parser, eval_dir, number_list, report_error, resolve_device, write_report)
 from lm.device import set_cpu_threads, set_tf32
-from lm.errors import disk_errors
-from lm.fileio import atomic_write, atomic_write_text
+from lm.fileio import atomic_write
 
 if TYPE_CHECKING:
     from lm.eval.perplexity import SplitPerplexity
@@ -61,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--per-document", action="store_true",
                    help="documents corpus: score each document on its own, from BOS (default: the packed stream)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_argument(p)
     p.add_argument("--json", type=Path, help="where to write the results (default RUN_DIR/eval/...)")
     p.add_argument("--plot", type=Path, help="PNG of perplexity vs context (default: the JSON path, .png)")
     p.add_argument("--by-position", action="store_true",
@@ -99,22 +96,6 @@ def default_json_path(checkpoint: Path, split: str, contexts: list[int], stride:
     RUN_DIR/checkpoints/<name>, else the same name inside the checkpoint."""
     name = f"{checkpoint.name}_{split}_ctx{'-'.join(map(str, contexts))}{f'_stride{stride}' if stride else ''}"
     return eval_dir(checkpoint) / f"{name}{'_perdoc' if per_document else ''}{'_positions' if by_position else ''}.json"
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """A CommandError now, before the work, if ``path`` could not be written (creating its folders is allowed)."""
-    if path.is_dir():
-        raise CommandError(f"{flag}={path} is a directory; give a file name")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise CommandError(f"{flag}={path} is not writable; give another path")
-        return
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CommandError(f"{flag}={path} cannot be written ({parent} is not a writable directory); give another "
-                           f"path")
 
 
 def format_table(rows: list[SplitPerplexity]) -> str:
@@ -184,7 +165,6 @@ def plot_curve(rows: list[SplitPerplexity], train_context: int, title: str, path
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
@@ -224,15 +204,12 @@ def by_position(args: argparse.Namespace, inference, split, contexts: list[int],
                                 args.bucket_width, args.max_windows, device, progress=not args.no_progress,
                                 document_eos=eos) for c in contexts]
     print(format_position_table(results))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
               "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "split": args.split,
               "device": device, "results": [dataclasses.asdict(r) | {"mean_loss": r.mean_loss} for r in results]}
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {json_path}", file=sys.stderr)
-    plot_position_loss(results, plot_path, f"{cfg.model.attention.kind}, {args.split}, step {inference.step}",
-                       train_context=cfg.data.seq_len)
-    print(f"wrote {plot_path}", file=sys.stderr)
+    title = f"{cfg.model.attention.kind}, {args.split}, step {inference.step}"
+    write_report(json_path, report, lambda path: plot_position_loss(results, path, title,
+                                                                    train_context=cfg.data.seq_len), plot_path)
     return 0
 
 
@@ -286,17 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"checkpoint": str(inference.path), "step": inference.step, "attention": cfg.model.attention.kind,
               "rpe": cfg.model.attention.rpe, "train_context": cfg.data.seq_len, "device": device,
               "results": [dataclasses.asdict(r) for r in rows]}
-    try:  # each report whole or not at all: a full disk leaves an earlier one as it was
-        with disk_errors(json_path, "the figures are printed above; free space there (or give --json on another "
-                                    "disk) and run again (an earlier report there is unchanged)"):
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-            print(f"wrote {json_path}", file=sys.stderr)
-            if len(rows) > 1:
-                plot_path = args.plot or json_path.with_suffix(".png")
-                plot_curve(rows, cfg.data.seq_len, f"{cfg.model.attention.kind}, {args.split}, step "
-                           f"{inference.step}", plot_path)
-                print(f"wrote {plot_path}", file=sys.stderr)
+    plot_path = args.plot or json_path.with_suffix(".png")
+    title = f"{cfg.model.attention.kind}, {args.split}, step {inference.step}"
+    try:
+        write_report(json_path, report, (lambda path: plot_curve(rows, cfg.data.seq_len, title, path))
+                     if len(rows) > 1 else None, plot_path)
     except USER_ERRORS as e:
         return report_error(e, status=2)
     return 0

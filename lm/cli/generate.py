@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, report_error,
-                           resolve_device)
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, command_parser,
+                           report_error, resolve_device)
 from lm.device import set_cpu_threads, set_tf32
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_argument(p)
     return p.parse_intermixed_args(argv)
 
 

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, command_parser, eval_dir, report_error,
-                           reports_disk_errors, tell_deepspeed_the_accelerator)
+from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, command_parser,
+                           eval_dir, report_error, reports_disk_errors, tell_deepspeed_the_accelerator)
 from lm.device import set_cpu_threads, set_tf32
 from lm.fileio import atomic_write_text
 
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=float, help="documents per task (< 1: a fraction); for quick checks only")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences or windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_argument(p)
     p.add_argument("--max-length", type=int, help="tokens per forward pass (default: the training context)")
     p.add_argument("--rolling-stride", type=int, help="new tokens per rolling-perplexity window (default: "
                    "--max-length)")
