@@ -216,6 +216,11 @@ def test_commands_use_the_configs_cpu_threads(run_dir, capsys):
             assert eval_ppl.main([str(run_dir), "--no-progress", "--json", str(run_dir.parent / "t.json"),
                                   *overrides]) == 0
             assert torch.get_num_threads() == want, overrides
+            torch.set_num_threads(2)
+            assert load_tool("eval_passkey").main([str(run_dir), "--no-progress", "--contexts", "64", "--depths", "0",
+                                                   "--trials", "1", "--json", str(run_dir.parent / "p.json"),
+                                                   *overrides]) == 0
+            assert torch.get_num_threads() == want, overrides
         torch.set_num_threads(2)
         assert generate.main([str(run_dir), "--max-new-tokens", "1", "--prompt", "a", "compute.cpu_threads=0"]) == 0
         assert torch.get_num_threads() == 2
@@ -331,8 +336,7 @@ for name in sys.argv[1:]:
     out[name] = {"text": text.getvalue(), "imported": [m for m in heavy if m in sys.modules]}
 print(json.dumps(out))
 """
-FAST_HELP = ["train", "eval_ppl", "generate", "export_hf", "harness", "harness_tasks", "prepare_data",
-             "stability_probe"]
+FAST_HELP = sorted(p.stem for p in (ROOT / "lm" / "cli").glob("*.py") if p.stem not in ("__init__", "common"))
 
 
 def test_help_is_fast_says_each_thing_once_and_train_lists_every_config_key():

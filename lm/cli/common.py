@@ -1,8 +1,8 @@
 """What every command line shares: its parser (help from the module docstring; a checkpoint and config
 overrides), which errors are the user's to fix (reported as one ``error: ...`` line and an exit status, never a
-traceback), the ``--device`` flag and how it is resolved, where a checkpoint's reports go and how they are
-written (whole or not at all), and the list of config keys that ``--help`` prints (read from the config's source,
-so that ``--help`` answers without importing torch)."""
+traceback), the ``--device`` flag and how it is resolved, loading a checkpoint with its compute settings, where a
+checkpoint's reports go and how they are written (whole or not at all), and the list of config keys that
+``--help`` prints (read from the config's source, so that ``--help`` answers without importing torch)."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +15,13 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
-from lm.device import resolve_device
+from lm.device import resolve_device, set_cpu_threads, set_tf32
 from lm.errors import UserError, disk_errors, disk_problem
 from lm.fileio import atomic_write_text
 
 __all__ = ["command_parser", "add_checkpoint_arguments", "add_device_argument", "CommandError", "USER_ERRORS",
-           "report_error", "resolve_device", "eval_dir", "check_writable", "write_report", "reports_disk_errors",
-           "tell_deepspeed_the_accelerator", "config_keys", "format_config_keys", "number_list"]
+           "report_error", "resolve_device", "load_checkpoint", "eval_dir", "check_writable", "write_report",
+           "reports_disk_errors", "tell_deepspeed_the_accelerator", "config_keys", "format_config_keys", "number_list"]
 
 
 def command_parser(doc: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -102,6 +102,17 @@ def tell_deepspeed_the_accelerator() -> None:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def load_checkpoint(path: str | Path, overrides, device: str):
+    """:func:`lm.inference.loading.load_for_inference`, then the run's compute settings applied as every command
+    applies them: ``compute.tf32`` on CUDA, ``compute.cpu_threads`` intra-op threads on the CPU."""
+    from lm.inference.loading import load_for_inference  # imports torch: after parsing, for a fast --help
+
+    inference = load_for_inference(path, overrides, device=device)
+    set_tf32(inference.cfg.compute.tf32, device)
+    set_cpu_threads(inference.cfg.compute.cpu_threads)
+    return inference
 
 
 def eval_dir(checkpoint: Path) -> Path:

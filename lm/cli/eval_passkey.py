@@ -32,16 +32,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, check_writable,
-                           command_parser, eval_dir, number_list, report_error, resolve_device, write_report)
-from lm.device import set_tf32
-from lm.eval.passkey import PasskeyReport, PasskeyTask, evaluate_passkey, passkey_task, records_task
-from lm.eval.perplexity import tokenize_split
-from lm.eval.plots import plot_passkey
-from lm.inference.loading import load_for_inference
+                           command_parser, eval_dir, load_checkpoint, number_list, report_error, resolve_device,
+                           write_report)
+
+if TYPE_CHECKING:
+    from lm.eval.passkey import PasskeyReport, PasskeyTask
 
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1.0"
 
@@ -84,6 +82,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, list[float]]
 
 def build_task(args: argparse.Namespace, cfg, tokenizer) -> PasskeyTask:
     """The task asked for (``auto``: the corpus's), over the checkpoint's tokenizer."""
+    from lm.eval.passkey import passkey_task, records_task
+    from lm.eval.perplexity import tokenize_split
     synthetic = cfg.data.source == "synthetic"
     name = args.task if args.task != "auto" else "records" if synthetic else "passkey"
     if name == "records":
@@ -101,7 +101,7 @@ def build_task(args: argparse.Namespace, cfg, tokenizer) -> PasskeyTask:
     filler = None
     if args.filler in ("auto", "valid"):
         split = tokenize_split(cfg.data, tokenizer, "valid")
-        filler = np.asarray(split.tokens)
+        filler = split.tokens
         if split.num_documents:  # one running text: no end of document inside a prompt
             filler = filler[filler != tokenizer.eos_id]
     return passkey_task(tokenizer.encode, tokenizer.bos_id, filler, args.digits)
@@ -133,13 +133,15 @@ def default_json_path(checkpoint: Path, task: str, contexts: list[int]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lm.eval.passkey import evaluate_passkey  # after parsing: a fast --help
+    from lm.eval.plots import plot_passkey
+
     try:
         contexts, depths = check_args(args)
         device = resolve_device(args.device)
         if args.plot is not None:
             check_writable(args.plot, "--plot")
-        inference = load_for_inference(args.path, args.overrides, device=device)
-        set_tf32(inference.cfg.compute.tf32, device)
+        inference = load_checkpoint(args.path, args.overrides, device)
         cfg, tokenizer = inference.cfg, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len * k for k in (1, 2, 4, 8)]
         task = build_task(args, cfg, tokenizer)

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, check_writable,
-                           command_parser, eval_dir, number_list, report_error, resolve_device, write_report)
-from lm.device import set_cpu_threads, set_tf32
+                           command_parser, eval_dir, load_checkpoint, number_list, report_error, resolve_device,
+                           write_report)
 from lm.fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -216,7 +216,6 @@ def by_position(args: argparse.Namespace, inference, split, contexts: list[int],
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lm.eval.perplexity import evaluate_split, tokenize_split  # after parsing: a fast --help
-    from lm.inference.loading import load_for_inference
 
     try:
         contexts = parse_contexts(args)
@@ -224,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if args.plot is not None:
             check_writable(args.plot, "--plot")
-        inference = load_for_inference(args.path, args.overrides, device=device)
-        set_tf32(inference.cfg.compute.tf32, device)
-        set_cpu_threads(inference.cfg.compute.cpu_threads)
+        inference = load_checkpoint(args.path, args.overrides, device)
         cfg, model, tokenizer = inference.cfg, inference.model, inference.tokenizer
         contexts = contexts or [cfg.data.seq_len]
         if args.stride is not None and args.stride > min(contexts):

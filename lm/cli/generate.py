@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm.cli.common import (USER_ERRORS, CommandError, add_checkpoint_arguments, add_device_argument, command_parser,
-                           report_error, resolve_device)
-from lm.device import set_cpu_threads, set_tf32
+                           load_checkpoint, report_error, resolve_device)
 
 if TYPE_CHECKING:
     from lm.inference.generation import Sampling
@@ -59,7 +58,6 @@ def read_prompt(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lm.inference.generation import Sampling  # after parsing: a fast --help
-    from lm.inference.loading import load_for_inference
 
     try:
         try:
@@ -72,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(f"--num-samples={args.num_samples} must be >= 1")
         device = resolve_device(args.device)
         prompt = read_prompt(args)
-        inference = load_for_inference(args.path, args.overrides, device=device)
-        set_tf32(inference.cfg.compute.tf32, device)
-        set_cpu_threads(inference.cfg.compute.cpu_threads)
+        inference = load_checkpoint(args.path, args.overrides, device)
     except USER_ERRORS as e:
         return report_error(e, status=2)
     try:

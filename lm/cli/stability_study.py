@@ -31,11 +31,8 @@ from pathlib import Path
 
 from lm.cli.common import (USER_ERRORS, CommandError, command_parser, number_list, report_error,
                            reports_disk_errors)
-from lm.config import load_config
 from lm.fileio import atomic_write_text
 from lm.stability.grid import GRIDS, VARIANTS, build_specs, format_lr, quick, with_choices
-from lm.stability.report import Study, divergence_notes, plot_curves, quality_tables, stability_tables
-from lm.stability.runner import run_all
 
 DIVERGED_RULE = ("A run **diverged** when the trainer stopped it (divergence.max_bad_steps bad steps in a row, "
                  "non-finite or loss spikes; a run ending inside a bad streak; a final loss above "
@@ -93,6 +90,10 @@ def _previous_invocations(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    from lm.config import load_config  # after parsing: a fast --help
+    from lm.stability.report import Study, divergence_notes, plot_curves, quality_tables, stability_tables
+    from lm.stability.runner import run_all
+
     try:
         lrs = number_list(args.lrs, "--lrs", float, "3e-3,1.5e-2") if args.lrs else None
         seeds = number_list(args.seeds, "--seeds", int, "0,1,2") if args.seeds else None

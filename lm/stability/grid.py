@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lm.config import ConfigError, load_config
 
 
 @dataclass(frozen=True)
@@ -146,6 +145,7 @@ def run_name(variant: str, lr: float, seed: int) -> str:
 
 def check_overrides(overrides: Sequence[str]) -> None:
     """A ConfigError when an override is malformed or sets a key the grid sets for each run."""
+    from lm.config import ConfigError  # imports torch: not for a fast --help, which reads the grids' names
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"overrides must look like key=value, got {o!r}")
@@ -160,6 +160,7 @@ def build_specs(grid: Grid, out_runs: str, overrides: Sequence[str] = ()) -> lis
     """Every run of ``grid`` (variant-major, then learning rate, then seed), each with the grid's settings, its own
     variant, learning rate, seed and run directory ``out_runs/<name>``, then the user's ``overrides`` (which win).
     Each run's config is loaded once here, so a bad key or value fails before anything runs."""
+    from lm.config import ConfigError, load_config
     check_overrides(overrides)
     for lr in grid.lrs:
         if not (math.isfinite(lr) and lr > 0):
@@ -179,6 +180,7 @@ def build_specs(grid: Grid, out_runs: str, overrides: Sequence[str] = ()) -> lis
 def with_choices(grid: Grid, lrs: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
                  variants: Optional[Sequence[str]] = None) -> Grid:
     """``grid`` with other learning rates, seeds or variants (by name) where given."""
+    from lm.config import ConfigError
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
