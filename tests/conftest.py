@@ -202,6 +202,37 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str =
     assert err <= rtol, f"{what} relative error {err:.2e} > {rtol:.1e}"
 
 
+def loss_and_grads(forward, model, ids):
+    """Next-token loss of ``forward(ids[:, :-1])`` and the gradients it leaves on ``model``'s parameters."""
+    model.zero_grad(set_to_none=True)
+    logits = forward(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compiled_and_eager(device: torch.device, attention: dict, backend: str):
+    """(loss, gradients) of a 2-layer model with ``attention`` under ``torch.compile(fullgraph=True)`` with
+    ``backend`` on ``device``, then eager's: a trained-looking decaying RPE, 150 tokens (an FFT far field and three
+    band blocks; not a multiple of 64)."""
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, dropout=0.0,
+                      attention=AttentionConfig(num_features=8, rpe_max_distance=512, **attention))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for r in model.rpe:
+            r.bias.copy_(-0.5 * torch.log1p(torch.arange(r.bias.shape[-1], dtype=torch.float32))
+                         + 0.3 * torch.randn_like(r.bias))
+    model.to(device).refresh_precision_policy()
+    ids = torch.randint(0, 64, (2, 151), generator=torch.Generator().manual_seed(1)).to(device)
+    eager = loss_and_grads(model, model, ids)
+    compiled = loss_and_grads(torch.compile(model, backend=backend, fullgraph=True), model, ids)
+    torch._dynamo.reset()
+    return compiled, eager
+
+
 # ---------------------------------------------------------------------------------------------- op inputs
 
 def op_inputs(B, H, N, M, D, dtype=torch.float64, seed=0):

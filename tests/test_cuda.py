@@ -23,18 +23,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import assert_close, norm_relative, op_inputs, train_run, trained_looking_model, worst_relative
+from conftest import (assert_close, compiled_and_eager, norm_relative, op_inputs, train_run, trained_looking_model,
+                      worst_relative)
 from lm.checkpoint import WEIGHTS, find_checkpoint
-from lm.config import AttentionConfig, ModelConfig
 from lm.inference.decoding import decode_step, prefill
 from lm.inference.loading import load_for_inference
-from lm.model import Transformer
 from lm.ops import kernelized_attention
 from lm.ops.reference import (BIAS_FAMILIES, bias_family, kernelized_attention_reference,
                               kernelized_attention_reference_rows)
 from lm.training.distributed import free_port
 from test_decoding import FORMS, TOTAL, TRAIN_CONTEXT
-from test_ops_compile import loss_and_grads
 from test_ops_meta import IDS as KIND_IDS
 from test_ops_meta import KINDS
 
@@ -294,22 +292,8 @@ def test_checkpoint_trained_on_cuda_loads_on_the_cpu(tmp_path):
 # ----------------------------------------------------------------------------------------------- compile
 def compiled_matches_eager(device: torch.device, attention: dict, backend: str) -> None:
     """The model under ``torch.compile(fullgraph=True)`` with ``backend`` on ``device`` gives eager's loss and
-    gradients (a trained-looking decaying RPE, 150 tokens: an FFT far field and three band blocks)."""
-    torch._dynamo.reset()
-    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, dropout=0.0,
-                      attention=AttentionConfig(num_features=8, rpe_max_distance=512, **attention))
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for r in model.rpe:
-            r.bias.copy_(-0.5 * torch.log1p(torch.arange(r.bias.shape[-1], dtype=torch.float32))
-                         + 0.3 * torch.randn_like(r.bias))
-    model.to(device).refresh_precision_policy()
-    ids = torch.randint(0, 64, (2, 151), generator=torch.Generator().manual_seed(1)).to(device)
-    eager_loss, eager_grads = loss_and_grads(model, model, ids)
-    loss, grads = loss_and_grads(torch.compile(model, backend=backend, fullgraph=True), model, ids)
-    torch._dynamo.reset()
+    gradients (:func:`conftest.compiled_and_eager`)."""
+    (loss, grads), (eager_loss, eager_grads) = compiled_and_eager(device, attention, backend)
     assert loss.device.type == device.type
     assert_close(loss, eager_loss, 1e-5, "loss")
     assert grads.keys() == eager_grads.keys()
