@@ -170,6 +170,15 @@ def test_passkey_scoring_counts_exactly():
     assert {(s["context"], s["depth"], s["trial"]) for s in report.samples if not s["correct"]} == wrong
     cell = report.cells[0]
     assert (cell.context, cell.depth, cell.trials, cell.correct) == (250, 0.0, 4, 4)
+    for cell in report.cells:  # every figure of a cell, from its own trials
+        trials_of_cell = [build_prompt(task, cell.context, cell.depth, trial_rng(5, cell.context, t))
+                          for t in range(trials)]
+        assert cell.mean_prompt_tokens == pytest.approx(np.mean([len(p.ids) for p in trials_of_cell]))
+        assert cell.mean_prompt_tokens <= cell.context
+        assert cell.mean_actual_depth == pytest.approx(np.mean([p.filler_before / p.filler_tokens
+                                                                for p in trials_of_cell]))
+        nlls = [s["answer_nll"] for s in report.samples if (s["context"], s["depth"]) == (cell.context, cell.depth)]
+        assert cell.mean_answer_nll == pytest.approx(np.mean(nlls))
     assert json.loads(json.dumps(report.to_dict()))["accuracy"] == want.tolist()
 
 
